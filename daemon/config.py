@@ -1,0 +1,612 @@
+"""BoneBridge configuration: one YAML file, validated before anything starts.
+
+Radiology IT edits this file by hand, so every mistake must be reported the way a compiler reports
+one: the file, the line, the field and what is wrong, and *all* of them at once rather than one per
+restart. To get line numbers the YAML is composed into nodes first (``yaml.SafeLoader``, never the
+full loader: a config file must not be able to build Python objects), the node tree gives a line for
+every key and list item, and every pydantic error is mapped back to the deepest node its location
+reaches.
+
+Checks that span sections (a route naming an unknown model or destination, duplicate route names,
+anatomy labels the sorter cannot produce) run on the plain data, so they are reported together with
+the structural errors instead of only after those are fixed.
+
+This module stays light to import (no torch): the CLI's ``config check`` and the listener load it.
+Model cards are read here as plain JSON.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from daemon.anatomy_tags import ANATOMY_CLASSES
+
+__all__ = [
+    "AnatomyConfig",
+    "AssemblyConfig",
+    "BUILTIN_PREFIX",
+    "Caller",
+    "Config",
+    "ConfigError",
+    "ConfigIssue",
+    "Destination",
+    "ListenerConfig",
+    "ModelRef",
+    "QueueConfig",
+    "Range",
+    "Route",
+    "StorageConfig",
+    "When",
+    "builtin_weights_dir",
+    "default_config_path",
+    "load_config",
+]
+
+#: ``weights: "builtin:NAME"`` names a file shipped inside the package (models/weights/NAME).
+BUILTIN_PREFIX = "builtin:"
+
+Loc = tuple[str | int, ...]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem in a config file, located as precisely as the YAML allows."""
+
+    file: str
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """Raised by :func:`load_config`; carries every issue found, not just the first."""
+
+    def __init__(self, errors: list[ConfigIssue]) -> None:
+        self.errors = list(errors)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return "\n".join(str(issue) for issue in self.errors)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def default_config_path() -> Path:
+    """The configuration embedded in the package (identical to the repository's config/bonebridge.yaml)."""
+    return Path(__file__).resolve().parent / "defaults" / "bonebridge.yaml"
+
+
+def builtin_weights_dir() -> Path:
+    """The installed ``models/weights`` folder, found without importing ``models`` (which may pull torch)."""
+    spec = importlib.util.find_spec("models")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0]).resolve() / "weights"
+    # Source checkout without an install: models/ sits next to daemon/.
+    return Path(__file__).resolve().parent.parent / "models" / "weights"
+
+
+def _resolve_path(value: Any, info: ValidationInfo, *, allow_builtin: bool) -> Any:
+    """Expand ``~``, resolve ``builtin:`` and make relative paths relative to the config file's folder.
+
+    Why here and not at use: the daemon changes working directory under systemd, and a path that meant
+    one thing in ``config check`` must mean the same thing in the running daemon.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str) and allow_builtin and value.startswith(BUILTIN_PREFIX):
+        name = value[len(BUILTIN_PREFIX) :].strip()
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise ValueError(
+                f"'{value}' must name a single file in the package's models/weights folder, "
+                f"e.g. '{BUILTIN_PREFIX}boneage-sex.pt'"
+            )
+        return builtin_weights_dir() / name
+    if isinstance(value, (str, Path)):
+        path = Path(value).expanduser()
+        base = (info.context or {}).get("base_dir")
+        if base is not None and not path.is_absolute():
+            path = Path(base) / path
+        return path
+    return value  # let pydantic report the wrong type
+
+
+def _as_list(value: Any) -> Any:
+    """Accept ``anatomy: hand`` as shorthand for ``anatomy: [hand]``."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return [value]
+    return value
+
+
+def _check_ae_title(value: str) -> str:
+    """DICOM AE titles: 1 to 16 characters, no backslash or control characters (PS3.5 AE VR)."""
+    title = value.strip()
+    if not title:
+        raise ValueError("AE title must not be empty")
+    if len(title) > 16:
+        raise ValueError(f"AE title '{title}' is longer than 16 characters")
+    if "\\" in title or any(ord(c) < 32 for c in title):
+        raise ValueError(f"AE title '{title}' contains a backslash or control character")
+    return title
+
+
+# --------------------------------------------------------------------------- models
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a misspelt option must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Caller(_Strict):
+    """A modality or PACS allowed to send to us; ``host: null`` accepts the AE title from any address."""
+
+    ae_title: str
+    host: str | None = None
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+
+class ListenerConfig(_Strict):
+    ae_title: str = "BONEBRIDGE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_callers: list[Caller] = Field(default_factory=list)
+    max_pdu: int = Field(0, ge=0)  # 0 = unlimited
+    network_timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+
+class StorageConfig(_Strict):
+    data_dir: Path = Path("./var")
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
+        return _resolve_path(value, info, allow_builtin=False)
+
+
+class AssemblyConfig(_Strict):
+    quiet_period_s: float = Field(3.0, ge=0)
+
+
+class QueueConfig(_Strict):
+    visibility_timeout_s: float = Field(600.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    retry_backoff_s: float = Field(5.0, ge=0)
+
+
+class Destination(_Strict):
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae: str = "BONEBRIDGE"
+    retries: int = Field(5, ge=0)
+    backoff_s: float = Field(2.0, ge=0)
+
+    @field_validator("ae_title", "calling_ae")
+    @classmethod
+    def _ae_titles(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+
+class ModelRef(_Strict):
+    """A model the routes can run. ``weights: null`` keeps the entry but disables routes that need it."""
+
+    weights: Path | None = None
+    task: str | None = None  # defaults to the model's key in ``models``
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
+        return _resolve_path(value, info, allow_builtin=True)
+
+
+class AnatomyConfig(_Strict):
+    model: str | None = "anatomy"  # key in ``models``; null = anatomy from DICOM tags only
+    min_probability: float = Field(0.5, ge=0, le=1)
+
+
+class Range(_Strict):
+    """Inclusive bounds; either may be omitted."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.min is None and self.max is None:
+            raise ValueError("give min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min:g} is greater than max {self.max:g}")
+        return self
+
+
+class When(_Strict):
+    """Conditions of a route; every condition given must hold. An empty ``when`` matches every study."""
+
+    anatomy: list[str] | None = None
+    patient_age_years: Range | None = None
+    modality: list[str] | None = None
+    calling_ae: list[str] | None = None
+    study_description: list[str] | None = None  # case-insensitive substrings
+    body_part_examined: list[str] | None = None
+    patient_sex: list[str] | None = None
+
+    @field_validator(
+        "anatomy", "modality", "calling_ae", "study_description", "body_part_examined", "patient_sex",
+        mode="before",
+    )
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return _as_list(value)
+
+    @field_validator(
+        "anatomy", "modality", "calling_ae", "study_description", "body_part_examined", "patient_sex"
+    )
+    @classmethod
+    def _non_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        cleaned = [v.strip() for v in value]
+        if not cleaned or any(not v for v in cleaned):
+            raise ValueError("list must not be empty and must not contain empty strings")
+        return cleaned
+
+
+class Route(_Strict):
+    name: str = Field(min_length=1)
+    when: When = Field(default_factory=When)
+    run: list[str] = Field(default_factory=list)
+    report: Literal["findings", "not-processed"] = "findings"
+    send_to: list[str] = Field(min_length=1)
+    quiet_period_s: float | None = Field(None, ge=0)
+
+    @field_validator("run", "send_to", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return _as_list(value)
+
+
+class Config(_Strict):
+    listener: ListenerConfig = Field(default_factory=ListenerConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    assembly: AssemblyConfig = Field(default_factory=AssemblyConfig)
+    broker: str = "embedded"
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    destinations: dict[str, Destination]
+    models: dict[str, ModelRef] = Field(default_factory=dict)
+    anatomy: AnatomyConfig = Field(default_factory=AnatomyConfig)
+    routes: list[Route] = Field(min_length=1)
+
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, value: str) -> str:
+        value = value.strip()
+        if value == "embedded" or value.startswith(("redis://", "rediss://", "unix://")):
+            return value
+        raise ValueError(
+            f"'{value}' is neither 'embedded' nor a Redis URL (redis://host:port/db, rediss://..., unix://...)"
+        )
+
+    @model_validator(mode="after")
+    def _cross_checks(self, info: ValidationInfo) -> Config:
+        for name, ref in self.models.items():
+            if ref.task is None:
+                ref.task = name
+        # load_config runs the same checks on the raw YAML to attach line numbers; here they guard
+        # configs built in Python.
+        if not (info.context or {}).get("skip_cross_checks"):
+            problems = _cross_check(self.model_dump(mode="python"))
+            if problems:
+                raise ValueError("; ".join(f"{_format_loc(loc)}: {msg}" for loc, msg in problems))
+        return self
+
+    def route_status(self) -> dict[str, str | None]:
+        """Route name -> None when it can run, else the reason it cannot (read from disk each call).
+
+        A disabled route still matches studies; the worker then sends a "not processed" report with
+        this reason, so the PACS user learns why no result came instead of waiting for one.
+        """
+        model_reasons = {name: _model_unavailable(name, ref) for name, ref in self.models.items()}
+        status: dict[str, str | None] = {}
+        for route in self.routes:
+            reasons = []
+            for model in route.run:
+                if model not in self.models:
+                    reasons.append(f"model '{model}' is not configured")
+                elif model_reasons[model] is not None:
+                    reasons.append(model_reasons[model])
+            status[route.name] = "; ".join(dict.fromkeys(reasons)) or None
+        return status
+
+
+def _model_unavailable(name: str, ref: ModelRef) -> str | None:
+    """Why a model cannot be loaded, judged from its files and card without importing torch."""
+    if ref.weights is None:
+        return f"model '{name}' has no weights (models.{name}.weights is null)"
+    if not ref.weights.is_file():
+        return f"model '{name}' weights file {ref.weights} not found"
+    card_path = ref.weights.with_suffix(".card.json")
+    if not card_path.is_file():
+        return f"model '{name}' has no model card ({card_path} not found)"
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"model '{name}' card {card_path} is unreadable: {exc}"
+    if not isinstance(card, dict):
+        return f"model '{name}' card {card_path} is not a JSON object"
+    if card.get("trained") is not True:
+        return f"model '{name}' is not trained (its card {card_path.name} says trained: {card.get('trained')!r})"
+    return None
+
+
+# --------------------------------------------------------------------------- cross checks
+
+
+def _cross_check(data: Any) -> list[tuple[Loc, str]]:
+    """Checks that relate sections to each other, run on plain data so they work on broken files too."""
+    if not isinstance(data, dict):
+        return []
+    problems: list[tuple[Loc, str]] = []
+    models = data.get("models") if isinstance(data.get("models"), dict) else {}
+    destinations = data.get("destinations") if isinstance(data.get("destinations"), dict) else {}
+
+    anatomy = data.get("anatomy")
+    anatomy_model = anatomy.get("model", "anatomy") if isinstance(anatomy, dict) else "anatomy"
+    if isinstance(anatomy_model, str) and anatomy_model not in models:
+        where: Loc = ("anatomy", "model") if isinstance(anatomy, dict) and "model" in anatomy else ("anatomy",)
+        problems.append(
+            (where, f"anatomy model '{anatomy_model}' is not in models{_known(models)}; "
+                    "write 'model: null' to sort by DICOM tags only")
+        )
+
+    routes = data.get("routes")
+    if not isinstance(routes, list):
+        return problems
+    first_seen: dict[str, int] = {}
+    for i, route in enumerate(routes):
+        if not isinstance(route, dict):
+            continue
+        name = route.get("name")
+        if isinstance(name, str):
+            if name in first_seen:
+                problems.append(
+                    (("routes", i, "name"), f"duplicate route name '{name}' (also routes[{first_seen[name]}])")
+                )
+            else:
+                first_seen[name] = i
+        run = _as_list(route.get("run", []))
+        if isinstance(run, list):
+            for j, model in enumerate(run):
+                if isinstance(model, str) and model not in models:
+                    problems.append(
+                        (("routes", i, "run", j), f"unknown model '{model}'{_known(models)}")
+                    )
+        send_to = _as_list(route.get("send_to", []))
+        if isinstance(send_to, list):
+            for j, dest in enumerate(send_to):
+                if isinstance(dest, str) and dest not in destinations:
+                    problems.append(
+                        (("routes", i, "send_to", j), f"unknown destination '{dest}'{_known(destinations)}")
+                    )
+        if route.get("report", "findings") == "findings" and run == []:
+            problems.append(
+                (("routes", i, "run") if "run" in route else ("routes", i),
+                 "report is 'findings' but run names no model; add a model or set 'report: not-processed'")
+            )
+        when = route.get("when")
+        if isinstance(when, dict):
+            labels = _as_list(when.get("anatomy"))
+            if isinstance(labels, list):
+                for j, label in enumerate(labels):
+                    if isinstance(label, str) and label.strip().lower() not in ANATOMY_CLASSES:
+                        problems.append(
+                            (("routes", i, "when", "anatomy", j),
+                             f"anatomy '{label}' is not one of {', '.join(ANATOMY_CLASSES)}")
+                        )
+    return problems
+
+
+def _known(names: dict[str, Any]) -> str:
+    return f" (known: {', '.join(names)})" if names else " (none are configured)"
+
+
+# --------------------------------------------------------------------------- YAML with lines
+
+
+class _Located:
+    """Line numbers (1-based) of every key and list item, keyed by location tuple."""
+
+    def __init__(self) -> None:
+        self.lines: dict[Loc, int] = {}
+        self.duplicates: list[tuple[Loc, int, int]] = []  # (loc, line, first line)
+
+    def walk(self, node: yaml.Node, loc: Loc, loader: yaml.SafeLoader) -> None:
+        self.lines.setdefault(loc, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = loader.construct_object(key_node, deep=True)
+                child = (*loc, key if isinstance(key, (str, int)) else str(key))
+                line = key_node.start_mark.line + 1
+                if child in self.lines and child != loc:
+                    self.duplicates.append((child, line, self.lines[child]))
+                else:
+                    self.lines[child] = line
+                self.walk(value_node, child, loader)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self.walk(item, (*loc, index), loader)
+
+    def line_of(self, loc: Loc) -> int | None:
+        """Line of the deepest part of ``loc`` that exists in the file (a missing field -> its parent)."""
+        best = self.lines.get(())
+        for depth in range(1, len(loc) + 1):
+            line = self.lines.get(tuple(loc[:depth]))
+            if line is None:
+                break
+            best = line
+        return best
+
+
+def _format_loc(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _allowed_fields(loc: Loc) -> list[str]:
+    """Field names valid at ``loc`` (a model's location), by walking the annotations from Config."""
+    annotation: Any = Config
+    for part in loc:
+        annotation = _unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(str(part))
+            if field is None:
+                return []
+            annotation = field.annotation
+        else:
+            origin = typing.get_origin(annotation)
+            args = typing.get_args(annotation)
+            if origin is list and args:
+                annotation = args[0]
+            elif origin is dict and len(args) == 2:
+                annotation = args[1]
+            else:
+                return []
+    annotation = _unwrap(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return list(annotation.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _message(error: dict[str, Any]) -> str:
+    """pydantic's message, reworded where radiology IT would otherwise have to guess."""
+    kind = error.get("type", "")
+    loc: Loc = tuple(error.get("loc", ()))
+    if kind == "extra_forbidden":
+        allowed = _allowed_fields(loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1) if loc else []
+        msg = f"unknown field '{loc[-1]}'" if loc else "unknown field"
+        if hint:
+            msg += f"; did you mean '{hint[0]}'?"
+        elif allowed:
+            msg += f" (allowed: {', '.join(allowed)})"
+        return msg
+    if kind == "missing":
+        return "required field is missing"
+    msg = str(error.get("msg", "invalid value"))
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    value = error.get("input")
+    if kind not in ("value_error",) and isinstance(value, (str, int, float, bool)) and value is not None:
+        msg += f" (got {value!r})"
+    return msg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raise :class:`ConfigError` listing every problem with its line."""
+    path = Path(path).expanduser()
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigIssue(file, None, "", f"cannot read config file: {exc}")]) from exc
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([ConfigIssue(file, line, "", f"YAML syntax error: {problem}")]) from exc
+    finally:
+        loader.dispose()
+
+    if node is None or data is None:
+        raise ConfigError([ConfigIssue(file, 1, "", "config file is empty")])
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [ConfigIssue(file, node.start_mark.line + 1, "", "config must be a mapping of sections (listener:, routes:, ...)")]
+        )
+
+    located = _Located()
+    relocator = yaml.SafeLoader("")
+    try:
+        located.walk(node, (), relocator)
+    finally:
+        relocator.dispose()
+
+    issues: list[ConfigIssue] = []
+    for loc, line, first in located.duplicates:
+        issues.append(
+            ConfigIssue(file, line, _format_loc(loc), f"duplicate key (first at line {first}); YAML would keep only the last")
+        )
+
+    config: Config | None = None
+    try:
+        config = Config.model_validate(
+            data, context={"base_dir": path.resolve().parent, "skip_cross_checks": True}
+        )
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            loc = tuple(error.get("loc", ()))
+            issues.append(ConfigIssue(file, located.line_of(loc), _format_loc(loc), _message(error)))
+
+    for loc, msg in _cross_check(data):
+        issues.append(ConfigIssue(file, located.line_of(loc), _format_loc(loc), msg))
+
+    if issues or config is None:
+        issues.sort(key=lambda i: (i.line if i.line is not None else 0))
+        raise ConfigError(issues)
+    return config

@@ -1,0 +1,307 @@
+"""The DICOM listener: Verification and Storage SCP for radiographs.
+
+It accepts only the SOP classes BoneBridge can use (CR, DX for presentation and for processing)
+plus the classes of our own outputs (Secondary Capture, Enhanced / Comprehensive SR) so that a
+PACS routing them back gets a clean *Success* and the spool can recognise and ignore them. Other
+SOP classes and transfer syntaxes are refused during negotiation (pynetdicom rejects presentation
+contexts it has no supported context for), so a sender learns at once rather than after sending.
+
+Callers are checked in ``EVT_REQUESTED`` against ``allowed_callers`` (AE title, optionally the
+address); unknown callers get A-ASSOCIATE-RJ *rejected-permanent, service-user, calling AE title
+not recognised*. Every instance is written durably by the :class:`~daemon.spool.Spool` and handed
+to ``on_instance`` before the C-STORE response is sent, so *Success* always means "safe on disk".
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (
+    ComprehensiveSRStorage,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageForPresentationStorage,
+    DigitalXRayImageForProcessingStorage,
+    EnhancedSRStorage,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from daemon.spool import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, InstanceEvent, Spool, SpoolError
+
+LOGGER = logging.getLogger(__name__)
+
+#: Storage SOP classes accepted: radiographs, and our own output classes (recognised, ignored).
+STORAGE_SOP_CLASSES: tuple[str, ...] = (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageForPresentationStorage,
+    DigitalXRayImageForProcessingStorage,
+    SecondaryCaptureImageStorage,
+    EnhancedSRStorage,
+    ComprehensiveSRStorage,
+)
+
+#: Transfer syntaxes accepted: everything daemon.decode can decode.
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+)
+
+#: A-ASSOCIATE-RJ: rejected-permanent, DICOM UL service-user, calling AE title not recognised.
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+
+
+class CallerLike(Protocol):
+    """What the listener needs of ``config.Caller``."""
+
+    ae_title: str
+    host: str | None
+
+
+class ListenerConfigLike(Protocol):
+    """What the listener needs of ``config.ListenerConfig``."""
+
+    ae_title: str
+    host: str
+    port: int
+    allowed_callers: Sequence[CallerLike]
+    max_pdu: int
+    network_timeout_s: float
+
+
+@dataclass
+class _AssocState:
+    """Per-association bookkeeping, attached to the pynetdicom Association object."""
+
+    assoc_id: str
+    closed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _resolve(host: str) -> frozenset[str]:
+    """Addresses a configured caller host stands for (literal IPs resolve to themselves)."""
+    addresses = {host}
+    try:
+        for info in socket.getaddrinfo(host, None):
+            addresses.add(str(info[4][0]))
+    except OSError:
+        LOGGER.warning("allowed caller host %r does not resolve; matching it literally", host)
+    return frozenset(addresses)
+
+
+class CallerPolicy:
+    """Decides which calling AE titles (and addresses) may associate.
+
+    An empty list rejects everyone: a listener that accepts anything would forward patient data
+    from any device on the network into the pipeline, so the safe default is closed.
+    """
+
+    def __init__(self, callers: Iterable[CallerLike]) -> None:
+        self._rules: list[tuple[str, frozenset[str] | None]] = [
+            (c.ae_title.strip(), _resolve(c.host) if c.host else None) for c in callers
+        ]
+        if not self._rules:
+            LOGGER.warning(
+                "listener.allowed_callers is empty: EVERY association will be rejected; "
+                "add the modalities / PACS that may send to BoneBridge"
+            )
+
+    def allows(self, ae_title: str, address: str) -> bool:
+        title = ae_title.strip()
+        for rule_title, hosts in self._rules:
+            if rule_title == title and (hosts is None or address in hosts):
+                return True
+        return False
+
+
+class ListenerAE(AE):
+    """A pynetdicom AE that also carries the event handlers its server needs."""
+
+    evt_handlers: list[tuple[Any, ...]]
+    bind_address: tuple[str, int]
+
+    def start_listening(self) -> ThreadedAssociationServer:
+        """Start the non-blocking association server (port 0 picks a free port)."""
+        server = self.start_server(self.bind_address, block=False, evt_handlers=self.evt_handlers)
+        assert server is not None
+        host, port = server.server_address[:2]
+        LOGGER.info("listening as %s on %s:%s", self.ae_title, host, port)
+        return server
+
+
+class _Handlers:
+    """The listener's pynetdicom event handlers (one instance per AE)."""
+
+    def __init__(
+        self,
+        policy: CallerPolicy,
+        spool: Spool,
+        on_instance: Callable[[InstanceEvent], None],
+        on_assoc_closed: Callable[[str], None],
+    ) -> None:
+        self.policy = policy
+        self.spool = spool
+        self.on_instance = on_instance
+        self.on_assoc_closed = on_assoc_closed
+
+    @staticmethod
+    def state(assoc: Any) -> _AssocState:
+        st = getattr(assoc, "_bonebridge", None)
+        if st is None:  # EVT_CONN_OPEN normally sets it; be robust if it did not run
+            st = _AssocState(uuid.uuid4().hex)
+            assoc._bonebridge = st
+        return st
+
+    def conn_open(self, event: Event) -> None:
+        """Give the association its id and switch off Nagle: C-STORE is request/response."""
+        event.assoc._bonebridge = _AssocState(uuid.uuid4().hex)
+        try:
+            sock = event.assoc.dul.socket.socket
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (AttributeError, OSError) as exc:
+            LOGGER.debug("could not set TCP_NODELAY: %s", exc)
+
+    def requested(self, event: Event) -> None:
+        """Reject callers that are not in ``allowed_callers``."""
+        requestor = event.assoc.requestor
+        title = str(requestor.primitive.calling_ae_title or "").strip()
+        address = str(requestor.address)
+        if self.policy.allows(title, address):
+            LOGGER.info("association request from %s at %s accepted", title, address)
+            return
+        LOGGER.warning(
+            "rejecting association from calling AE %r at %s: calling AE title not recognised",
+            title,
+            address,
+        )
+        event.assoc.acse.send_reject(*REJECT_CALLING_AE)
+        event.assoc.kill()
+
+    def store(self, event: Event) -> int:
+        """Spool the instance, tell the assembler, and only then answer."""
+        assoc = event.assoc
+        st = self.state(assoc)
+        calling = str(assoc.requestor.ae_title or "").strip()
+        try:
+            instance = self.spool.store_event(event, calling_ae=calling, assoc_id=st.assoc_id)
+        except SpoolError as exc:
+            LOGGER.error(
+                "refusing instance %s from %s (status 0x%04X): %s",
+                event.request.AffectedSOPInstanceUID,
+                calling,
+                exc.status,
+                exc.reason,
+            )
+            return exc.status
+        except Exception:  # noqa: BLE001 - never let a bug answer Success
+            LOGGER.exception("unexpected error spooling an instance from %s", calling)
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            self.on_instance(instance)
+        except Exception:  # noqa: BLE001
+            LOGGER.exception(
+                "instance %s is on disk but could not be recorded; asking %s to resend",
+                instance.sop_instance_uid,
+                calling,
+            )
+            return STATUS_OUT_OF_RESOURCES
+        # The connection may have dropped while we were writing (EVT_CONN_CLOSE runs in the DUL
+        # thread); re-announce the close so the study is not left with an association open forever.
+        if st.closed:
+            self._announce_closed(st)
+        return STATUS_SUCCESS
+
+    def closed(self, event: Event) -> None:
+        """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: announce the close once."""
+        st = self.state(event.assoc)
+        with st.lock:
+            if st.closed:
+                return
+            st.closed = True
+        self._announce_closed(st)
+
+    def _announce_closed(self, st: _AssocState) -> None:
+        try:
+            self.on_assoc_closed(st.assoc_id)
+        except Exception:  # noqa: BLE001
+            LOGGER.exception("association-closed callback failed for %s", st.assoc_id)
+
+    def as_list(self) -> list[tuple[Any, ...]]:
+        return [
+            (evt.EVT_CONN_OPEN, self.conn_open),
+            (evt.EVT_REQUESTED, self.requested),
+            (evt.EVT_C_STORE, self.store),
+            (evt.EVT_RELEASED, self.closed),
+            (evt.EVT_ABORTED, self.closed),
+            (evt.EVT_CONN_CLOSE, self.closed),
+        ]
+
+
+def build_ae(
+    listener_config: ListenerConfigLike,
+    spool: Spool,
+    on_instance: Callable[[InstanceEvent], None],
+    on_assoc_closed: Callable[[str], None],
+) -> ListenerAE:
+    """Build the listener AE; ``ae.evt_handlers`` are the handlers to start its server with.
+
+    Side effect: sets pynetdicom's process-wide ``STORE_RECV_CHUNKED_DATASET`` so that received
+    data sets stream to a file instead of memory.
+    """
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    ae = ListenerAE(ae_title=listener_config.ae_title)
+    ae.maximum_pdu_size = int(listener_config.max_pdu)
+    ae.network_timeout = float(listener_config.network_timeout_s)
+    ae.maximum_associations = max(ae.maximum_associations, 32)
+    ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+    handlers = _Handlers(CallerPolicy(listener_config.allowed_callers), spool, on_instance, on_assoc_closed)
+    ae.evt_handlers = handlers.as_list()
+    ae.bind_address = (listener_config.host, int(listener_config.port))
+    return ae
+
+
+def start_listener(
+    listener_config: ListenerConfigLike,
+    spool: Spool,
+    on_instance: Callable[[InstanceEvent], None],
+    on_assoc_closed: Callable[[str], None],
+) -> ThreadedAssociationServer:
+    """Build the AE and start serving in a background thread; ``server.shutdown()`` stops it."""
+    return build_ae(listener_config, spool, on_instance, on_assoc_closed).start_listening()

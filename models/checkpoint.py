@@ -1,0 +1,137 @@
+"""Checkpoints: weights plus a model card, verified on load.
+
+A checkpoint is two files: ``NAME.pt`` (a plain ``state_dict``; loaded with ``weights_only=True`` so a
+checkpoint cannot run code) and ``NAME.card.json``, the model card. The card names the task, the network, the
+input geometry, the classes, the decision threshold, where the training data came from and under which terms,
+the metrics measured and on which split, the code version, and the sha256 of the ``.pt`` file. Loading
+recomputes the sha256 and refuses a checkpoint without a card, with a card for another file, or with
+``trained: false``, so the daemon cannot report findings from weights nobody trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+from models.networks import BoneAgeSexNet, ClassifierNet
+from models.preprocess import Geometry
+
+Task = Literal["boneage", "sex", "abnormality", "anatomy"]
+
+
+class CheckpointError(Exception):
+    """A checkpoint that must not be used, with the reason."""
+
+
+class ModelCard(BaseModel):
+    task: Task
+    name: str
+    version: str
+    architecture: str
+    input_size: int
+    normalisation: dict[str, list[float]]
+    preprocessing: dict[str, Any] = Field(default_factory=dict)
+    classes: list[str] = Field(default_factory=list)
+    threshold: float | None = None
+    target_scaling: dict[str, float] = Field(default_factory=dict)
+    training_data: str = ""
+    licence_note: str = ""
+    intended_use: str = "Research use only. Not for clinical use."
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    metrics_split: str = ""
+    training: dict[str, Any] = Field(default_factory=dict)
+    code_version: str = ""
+    sha256: str = ""
+    trained: bool = True
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry.from_dict(self.preprocessing)
+
+
+def card_path(weights: Path) -> Path:
+    return Path(weights).with_suffix(".card.json")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def code_version() -> str:
+    """The git commit of the code that trained the model, or the package version outside a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).parent,
+        )
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bonebridge")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_network(card: ModelCard, pretrained: bool = False) -> nn.Module:
+    """The network a card describes, with random or ImageNet weights (the checkpoint's are loaded after)."""
+    if card.task == "boneage":
+        return BoneAgeSexNet(card.architecture, pretrained=pretrained)
+    outputs = 1 if card.task in ("abnormality", "sex") else len(card.classes)
+    return ClassifierNet(card.architecture, outputs, pretrained=pretrained)
+
+
+def save_checkpoint(model: nn.Module, card: ModelCard, path: str | Path) -> Path:
+    """Write weights, then the card with their sha256 (the card is written last: no card, no checkpoint)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    card = card.model_copy(update={"sha256": sha256_file(path)})
+    card_file = card_path(path)
+    card_file.write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
+    return path
+
+
+def read_card(path: str | Path) -> ModelCard:
+    path = Path(path)
+    cfile = card_path(path)
+    if not cfile.exists():
+        raise CheckpointError(f"{path}: no model card ({cfile.name}); refusing weights without one")
+    try:
+        return ModelCard.model_validate_json(cfile.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{cfile}: invalid model card: {exc}") from exc
+
+
+def load_checkpoint(path: str | Path, *, require_trained: bool = True) -> tuple[nn.Module, ModelCard]:
+    """Load a checkpoint after checking its card and its sha256; the model is returned in eval mode."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such weights file")
+    card = read_card(path)
+    actual = sha256_file(path)
+    if card.sha256 != actual:
+        raise CheckpointError(f"{path}: sha256 {actual[:12]}... does not match its card ({card.sha256[:12]}...)")
+    if require_trained and not card.trained:
+        raise CheckpointError(f"{path}: its card says the weights were not trained; no findings from them")
+    model = build_network(card, pretrained=False)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.eval()
+    return model, card

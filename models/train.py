@@ -1,0 +1,234 @@
+"""Training: one loop for every task, driven by a :class:`TaskSpec`.
+
+The loop preprocesses every image once through :mod:`models.preprocess` (the same path inference uses) into a
+uint8 cache, then trains with batched augmentation, validation each epoch, early stopping on the validation
+metric, a checkpoint (weights + card) after every epoch so a stopped run resumes, seeds, a progress bar, and
+mixed precision plus channels-last when a GPU is present. It runs on a CPU too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models.checkpoint import ModelCard, build_network, code_version, save_checkpoint
+from models.preprocess import Augment, Geometry, load_image, normalise, to_unit_square
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class Example:
+    """One training image: its path, its target(s), and an optional side input (sex for bone age)."""
+
+    path: Path
+    target: float
+    male: float = 0.0
+    group: str = ""
+
+
+@dataclass
+class TrainConfig:
+    out: Path
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 4
+    seed: int = 0
+    workers_threads: int = 0
+    mask_probability: float = 0.0  # bone age: fraction of training images whose burned-in labels are masked
+    max_steps_per_epoch: int | None = None
+    device: str | None = None
+    resume: bool = True
+    progress: bool = True
+
+
+@dataclass
+class TaskSpec:
+    """What differs between tasks: the card's template, the loss, the validation metric."""
+
+    card: ModelCard
+    loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    evaluate: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, float]]
+    monitor: str
+    lower_is_better: bool
+    augment: Augment = field(default_factory=Augment)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def build_cache(examples: list[Example], geometry: Geometry, progress: bool = True) -> torch.Tensor:
+    """All images through the shared preprocessing, as an Nx1xSxS uint8 tensor (a 128 px image is 16 KB)."""
+    cache = torch.empty((len(examples), 1, geometry.size, geometry.size), dtype=torch.uint8)
+    for i, ex in enumerate(tqdm(examples, desc="preprocess", disable=not progress, leave=False)):
+        square = to_unit_square(load_image(ex.path), geometry)
+        cache[i] = (square[0] * 255).round().clamp(0, 255).to(torch.uint8)
+    return cache
+
+
+def _batches(n: int, batch_size: int, shuffle: bool, generator: torch.Generator) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    return list(order.split(batch_size))
+
+
+def _to_input(cache_batch: torch.Tensor, geometry: Geometry, device: torch.device, augment: Augment | None) -> torch.Tensor:
+    x = cache_batch.to(device, non_blocking=True).float() / 255.0
+    if augment is not None:
+        x = augment(x)
+    x = normalise(x, geometry)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+@torch.no_grad()
+def predict_cache(
+    model: nn.Module, cache: torch.Tensor, side: torch.Tensor, geometry: Geometry, device: torch.device,
+    batch_size: int = 128, tta: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw outputs over a cache: (primary output, secondary output or zeros). TTA averages a flip and two shifts."""
+    model.eval()
+    firsts, seconds = [], []
+    for idx in torch.arange(len(cache)).split(batch_size):
+        x = _to_input(cache[idx], geometry, device, None)
+        views = [x]
+        if tta:
+            views += [torch.roll(x, shifts=3, dims=3), torch.roll(x, shifts=-3, dims=2)]
+        outs = [_forward(model, v, side[idx].to(device)) for v in views]
+        firsts.append(torch.stack([o[0] for o in outs]).mean(0).cpu())
+        seconds.append(torch.stack([o[1] for o in outs]).mean(0).cpu())
+    return torch.cat(firsts), torch.cat(seconds)
+
+
+def _forward(model: nn.Module, x: torch.Tensor, side: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model(x, side) if getattr(model, "takes_side_input", False) or _is_boneage(model) else model(x)
+    if isinstance(out, tuple):
+        return out[0].float(), out[1].float()
+    out = out.float()
+    return (out.squeeze(1) if out.shape[1] == 1 else out), torch.zeros(len(out))
+
+
+def _is_boneage(model: nn.Module) -> bool:
+    from models.networks import BoneAgeSexNet
+
+    return isinstance(model, BoneAgeSexNet)
+
+
+def train(
+    spec: TaskSpec, train_examples: list[Example], val_examples: list[Example], cfg: TrainConfig,
+    caches: tuple[torch.Tensor, torch.Tensor] | None = None, masked_train_cache: torch.Tensor | None = None,
+) -> tuple[Path, dict]:
+    """Train, keep the best epoch by the validation metric, and write ``cfg.out`` (+ card). Returns (path, metrics)."""
+    generator = seed_everything(cfg.seed)
+    spec.augment.generator = generator
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    geometry = spec.card.geometry
+    train_cache, val_cache = caches or (
+        build_cache(train_examples, geometry, cfg.progress), build_cache(val_examples, geometry, cfg.progress)
+    )
+    y_train = torch.tensor([e.target for e in train_examples], dtype=torch.float32)
+    s_train = torch.tensor([e.male for e in train_examples], dtype=torch.float32)
+    y_val = torch.tensor([e.target for e in val_examples], dtype=torch.float32)
+    s_val = torch.tensor([e.male for e in val_examples], dtype=torch.float32)
+
+    model = build_network(spec.card, pretrained=True).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch), pct_start=0.15
+    )
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda")
+    state_path = cfg.out.with_suffix(".state.pt")
+    history: list[dict] = []
+    best: dict | None = None
+    start_epoch = 0
+    if cfg.resume and state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
+        generator.set_state(state["generator"])
+        LOGGER.info("resumed from %s at epoch %d", state_path, start_epoch)
+
+    stale = 0 if best is None else start_epoch - 1 - best["epoch"]
+    for epoch in range(start_epoch, cfg.epochs):
+        if stale >= cfg.patience:
+            LOGGER.info("early stop: no improvement in %d epochs", stale)
+            break
+        model.train()
+        began = time.time()
+        losses = []
+        batches = _batches(len(train_examples), cfg.batch_size, True, generator)[:steps_per_epoch]
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        for idx in bar:
+            source = train_cache
+            if masked_train_cache is not None and cfg.mask_probability > 0:
+                pick = torch.rand(len(idx), generator=generator) < cfg.mask_probability
+                batch_u8 = torch.where(pick.view(-1, 1, 1, 1), masked_train_cache[idx], train_cache[idx])
+            else:
+                batch_u8 = source[idx]
+            x = _to_input(batch_u8, geometry, device, spec.augment)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = spec.loss(model, x, y_train[idx].to(device), s_train[idx].to(device))
+            optimiser.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
+            scheduler.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        metrics = spec.evaluate(model, val_cache, y_val, s_val)
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "seconds": round(time.time() - began, 1), **metrics}
+        history.append(record)
+        LOGGER.info("epoch %d: %s", epoch + 1, json.dumps(record))
+        print(json.dumps(record), flush=True)
+        value = metrics[spec.monitor]
+        improved = best is None or (value < best[spec.monitor] if spec.lower_is_better else value > best[spec.monitor])
+        if improved:
+            best = record
+            stale = 0
+            card = spec.card.model_copy(
+                update={
+                    "metrics": {k: v for k, v in record.items() if k not in ("epoch", "seconds", "train_loss")},
+                    "metrics_split": f"validation split ({len(val_examples)} images), epoch {epoch + 1}",
+                    "training": {
+                        "epochs_run": epoch + 1, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
+                        "train_images": len(train_examples), "mask_probability": cfg.mask_probability,
+                        "device": device.type,
+                    },
+                    "code_version": code_version(),
+                    "trained": True,
+                }
+            )
+            save_checkpoint(model, card, cfg.out)
+        else:
+            stale += 1
+        torch.save(
+            {
+                "model": model.state_dict(), "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
+                "history": history, "best": best, "epoch": epoch, "generator": generator.get_state(),
+            },
+            state_path,
+        )
+    (cfg.out.with_suffix(".history.json")).write_text(json.dumps(history, indent=2))
+    return cfg.out, best or {}
