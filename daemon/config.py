@@ -298,7 +298,13 @@ class Route(_Strict):
     @field_validator("run", "send_to", mode="before")
     @classmethod
     def _listify(cls, value: Any) -> Any:
-        return _as_list(value)
+        return [] if value is None else _as_list(value)
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _empty_when(cls, value: Any) -> Any:
+        """A bare ``when:`` (YAML null) means no conditions, like ``when: {}``."""
+        return {} if value is None else value
 
 
 class Config(_Strict):
@@ -311,6 +317,11 @@ class Config(_Strict):
     models: dict[str, ModelRef] = Field(default_factory=dict)
     anatomy: AnatomyConfig = Field(default_factory=AnatomyConfig)
     routes: list[Route] = Field(min_length=1)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _no_models(cls, value: Any) -> Any:
+        return {} if value is None else value
 
     @field_validator("broker")
     @classmethod
@@ -335,13 +346,17 @@ class Config(_Strict):
                 raise ValueError("; ".join(f"{_format_loc(loc)}: {msg}" for loc, msg in problems))
         return self
 
+    def model_status(self) -> dict[str, str | None]:
+        """Model name -> None when its weights and trained card are in place, else why not."""
+        return {name: _model_unavailable(name, ref) for name, ref in self.models.items()}
+
     def route_status(self) -> dict[str, str | None]:
         """Route name -> None when it can run, else the reason it cannot (read from disk each call).
 
         A disabled route still matches studies; the worker then sends a "not processed" report with
         this reason, so the PACS user learns why no result came instead of waiting for one.
         """
-        model_reasons = {name: _model_unavailable(name, ref) for name, ref in self.models.items()}
+        model_reasons = self.model_status()
         status: dict[str, str | None] = {}
         for route in self.routes:
             reasons = []
@@ -409,14 +424,14 @@ def _cross_check(data: Any) -> list[tuple[Loc, str]]:
                 )
             else:
                 first_seen[name] = i
-        run = _as_list(route.get("run", []))
+        run = _as_list(route.get("run") or [])
         if isinstance(run, list):
             for j, model in enumerate(run):
                 if isinstance(model, str) and model not in models:
                     problems.append(
                         (("routes", i, "run", j), f"unknown model '{model}'{_known(models)}")
                     )
-        send_to = _as_list(route.get("send_to", []))
+        send_to = _as_list(route.get("send_to") or [])
         if isinstance(send_to, list):
             for j, dest in enumerate(send_to):
                 if isinstance(dest, str) and dest not in destinations:
@@ -436,7 +451,8 @@ def _cross_check(data: Any) -> list[tuple[Loc, str]]:
                     if isinstance(label, str) and label.strip().lower() not in ANATOMY_CLASSES:
                         problems.append(
                             (("routes", i, "when", "anatomy", j),
-                             f"anatomy '{label}' is not one of {', '.join(ANATOMY_CLASSES)}")
+                             f"anatomy '{label}' is not one of {', '.join(ANATOMY_CLASSES)} "
+                             "(regions outside the upper extremity are 'other')")
                         )
     return problems
 
@@ -464,7 +480,7 @@ class _Located:
                 key = loader.construct_object(key_node, deep=True)
                 child = (*loc, key if isinstance(key, (str, int)) else str(key))
                 line = key_node.start_mark.line + 1
-                if child in self.lines and child != loc:
+                if child in self.lines:
                     self.duplicates.append((child, line, self.lines[child]))
                 else:
                     self.lines[child] = line
@@ -549,6 +565,9 @@ def _message(error: dict[str, Any]) -> str:
     value = error.get("input")
     if kind not in ("value_error",) and isinstance(value, (str, int, float, bool)) and value is not None:
         msg += f" (got {value!r})"
+    if kind == "string_type" and isinstance(value, bool):
+        # YAML 1.1 reads yes/no/on/off as booleans; the user almost always meant the text.
+        msg += "; put the value in quotes"
     return msg
 
 

@@ -181,7 +181,10 @@ def _apply_voi(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:
         descriptor = ds.VOILUTSequence[0].LUTDescriptor
         entries = int(descriptor[0]) or 2**16
         first = int(descriptor[1])
-        probe = np.arange(first, first + entries, dtype=np.float64)
+        probe = np.arange(first, first + entries, dtype=np.int64)
+        # LUT input values are integers by definition (PS3.3 C.11.2.1.1); a float array would be
+        # truncated entry by entry, so round once here.
+        values = np.rint(values).astype(np.int64)
     elif _has_window(ds):
         try:
             center = _first_value(ds.WindowCenter)

@@ -27,8 +27,8 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import (
     ComprehensiveSRStorage,
     ComputedRadiographyImageStorage,
-    DigitalXRayImageForPresentationStorage,
-    DigitalXRayImageForProcessingStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
     EnhancedSRStorage,
     SecondaryCaptureImageStorage,
     Verification,
@@ -57,8 +57,8 @@ LOGGER = logging.getLogger(__name__)
 #: Storage SOP classes accepted: radiographs, and our own output classes (recognised, ignored).
 STORAGE_SOP_CLASSES: tuple[str, ...] = (
     ComputedRadiographyImageStorage,
-    DigitalXRayImageForPresentationStorage,
-    DigitalXRayImageForProcessingStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
     SecondaryCaptureImageStorage,
     EnhancedSRStorage,
     ComprehensiveSRStorage,

@@ -57,10 +57,70 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="measure a checkpoint on a labelled folder; JSON + plots, headline last")
+    p.add_argument("task", choices=["boneage", "sex", "abnormality", "anatomy"])
+    p.add_argument("--weights", type=Path, required=True, help="checkpoint (.pt) with its card beside it")
+    p.add_argument("--data", type=Path,
+                   help="RSNA folder (DIR/labels.csv + DIR/images), MURA root, or class folders (anatomy)")
+    p.add_argument("--labels", type=Path, help="RSNA labels.csv when it is not DIR/labels.csv")
+    p.add_argument("--split", choices=["test", "val", "train", "all"], default=None,
+                   help="id-hash split to evaluate (default all; `test` is the tenth training never saw); "
+                        "abnormality always uses MURA-v1.1 valid")
+    mask = p.add_mutually_exclusive_group()
+    mask.add_argument("--mask", dest="mask", action="store_true", default=None,
+                      help="mask burned-in labels (default: as the model card says)")
+    mask.add_argument("--no-mask", dest="mask", action="store_false", help="do not mask burned-in labels")
+    p.add_argument("--tta", action="store_true", help="bone age: average the image and two small shifts")
+    p.add_argument("--json", type=Path, required=True, help="where to write the report")
+    p.add_argument("--plots", type=Path, help="folder for the PNG plots (default: beside the JSON)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from models.evaluate import run_evaluate as evaluate_command
+
+    if args.plots is None:
+        args.plots = args.json.parent
+    return evaluate_command(args)
+
+
+def add_sort_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sort", help="cluster unlabeled radiographs into contact sheets + clusters.yaml to name")
+    p.add_argument("--images", type=Path, required=True, help="folder of PNG/JPEG/DICOM (.dcm) images, searched recursively")
+    p.add_argument("--out", type=Path, required=True, help="folder for cluster_XX.png and clusters.yaml")
+    p.add_argument("--k", type=int, default=8, help="number of clusters (default 8)")
+    p.add_argument("--weights", type=Path, help="embed with a trained checkpoint's features instead of ImageNet's")
+    p.add_argument("--arch", default="efficientnet_lite0", help="backbone for ImageNet features (without --weights)")
+    p.add_argument("--size", type=int, default=128, help="input size for ImageNet features (without --weights)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_sort)
+
+
+def run_sort(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from models.cluster import sort_images
+
+    clusters = sort_images(args.images, args.out, k=args.k, weights=args.weights, arch=args.arch, size=args.size,
+                           progress=not args.no_progress, seed=args.seed)
+    for cluster in clusters:
+        print(f"cluster {cluster.index:02d}: {len(cluster.paths)} images -> {cluster.sheet}")
+    print(f"name the clusters in {args.out / 'clusters.yaml'}, then: "
+          f"bonebridge train anatomy --clusters {args.out / 'clusters.yaml'} --out anatomy.pt")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bonebridge-models")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
+    add_evaluate_parser(sub)
+    add_sort_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

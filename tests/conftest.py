@@ -22,6 +22,7 @@ from tests.orthanc_fixture import (
     RedisServer,
     StoreSCP,
     missing_dcmtk_tools,
+    reap_stopped,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +43,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.data)
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Wait for servers whose teardown only sent SIGTERM, so none outlives the test run."""
+    reap_stopped()
+
+
 # --------------------------------------------------------------------------- Orthanc
 def _require_orthanc() -> None:
     if not ORTHANC_BINARY.exists():
@@ -60,7 +66,7 @@ def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
     try:
         yield server
     finally:
-        server.stop()
+        server.stop(wait=False)  # Orthanc takes ~3 s to exit; reaped at session end
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +76,7 @@ def orthanc_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc
     try:
         yield server
     finally:
-        server.stop()
+        server.stop(wait=False)
 
 
 @pytest.fixture
@@ -87,7 +93,7 @@ def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., OrthancServer]]:
         yield start
     finally:
         for server in servers:
-            server.stop()
+            server.stop(wait=False)
 
 
 # ----------------------------------------------------------------------------- Redis

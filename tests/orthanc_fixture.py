@@ -13,6 +13,7 @@ The REST helpers use :mod:`urllib` only, so the tests need no HTTP client packag
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -91,16 +92,44 @@ def log_tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _stop_process(proc: subprocess.Popen[bytes] | None, grace_s: float = 10.0) -> None:
-    """Terminate, wait, and kill if it will not go: a test run must never leave servers behind."""
+_STOPPING: list[subprocess.Popen[bytes]] = []
+"""Processes told to terminate but not yet waited for (see ``_stop_process(wait=False)``)."""
+
+
+def _stop_process(proc: subprocess.Popen[bytes] | None, grace_s: float = 10.0, wait: bool = True) -> None:
+    """Terminate, wait, and kill if it will not go: a test run must never leave servers behind.
+
+    Orthanc needs about three seconds to shut its HTTP and DICOM servers down. With ``wait=False`` the
+    process gets SIGTERM now and is waited for (and killed if need be) by :func:`reap_stopped`, which
+    conftest calls at the end of the session and :mod:`atexit` calls as a fallback; its ports are never
+    reused, since every server takes fresh ones.
+    """
     if proc is None or proc.poll() is not None:
         return
     proc.terminate()
+    if not wait:
+        _STOPPING.append(proc)
+        return
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=grace_s)
+
+
+def reap_stopped(grace_s: float = 10.0) -> None:
+    """Wait for every process stopped with ``wait=False``; kill the ones still running after the grace time."""
+    deadline = time.monotonic() + grace_s
+    while _STOPPING:
+        proc = _STOPPING.pop()
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=grace_s)
+
+
+atexit.register(reap_stopped)
 
 
 class OrthancServer:
@@ -208,8 +237,9 @@ class OrthancServer:
             raise ProcessStartError(f"Orthanc exited with status {self._proc.returncode}")
         return bool(self.get("/system"))
 
-    def stop(self) -> None:
-        _stop_process(self._proc)
+    def stop(self, wait: bool = True) -> None:
+        """SIGTERM; with ``wait`` (default) block until it has exited, else leave that to ``reap_stopped``."""
+        _stop_process(self._proc, wait=wait)
         self._proc = None
 
     @property

@@ -1,0 +1,180 @@
+"""``bonebridge``: the command line.
+
+Without ``--config`` every command uses the embedded default (``daemon/defaults/bonebridge.yaml``, the same file
+as ``config/bonebridge.yaml``), so a fresh install starts with ``bonebridge serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+LOGGER = logging.getLogger("bonebridge")
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None,
+                        help="BoneBridge YAML config (default: the embedded config/bonebridge.yaml)")
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    from daemon.config import default_config_path
+
+    return args.config if args.config is not None else default_config_path()
+
+
+def _load(args: argparse.Namespace):
+    from daemon.config import ConfigError, load_config
+
+    try:
+        return load_config(_config_path(args))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from daemon.config import ConfigError
+    from daemon.service import serve
+
+    try:
+        return serve(_config_path(args), workers=args.workers)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from daemon.service import listen
+
+    return listen(_config_path(args))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from daemon.service import worker
+
+    return worker(_config_path(args), args.broker, args.concurrency)
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from daemon.explain import check_config_text
+
+    ok, text = check_config_text(args.path)
+    print(text)
+    return 0 if ok else 1
+
+
+def cmd_route_explain(args: argparse.Namespace) -> int:
+    from daemon.explain import explain_files_text
+
+    print(explain_files_text(_load(args), args.files))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Run the routed models on files, offline; print the findings as JSON; optionally write the SR and SCs."""
+    import pydicom
+
+    from daemon.pipeline import Analyser
+
+    analyser = Analyser(_load(args))
+    studies: dict[str, list] = defaultdict(list)
+    for path in args.files:
+        ds = pydicom.dcmread(path)
+        studies[str(ds.StudyInstanceUID)].append(ds)
+    report = []
+    for study_uid, datasets in studies.items():
+        analysis = analyser.analyse(datasets, calling_ae=args.calling_ae)
+        report.append(analysis.summary())
+        if args.out:
+            folder = Path(args.out) / study_uid
+            folder.mkdir(parents=True, exist_ok=True)
+            for ds in analysis.outputs:
+                ds.save_as(folder / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+    print(json.dumps(report if len(report) != 1 else report[0], indent=2, default=str))
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from daemon.dispatch import Dispatcher
+
+    config = _load(args)
+    dispatcher = Dispatcher(Path(config.storage.data_dir), config.destinations)
+    results = dispatcher.replay(args.entry)
+    for item in results:
+        print(item)
+    if not results:
+        print("dead-letter folder is empty")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bonebridge", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="listener + assembler + worker + embedded broker on this machine")
+    _config_arg(p)
+    p.add_argument("--workers", type=int, default=1, help="worker processes (each loads the models once)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("listen", help="only the DICOM listener and study assembler (needs broker: redis://...)")
+    _config_arg(p)
+    p.set_defaults(func=cmd_listen)
+
+    p = sub.add_parser("worker", help="only a Celery worker that analyses studies (needs a broker URL)")
+    _config_arg(p)
+    p.add_argument("--broker", help="broker URL (default: the config's `broker`)")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    c = csub.add_parser("check", help="validate a config; print every error with file, line and field")
+    c.add_argument("path", type=Path)
+    c.set_defaults(func=cmd_config_check)
+
+    p = sub.add_parser("route", help="routing tools")
+    rsub = p.add_subparsers(dest="route_command", required=True)
+    r = rsub.add_parser("explain", help="which route fires for these files, and why not the others")
+    _config_arg(r)
+    r.add_argument("files", type=Path, nargs="+")
+    r.set_defaults(func=cmd_route_explain)
+
+    p = sub.add_parser("predict", help="run the routed models on DICOM files offline and print the findings as JSON")
+    _config_arg(p)
+    p.add_argument("files", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, help="write the SR and heatmap SC files here")
+    p.add_argument("--calling-ae", default=None, help="calling AE title to route as (rules may match on it)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("retry", help="re-send results from the dead-letter folder")
+    _config_arg(p)
+    p.add_argument("entry", nargs="?", help="one dead-letter entry (default: all)")
+    p.set_defaults(func=cmd_retry)
+
+    from models import cli as models_cli
+
+    models_cli.add_train_parser(sub)
+    for name in ("add_evaluate_parser", "add_sort_parser"):
+        adder = getattr(models_cli, name, None)
+        if adder is not None:
+            adder(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from daemon.service import setup_logging
+
+    setup_logging(args.log_level)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

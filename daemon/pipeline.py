@@ -1,0 +1,205 @@
+"""From a study's datasets to its result objects: decode, anatomy, route, models, SR and heatmaps.
+
+This is the one analysis path. The Celery worker calls it on a spooled study and ``bonebridge predict`` calls it
+on files given on the command line, so what a user sees offline is what the PACS receives.
+
+Order matters and follows the design: anatomy first (a model when one with trained weights is configured and
+confident, else the DICOM tags, and the report records which decided), then the route, then only the models that
+route names. Every way a study can fail to be analysed ends in a "not processed" result with a reason, never an
+exception that loses the study.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from daemon.anatomy_tags import anatomy_from_tags
+from daemon.config import Config, Route
+from daemon.decode import DecodeError, read_display_image
+from daemon.results import ModelProvenance, StudyResult, build_heatmap_sc, build_sr, is_own_output
+from daemon.rules import RouteDecision, StudyFacts, decide_route, facts_from_dataset
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class StudyAnalysis:
+    """Everything one analysis produced: the result, the route decision, and the DICOM objects to send."""
+
+    result: StudyResult
+    decision: RouteDecision
+    facts: StudyFacts
+    route: Route | None
+    outputs: list[Dataset] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """JSON-ready findings, as ``bonebridge predict`` prints them."""
+        r = self.result
+        return {
+            "study_uid": r.study_uid,
+            "route": r.route,
+            "anatomy": r.anatomy,
+            "anatomy_source": r.anatomy_source,
+            "anatomy_probability": r.anatomy_probability,
+            "findings": r.findings,
+            "not_processed_reason": r.not_processed_reason,
+            "models": [vars(m) for m in r.models],
+            "destinations": list(self.route.send_to) if self.route else [],
+            "skipped_images": self.skipped,
+            "outputs": [str(ds.SOPInstanceUID) for ds in self.outputs],
+        }
+
+
+class Analyser:
+    """Holds the configuration and the loaded models; one per process, so models load once."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._predictors: dict[str, object] = {}
+        self._status = config.route_status()
+
+    def predictor(self, name: str):
+        """The named model's predictor, loaded on first use and kept; ``models.inference`` verifies the card."""
+        if name not in self._predictors:
+            from models.inference import load_predictor
+
+            ref = self.config.models[name]
+            if ref.weights is None:
+                raise LookupError(f"model {name!r} has no weights configured")
+            self._predictors[name] = load_predictor(Path(ref.weights))
+        return self._predictors[name]
+
+    def _anatomy(self, sources: list[Dataset], images: list[np.ndarray]) -> tuple[str | None, str, float | None]:
+        model_name = self.config.anatomy.model
+        if model_name and model_name in self.config.models and images and _model_usable(self.config, model_name):
+            try:
+                preds = self.predictor(model_name).predict(images, with_heatmaps=False)
+                votes: Counter[str] = Counter()
+                for pred in preds:
+                    votes[str(pred.outputs["anatomy"])] += float(pred.outputs["anatomy_probability"])
+                label, weight = votes.most_common(1)[0]
+                probability = weight / len(preds)
+                if probability >= self.config.anatomy.min_probability:
+                    card = self.predictor(model_name).card
+                    return label, f"model {card.name} {card.version}", probability
+                LOGGER.info("anatomy model unsure (%.2f < %.2f): falling back to DICOM tags",
+                            probability, self.config.anatomy.min_probability)
+            except Exception as exc:  # a broken model must not lose the study: the tags still decide
+                LOGGER.exception("anatomy model failed: %s; falling back to DICOM tags", exc)
+        for ds in sources:
+            label, evidence = anatomy_from_tags(ds)
+            if label is not None:
+                return label, f"DICOM tags ({evidence})", None
+        return None, "DICOM tags (no anatomy in BodyPartExamined, StudyDescription, SeriesDescription)", None
+
+    def analyse(self, datasets: list[Dataset], calling_ae: str | None = None,
+                predecessors: list[tuple[str, str, str, str]] | None = None) -> StudyAnalysis:
+        sources = [ds for ds in datasets if not is_own_output(ds)]
+        if not sources:
+            raise ValueError("no source images: every dataset is BoneBridge's own output")
+        sources.sort(key=lambda ds: (int(getattr(ds, "SeriesNumber", 0) or 0), int(getattr(ds, "InstanceNumber", 0) or 0),
+                                     str(ds.SOPInstanceUID)))
+        images: list[np.ndarray] = []
+        decoded: list[Dataset] = []
+        skipped: list[str] = []
+        for ds in sources:
+            try:
+                images.append(read_display_image(ds))
+                decoded.append(ds)
+            except DecodeError as exc:
+                skipped.append(f"{ds.SOPInstanceUID}: {exc}")
+                LOGGER.warning("study %s: image %s not decodable: %s", ds.StudyInstanceUID, ds.SOPInstanceUID, exc)
+
+        anatomy, anatomy_source, anatomy_p = self._anatomy(decoded or sources, images)
+        facts = facts_from_dataset(sources[0], calling_ae, anatomy, anatomy_source)
+        decision = decide_route(self.config, facts)
+        route = decision.route
+        base = dict(
+            study_uid=str(sources[0].StudyInstanceUID), route=route.name if route else "none", anatomy=anatomy,
+            anatomy_source=anatomy_source, anatomy_probability=anatomy_p, findings={}, models=[],
+            not_processed_reason=None, predecessor_sr=list(predecessors or []),
+        )
+        reason = _not_processed_reason(decision, route, facts, images, skipped)
+        if reason is not None:
+            result = StudyResult(**{**base, "not_processed_reason": reason})
+            LOGGER.info("study %s not processed: %s", result.study_uid, reason)
+            outputs = [build_sr(sources, result)] if route else []
+            return StudyAnalysis(result, decision, facts, route, outputs, skipped)
+
+        findings: dict[str, float | str] = {}
+        provenance: list[ModelProvenance] = []
+        heatmaps: list[np.ndarray | None] = [None] * len(images)
+        sexes = [_sex(ds) for ds in decoded]
+        for name in route.run:
+            predictor = self.predictor(name)
+            card = predictor.card
+            preds = predictor.predict(images, sexes, with_heatmaps=True)
+            provenance.append(ModelProvenance(name=card.name, version=card.version, sha256=card.sha256, task=card.task))
+            findings.update(_study_findings(card, preds))
+            for i, pred in enumerate(preds):
+                if heatmaps[i] is None and pred.heatmap is not None:
+                    heatmaps[i] = pred.heatmap
+        result = StudyResult(**{**base, "findings": findings, "models": provenance})
+        outputs = [build_sr(sources, result)]
+        outputs += [
+            build_heatmap_sc(ds, hm, result, i) for i, (ds, hm) in enumerate(zip(decoded, heatmaps)) if hm is not None
+        ]
+        return StudyAnalysis(result, decision, facts, route, outputs, skipped)
+
+
+def _model_usable(config: Config, name: str) -> bool:
+    from daemon.config import _model_unavailable
+
+    return _model_unavailable(name, config.models[name]) is None
+
+
+def _not_processed_reason(decision: RouteDecision, route: Route | None, facts: StudyFacts,
+                          images: list[np.ndarray], skipped: list[str]) -> str | None:
+    if route is None:
+        return "no route matches this study"
+    if decision.disabled_reason:
+        return f"route '{route.name}' is disabled: {decision.disabled_reason}"
+    if route.report == "not-processed":
+        return (f"route '{route.name}' reports studies it matches as not processed "
+                f"(anatomy: {facts.anatomy or 'unknown'}, from {facts.anatomy_source})")
+    if not images:
+        return "no image could be decoded: " + "; ".join(skipped)
+    return None
+
+
+def _sex(ds: Dataset) -> str | None:
+    value = str(getattr(ds, "PatientSex", "") or "").strip().upper()
+    return value if value in ("M", "F") else None
+
+
+def _study_findings(card, preds) -> dict[str, float | str]:
+    """Image predictions -> study findings: mean of the images, as MURA and the bone-age readers do."""
+    if card.task == "abnormality":
+        from models.inference import study_abnormality
+
+        return study_abnormality(preds, card.threshold if card.threshold is not None else 0.5)
+    if card.task == "boneage":
+        first = preds[0].outputs
+        ages = [float(p.outputs["bone_age_months"]) for p in preds]
+        out: dict[str, float | str] = {"bone_age_months": round(float(np.mean(ages)), 1)}
+        for key in ("predicted_sex", "predicted_sex_probability", "sex_source", "sex_mismatch"):
+            if key in first:
+                out[key] = first[key]
+        return out
+    merged: dict[str, float | str] = {}
+    for pred in preds:
+        for key, value in pred.outputs.items():
+            merged.setdefault(key, value)
+    return merged
+
+
+def read_datasets(paths: list[Path]) -> list[Dataset]:
+    return [pydicom.dcmread(p) for p in paths]

@@ -1,0 +1,735 @@
+"""BoneBridge's results as DICOM objects a PACS stores and a viewer shows.
+
+Per study there is one **TID 1500 Measurement Report** (a highdicom Comprehensive SR) and, per source
+image with a heatmap, one **Secondary Capture** showing the heatmap over the radiograph. Both go into new
+series of the *source* study, so they appear next to the images they describe.
+
+SR content (all inside one TID 1501 "Measurements and Qualitative Evaluations" group, tracked per route):
+
+=============================  ===========================================  =====================
+item                           concept name                                 value
+=============================  ===========================================  =====================
+finding site                   SCT 363698007 (TID 1501)                     SCT anatomy code
+bone age                       LN 85151-9 "Bone age"                        NUM, UCUM ``mo``
+abnormality probability        99BB ABN-PROB                                NUM, UCUM ``{probability}``
+abnormality threshold          99BB ABN-THRESH                              NUM, UCUM ``{probability}``
+abnormality decision           99BB ABN-DECISION                            SCT Abnormal / Normal
+predicted sex                  99BB SEX-PRED                                SCT Male / Female
+predicted sex probability      99BB SEX-PROB                                NUM, ``{probability}``
+sex mismatch                   99BB SEX-MISMATCH                            SCT Yes / No
+sex source, anatomy, its       99BB SEX-SOURCE / ANATOMY / ANATOMY-SOURCE,  TEXT
+source, route                  ROUTE
+anatomy probability            99BB ANATOMY-PROB                            NUM, ``{probability}``
+model (one per model)          99BB MODEL (name) with HAS PROPERTIES        TEXT
+                               MODEL-VERSION, MODEL-SHA256, MODEL-TASK
+not processed                  99BB NOT-PROCESSED                           TEXT (the reason)
+=============================  ===========================================  =====================
+
+Coding choices, and why:
+
+* Bone age uses LOINC 85151-9 "XR Bone age" (a quantitative observation, reported in months here).
+* Anatomy uses the SNOMED CT codes of the upper-extremity regions (hand 85562004, wrist 74670003,
+  elbow 127949000, forearm 14975008, humerus 85050009, shoulder 16982005, finger 7569003); "other"
+  has no code and appears only as text.
+* Decision, sex and yes/no values are standard SNOMED CT qualifiers. The *concept names* for a model's
+  abnormality probability, its threshold, a predicted sex, provenance and the not-processed reason have
+  no standard code, so they use the private coding scheme ``99BB`` (PS3.16 8.2: designators starting
+  with "99" are local), declared in the Coding Scheme Identification Sequence.
+* TID 1500 has no slot for model provenance or free text. Model name/version/sha256/task, the route and
+  sources of anatomy and sex are TEXT items appended to the measurement group (Comprehensive SR allows
+  them); the numeric results also carry a TID 4019 Algorithm Identification of the model that made them.
+* The device observer (TID 1004) has no software-version row, so the BoneBridge version and the model
+  versions go into the General Equipment module's Software Versions.
+* The report is COMPLETE but PRELIMINARY and UNVERIFIED: it is machine output for a radiologist to
+  confirm, not a signed report.
+
+Both objects carry a private block (creator ``BONEBRIDGE 1.0``) so :func:`is_own_output` can spot them
+when a PACS sends them back; Manufacturer, series number and description are the fallback for PACS that
+strip private tags.
+
+UIDs are derived (:func:`daemon.uids.derive_uid`) from the sources, the route and the model versions, so
+a redelivered task rebuilds identical objects instead of duplicates.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodeContentItem,
+    CodedConcept,
+    ComprehensiveSR,
+    DeviceObserverIdentifyingAttributes,
+    FindingSite,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    QualitativeEvaluation,
+    SourceImageForMeasurementGroup,
+    TextContentItem,
+    TrackingIdentifier,
+)
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from daemon.decode import read_display_image
+from daemon.uids import derive_uid
+
+__all__ = [
+    "ANATOMY_CODES",
+    "MANUFACTURER",
+    "SC_SERIES_DESCRIPTION",
+    "SC_SERIES_NUMBER",
+    "SR_SERIES_DESCRIPTION",
+    "SR_SERIES_NUMBER",
+    "ModelProvenance",
+    "StudyResult",
+    "build_heatmap_sc",
+    "build_sr",
+    "is_own_output",
+]
+
+MANUFACTURER = "BoneBridge"
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+SR_SERIES_DESCRIPTION = "BoneBridge report"
+SC_SERIES_DESCRIPTION = "BoneBridge heatmap"
+PRIVATE_CREATOR = "BONEBRIDGE 1.0"
+PRIVATE_GROUP = 0x0009
+_PRIVATE_MARKER = 0x01  # LO "BoneBridge output"
+_PRIVATE_KIND = 0x02  # CS "SR" / "SC"
+_PRIVATE_ROUTE = 0x03  # LO route name
+_MARKER_VALUE = "BoneBridge output"
+
+SC_MAX_SIDE = 1024
+HEATMAP_ALPHA = 0.4
+HEATMAP_COLORMAP = "turbo"
+
+# ------------------------------------------------------------------------------ codes
+LOCAL_SCHEME = "99BB"
+
+
+def _local(value: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value=value, scheme_designator=LOCAL_SCHEME, meaning=meaning)
+
+
+CODE_BONE_AGE = CodedConcept(value="85151-9", scheme_designator="LN", meaning="Bone age")
+CODE_ABNORMALITY_PROBABILITY = _local("ABN-PROB", "Abnormality probability")
+CODE_ABNORMALITY_THRESHOLD = _local("ABN-THRESH", "Abnormality decision threshold")
+CODE_ABNORMALITY_DECISION = _local("ABN-DECISION", "Abnormality decision")
+CODE_PREDICTED_SEX = _local("SEX-PRED", "Predicted sex")
+CODE_PREDICTED_SEX_PROBABILITY = _local("SEX-PROB", "Predicted sex probability")
+CODE_SEX_SOURCE = _local("SEX-SOURCE", "Sex source")
+CODE_SEX_MISMATCH = _local("SEX-MISMATCH", "Predicted sex differs from DICOM sex")
+CODE_ANATOMY = _local("ANATOMY", "Anatomy")
+CODE_ANATOMY_SOURCE = _local("ANATOMY-SOURCE", "Anatomy source")
+CODE_ANATOMY_PROBABILITY = _local("ANATOMY-PROB", "Anatomy probability")
+CODE_ROUTE = _local("ROUTE", "BoneBridge route")
+CODE_MODEL = _local("MODEL", "Model name")
+CODE_MODEL_VERSION = _local("MODEL-VERSION", "Model version")
+CODE_MODEL_SHA256 = _local("MODEL-SHA256", "Model weights SHA-256")
+CODE_MODEL_TASK = _local("MODEL-TASK", "Model task")
+CODE_NOT_PROCESSED = _local("NOT-PROCESSED", "Not processed")
+CODE_RADIOGRAPHY = CodedConcept(value="363680008", scheme_designator="SCT", meaning="Radiographic imaging procedure")
+
+UNIT_PROBABILITY = CodedConcept(value="{probability}", scheme_designator="UCUM", meaning="probability")
+UNIT_MONTHS = CodedConcept.from_code(codes.UCUM.Month)
+
+ANATOMY_CODES: dict[str, CodedConcept] = {
+    "hand": CodedConcept("85562004", "SCT", "Hand"),
+    "wrist": CodedConcept("74670003", "SCT", "Wrist joint"),
+    "elbow": CodedConcept("127949000", "SCT", "Elbow region structure"),
+    "forearm": CodedConcept("14975008", "SCT", "Forearm"),
+    "humerus": CodedConcept("85050009", "SCT", "Humerus"),
+    "shoulder": CodedConcept("16982005", "SCT", "Shoulder"),
+    "finger": CodedConcept("7569003", "SCT", "Finger"),
+}
+"""SNOMED CT finding sites for the anatomy classes; "other" deliberately has none."""
+
+_DECISION_CODES = {
+    "abnormal": CodedConcept.from_code(codes.SCT.Abnormal),
+    "normal": CodedConcept.from_code(codes.SCT.Normal),
+}
+_SEX_CODES = {
+    "M": CodedConcept("248153007", "SCT", "Male"),
+    "F": CodedConcept("248152002", "SCT", "Female"),
+}
+_YES_NO_CODES = {"yes": CodedConcept.from_code(codes.SCT.Yes), "no": CodedConcept.from_code(codes.SCT.No)}
+
+# Findings keys handled explicitly; anything else is still reported (NUM or TEXT) under a local code.
+_KNOWN_FINDINGS = frozenset(
+    {
+        "bone_age_months",
+        "abnormality_probability",
+        "abnormality_threshold",
+        "abnormality_decision",
+        "predicted_sex",
+        "predicted_sex_probability",
+        "sex_source",
+        "sex_mismatch",
+    }
+)
+# Which model task produced which finding (task names normalised: lower case, "-" -> "_").
+_FINDING_TASK = {
+    "bone_age_months": ("bone_age", "boneage"),
+    "abnormality_probability": ("abnormality",),
+    "predicted_sex_probability": ("sex",),
+    "anatomy_probability": ("anatomy",),
+}
+
+
+# ----------------------------------------------------------------------- data model
+@dataclass
+class ModelProvenance:
+    """Which weights produced a result: reported in the SR so a finding can be traced to a checkpoint."""
+
+    name: str
+    version: str
+    sha256: str
+    task: str
+
+
+@dataclass
+class StudyResult:
+    """Everything the worker learned about one study, as the result builders need it."""
+
+    study_uid: str
+    route: str
+    anatomy: str | None
+    anatomy_source: str
+    anatomy_probability: float | None
+    findings: dict[str, float | str] = field(default_factory=dict)
+    models: list[ModelProvenance] = field(default_factory=list)
+    not_processed_reason: str | None = None
+    predecessor_sr: list[tuple[str, str, str, str]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------- helpers
+def _software_version() -> str:
+    try:
+        return importlib.metadata.version("bonebridge")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _model_versions(result: StudyResult) -> list[str]:
+    """Model identity for UID derivation: name, version and weights hash, in a stable order."""
+    return sorted(f"{m.task}:{m.name}:{m.version}:{m.sha256}" for m in result.models)
+
+
+_PIXEL_TAGS = frozenset(
+    {
+        pydicom.tag.Tag("PixelData"),
+        pydicom.tag.Tag("FloatPixelData"),
+        pydicom.tag.Tag("DoubleFloatPixelData"),
+    }
+)
+# Type 2 attributes highdicom reads unconditionally from the first evidence dataset.
+_TYPE2_DEFAULTS = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def _header(ds: Dataset) -> Dataset:
+    """A copy of ``ds`` without pixel data, with empty Type 2 patient/study attributes filled in.
+
+    highdicom copies evidence datasets; the pixel data of a 1760 x 1760 CR is dead weight there, and a
+    source that lacks (rather than leaves empty) e.g. AccessionNumber would make highdicom fail.
+    """
+    header = Dataset()
+    for element in ds:
+        if element.tag not in _PIXEL_TAGS and not element.tag.group == 0x0002:
+            header.add(element)
+    for keyword in _TYPE2_DEFAULTS:
+        if keyword not in header:
+            setattr(header, keyword, "")
+    file_meta = getattr(ds, "file_meta", None)
+    if file_meta is not None:
+        header.file_meta = file_meta
+    return header
+
+
+def _task_model(result: StudyResult, finding: str) -> ModelProvenance | None:
+    wanted = _FINDING_TASK.get(finding, ())
+    for model in result.models:
+        if model.task.lower().replace("-", "_") in wanted:
+            return model
+    return None
+
+
+def _algorithm(model: ModelProvenance | None) -> AlgorithmIdentification | None:
+    if model is None:
+        return None
+    return AlgorithmIdentification(
+        name=model.name, version=model.version, parameters=[f"sha256={model.sha256}"]
+    )
+
+
+def _text(name: CodedConcept, value: str, relationship: str = "CONTAINS") -> TextContentItem:
+    return TextContentItem(name=name, value=value, relationship_type=relationship)
+
+
+def _code(name: CodedConcept, value: CodedConcept) -> CodeContentItem:
+    return CodeContentItem(name=name, value=value, relationship_type="CONTAINS")
+
+
+def _as_float(value: float | str) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _yes_no(value: float | str | bool) -> str | None:
+    text = str(value).strip().lower()
+    if text in {"yes", "true", "1", "y"}:
+        return "yes"
+    if text in {"no", "false", "0", "n"}:
+        return "no"
+    return None
+
+
+def _local_key_code(key: str) -> CodedConcept:
+    """A local code for a findings key BoneBridge has no dedicated concept for (code value is SH: 16)."""
+    value = "X-" + key.upper().replace("_", "-")
+    if len(value) > 16:
+        value = "X-" + derive_uid(key)[-14:]
+    return _local(value, key.replace("_", " "))
+
+
+def _measurements(result: StudyResult) -> tuple[list[Measurement], list[QualitativeEvaluation], list[Dataset]]:
+    """Map ``result.findings`` to NUM, CODE and TEXT items (measurements, evaluations, extra items)."""
+    findings = result.findings
+    measurements: list[Measurement] = []
+    evaluations: list[QualitativeEvaluation] = []
+    extra: list[Dataset] = []
+
+    def add_number(key: str, name: CodedConcept, unit: CodedConcept) -> None:
+        if key not in findings:
+            return
+        number = _as_float(findings[key])
+        if number is None:
+            extra.append(_text(name, str(findings[key])))
+            return
+        measurements.append(
+            Measurement(name=name, value=number, unit=unit, algorithm_id=_algorithm(_task_model(result, key)))
+        )
+
+    add_number("bone_age_months", CODE_BONE_AGE, UNIT_MONTHS)
+    add_number("abnormality_probability", CODE_ABNORMALITY_PROBABILITY, UNIT_PROBABILITY)
+    add_number("abnormality_threshold", CODE_ABNORMALITY_THRESHOLD, UNIT_PROBABILITY)
+    add_number("predicted_sex_probability", CODE_PREDICTED_SEX_PROBABILITY, UNIT_PROBABILITY)
+
+    if "abnormality_decision" in findings:
+        decision = str(findings["abnormality_decision"]).strip().lower()
+        if decision in _DECISION_CODES:
+            evaluations.append(QualitativeEvaluation(CODE_ABNORMALITY_DECISION, _DECISION_CODES[decision]))
+        else:
+            extra.append(_text(CODE_ABNORMALITY_DECISION, decision))
+    if "predicted_sex" in findings:
+        sex = str(findings["predicted_sex"]).strip().upper()[:1]
+        if sex in _SEX_CODES:
+            evaluations.append(QualitativeEvaluation(CODE_PREDICTED_SEX, _SEX_CODES[sex]))
+        else:
+            extra.append(_text(CODE_PREDICTED_SEX, str(findings["predicted_sex"])))
+    if "sex_mismatch" in findings:
+        flag = _yes_no(findings["sex_mismatch"])
+        if flag is not None:
+            evaluations.append(QualitativeEvaluation(CODE_SEX_MISMATCH, _YES_NO_CODES[flag]))
+        else:
+            extra.append(_text(CODE_SEX_MISMATCH, str(findings["sex_mismatch"])))
+    if "sex_source" in findings:
+        extra.append(_text(CODE_SEX_SOURCE, str(findings["sex_source"])))
+
+    for key in sorted(set(findings) - _KNOWN_FINDINGS):
+        number = _as_float(findings[key]) if not isinstance(findings[key], str) else None
+        if number is not None:
+            measurements.append(
+                Measurement(name=_local_key_code(key), value=number, unit=CodedConcept.from_code(codes.UCUM.NoUnits))
+            )
+        else:
+            extra.append(_text(_local_key_code(key), str(findings[key])))
+    return measurements, evaluations, extra
+
+
+def _context_items(result: StudyResult) -> list[Dataset]:
+    """Route, anatomy (with source and probability) and one provenance item per model."""
+    items: list[Dataset] = [_text(CODE_ROUTE, result.route or "(none)")]
+    items.append(_text(CODE_ANATOMY, result.anatomy or "unknown"))
+    items.append(_text(CODE_ANATOMY_SOURCE, result.anatomy_source or "unknown"))
+    for model in result.models:
+        item = _text(CODE_MODEL, model.name)
+        item.ContentSequence = hd.sr.ContentSequence(
+            [
+                _text(CODE_MODEL_VERSION, model.version, "HAS PROPERTIES"),
+                _text(CODE_MODEL_SHA256, model.sha256, "HAS PROPERTIES"),
+                _text(CODE_MODEL_TASK, model.task, "HAS PROPERTIES"),
+            ]
+        )
+        items.append(item)
+    return items
+
+
+def _add_private_block(ds: Dataset, kind: str, route: str) -> None:
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(_PRIVATE_MARKER, "LO", _MARKER_VALUE)
+    block.add_new(_PRIVATE_KIND, "CS", kind)
+    block.add_new(_PRIVATE_ROUTE, "LO", (route or "")[:64])
+
+
+def _predecessors(result: StudyResult) -> list[Dataset] | None:
+    """Minimal datasets for highdicom's Predecessor Documents Sequence (it groups them by series)."""
+    if not result.predecessor_sr:
+        return None
+    previous = []
+    for study_uid, series_uid, sop_class_uid, sop_instance_uid in result.predecessor_sr:
+        ref = Dataset()
+        ref.StudyInstanceUID = study_uid
+        ref.SeriesInstanceUID = series_uid
+        ref.SOPClassUID = sop_class_uid
+        ref.SOPInstanceUID = sop_instance_uid
+        previous.append(ref)
+    return previous
+
+
+# ---------------------------------------------------------------------------- SR
+def sr_uids(sources: Sequence[Dataset], result: StudyResult) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) of the SR for these sources and this result."""
+    study_uid = str(sources[0].StudyInstanceUID) if sources else result.study_uid
+    series_uid = derive_uid(study_uid, result.route, "sr")
+    kind = "not-processed" if result.not_processed_reason is not None else "findings"
+    sop_uid = derive_uid(
+        *sorted(str(ds.SOPInstanceUID) for ds in sources), result.route, *_model_versions(result), "sr", kind
+    )
+    return series_uid, sop_uid
+
+
+def build_sr(sources: list[Dataset], result: StudyResult) -> Dataset:
+    """Build the study's TID 1500 Measurement Report (Comprehensive SR) in a new series of its study.
+
+    ``result.not_processed_reason`` set gives the same document shape with a "Not processed" item and
+    the reason instead of measurements. Patient and study attributes come from ``sources[0]``.
+
+    Raises:
+        ValueError: no sources, or sources from a study other than ``result.study_uid``.
+    """
+    if not sources:
+        raise ValueError("build_sr needs at least one source image")
+    study_uids = {str(ds.StudyInstanceUID) for ds in sources}
+    if study_uids != {result.study_uid}:
+        raise ValueError(f"sources belong to {sorted(study_uids)}, result is for {result.study_uid}")
+
+    headers = [_header(ds) for ds in sources]
+    series_uid, sop_uid = sr_uids(sources, result)
+    model_name = " + ".join(m.name for m in result.models) or MANUFACTURER
+
+    observer = ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=derive_uid("bonebridge-device", model_name),
+            name=MANUFACTURER,
+            manufacturer_name=MANUFACTURER,
+            model_name=model_name,
+        ),
+    )
+
+    if result.not_processed_reason is not None:
+        measurements: list[Measurement] = []
+        evaluations: list[QualitativeEvaluation] = []
+        extra: list[Dataset] = [_text(CODE_NOT_PROCESSED, result.not_processed_reason or "no reason given")]
+    else:
+        measurements, evaluations, extra = _measurements(result)
+        if result.anatomy_probability is not None:
+            measurements.append(
+                Measurement(
+                    name=CODE_ANATOMY_PROBABILITY,
+                    value=float(result.anatomy_probability),
+                    unit=UNIT_PROBABILITY,
+                    algorithm_id=_algorithm(_task_model(result, "anatomy_probability")),
+                )
+            )
+
+    finding_site = ANATOMY_CODES.get((result.anatomy or "").lower())
+    single_model = result.models[0] if len(result.models) == 1 else None
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=derive_uid(result.study_uid, result.route, "tracking"),
+            identifier=f"BoneBridge {result.route or 'study'}"[:64],
+        ),
+        algorithm_id=_algorithm(single_model),
+        finding_sites=[FindingSite(anatomic_location=finding_site)] if finding_site else None,
+        measurements=measurements or None,
+        qualitative_evaluations=evaluations or None,
+        source_images=[
+            SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=str(ds.SOPClassUID),
+                referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+            )
+            for ds in sources
+        ],
+    )
+    # TID 1500 has no slot for these; Comprehensive SR allows TEXT/CODE items in the group container.
+    group[0].ContentSequence.extend(extra + _context_items(result))
+
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=CODE_RADIOGRAPHY,
+        imaging_measurements=[group],
+        referenced_images=headers,
+    )
+
+    sr = ComprehensiveSR(
+        evidence=headers,
+        content=report[0],
+        series_instance_uid=series_uid,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        previous_versions=_predecessors(result),
+    )
+    sr.SeriesDescription = SR_SERIES_DESCRIPTION
+    sr.ManufacturerModelName = model_name[:64]
+    sr.SoftwareVersions = [f"bonebridge {_software_version()}"] + [
+        f"{m.name} {m.version}"[:64] for m in result.models
+    ]
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = LOCAL_SCHEME
+    scheme.CodingSchemeName = "BoneBridge local concepts"
+    scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
+    sr.CodingSchemeIdentificationSequence = [scheme]
+    _add_private_block(sr, "SR", result.route)
+    return sr
+
+
+# ---------------------------------------------------------------------------- SC
+# 3x5 bitmap glyphs for the colour scale's labels (no font dependency).
+_GLYPHS = {
+    "H": ("101", "101", "111", "101", "101"),
+    "I": ("111", "010", "010", "010", "111"),
+    "G": ("111", "100", "101", "101", "111"),
+    "L": ("100", "100", "100", "100", "111"),
+    "O": ("111", "101", "101", "101", "111"),
+    "W": ("101", "101", "101", "111", "101"),
+}
+
+
+def _draw_text(canvas: np.ndarray, text: str, top: int, left: int, scale: int) -> None:
+    for index, char in enumerate(text):
+        glyph = np.array([[c == "1" for c in row] for row in _GLYPHS[char]], dtype=bool)
+        glyph = np.kron(glyph, np.ones((scale, scale), dtype=bool))
+        x = left + index * 4 * scale
+        region = canvas[top : top + glyph.shape[0], x : x + glyph.shape[1]]
+        region[glyph[: region.shape[0], : region.shape[1]]] = 255
+
+
+def _resize(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    from PIL import Image
+
+    if image.shape == (rows, cols):
+        return image.astype(np.float32, copy=False)
+    resized = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32)).resize(
+        (cols, rows), Image.Resampling.BILINEAR
+    )
+    return np.asarray(resized, dtype=np.float32)
+
+
+def render_heatmap(gray: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
+    """Blend ``heatmap`` (any size, [0, 1]) over ``gray`` and add a colour scale: uint8 RGB.
+
+    The long side is capped at :data:`SC_MAX_SIDE` (the SC is for looking at, not for measuring), the
+    heatmap is resized to the image and coloured with the turbo map at :data:`HEATMAP_ALPHA`; a strip on
+    the right holds a vertical scale from "LOW" (bottom) to "HIGH" (top) so no anatomy is covered.
+    """
+    import matplotlib
+
+    heat = np.asarray(heatmap, dtype=np.float32).squeeze()
+    if heat.ndim != 2 or heat.size == 0:
+        raise ValueError(f"heatmap must be a 2-D array, got shape {np.shape(heatmap)}")
+    heat = np.clip(np.nan_to_num(heat, nan=0.0), 0.0, 1.0)
+
+    rows, cols = gray.shape
+    scale = min(1.0, SC_MAX_SIDE / max(rows, cols))
+    rows, cols = max(1, round(rows * scale)), max(1, round(cols * scale))
+    base = np.clip(_resize(gray, rows, cols), 0.0, 1.0)
+    heat = np.clip(_resize(heat, rows, cols), 0.0, 1.0)
+
+    colormap = matplotlib.colormaps[HEATMAP_COLORMAP]
+    colour = colormap(heat)[..., :3]
+    blended = (1.0 - HEATMAP_ALPHA) * base[..., None] + HEATMAP_ALPHA * colour
+    image = np.round(np.clip(blended, 0.0, 1.0) * 255).astype(np.uint8)
+
+    # Colour scale strip: wide enough for "HIGH" in 3x5 glyphs at the chosen pixel scale.
+    glyph_scale = max(1, round(max(rows, cols) / 400))
+    label_width = 4 * 4 * glyph_scale
+    margin = 2 * glyph_scale
+    strip = np.zeros((rows, label_width + 2 * margin, 3), dtype=np.uint8)
+    label_height = 5 * glyph_scale
+    bar_top = margin + label_height + margin
+    bar_bottom = rows - (margin + label_height + margin)
+    if bar_bottom - bar_top >= 4:
+        ramp = np.linspace(1.0, 0.0, bar_bottom - bar_top)
+        bar = np.round(colormap(ramp)[:, :3] * 255).astype(np.uint8)
+        bar_left, bar_right = margin + label_width // 4, margin + 3 * label_width // 4
+        strip[bar_top:bar_bottom, bar_left:bar_right] = bar[:, None, :]
+        _draw_text(strip, "HIGH", margin, margin, glyph_scale)
+        _draw_text(strip, "LOW", bar_bottom + margin, margin, glyph_scale)
+    return np.concatenate([image, strip], axis=1)
+
+
+def sc_uids(source: Dataset, result: StudyResult, index: int) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) of the heatmap SC for this source image."""
+    series_uid = derive_uid(str(source.StudyInstanceUID), result.route, "sc")
+    sop_uid = derive_uid(str(source.SOPInstanceUID), result.route, *_model_versions(result), "sc", str(index))
+    return series_uid, sop_uid
+
+
+def build_heatmap_sc(source: Dataset, heatmap: np.ndarray, result: StudyResult, index: int) -> Dataset:
+    """Build an RGB Secondary Capture of ``heatmap`` over ``source`` in a new series of its study.
+
+    ``index`` is the position of the source in the study (InstanceNumber = index + 1). The colours are
+    burned in, so BurnedInAnnotation is YES; ImageType is DERIVED\\SECONDARY and the conversion type WSD.
+
+    Raises:
+        daemon.decode.DecodeError: the source's pixel data cannot be decoded.
+        ValueError: ``heatmap`` is not 2-D.
+    """
+    rgb = render_heatmap(read_display_image(source), heatmap)
+    series_uid, sop_uid = sc_uids(source, result, index)
+    models = ", ".join(f"{m.name} {m.version} (sha256 {m.sha256[:12]})" for m in result.models) or "unknown model"
+    software = _software_version()
+
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=_header(source),
+        pixel_array=rgb,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=series_uid,
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=sop_uid,
+        instance_number=index + 1,
+        manufacturer=MANUFACTURER,
+        # highdicom insists on an orientation for PATIENT images; the source's own is restored below.
+        patient_orientation=("L", "F"),
+        # Explicit VR keeps the private block's VRs readable by anyone (implicit turns them into UN).
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[
+            hd.ContributingEquipment(
+                manufacturer=MANUFACTURER,
+                purpose_of_reference=codes.DCM.ProcessingEquipment,
+                manufacturer_model_name=(" + ".join(m.name for m in result.models) or MANUFACTURER)[:64],
+                software_versions=f"bonebridge {software}",
+                contribution_description="Machine-generated heatmap (model saliency) over the source radiograph",
+            )
+        ],
+    )
+    if "PatientOrientation" in source:
+        sc.PatientOrientation = source.PatientOrientation
+    else:
+        sc.PatientOrientation = ""
+    sc.SeriesDescription = SC_SERIES_DESCRIPTION
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.ConversionType = "WSD"
+    sc.BurnedInAnnotation = "YES"
+    # Lossy compression anywhere upstream makes the derived image lossy too (PS3.3 C.7.6.1.1.5).
+    if str(source.get("LossyImageCompression", "")) == "01":
+        sc.LossyImageCompression = "01"
+        for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+            if keyword in source:
+                setattr(sc, keyword, source[keyword].value)
+    else:
+        sc.LossyImageCompression = "00"
+    sc.ManufacturerModelName = (" + ".join(m.name for m in result.models) or MANUFACTURER)[:64]
+    sc.SoftwareVersions = f"bonebridge {software}"
+    sc.DerivationDescription = (
+        f"Machine-generated by BoneBridge {software}: heatmap of {models} "
+        f"(route {result.route or 'none'}) blended over the source radiograph"
+    )[:1024]
+    sc.ImageComments = "Machine-generated heatmap; colours show where the model looked, not a diagnosis."
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    reference.PurposeOfReferenceCodeSequence = [
+        CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
+    ]
+    sc.SourceImageSequence = [reference]
+    _add_private_block(sc, "SC", result.route)
+    return sc
+
+
+# ---------------------------------------------------------------------- own outputs
+def _private_marker(ds: Dataset) -> bool:
+    try:
+        block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+    except KeyError:
+        return False
+    if _PRIVATE_MARKER not in block:
+        return False
+    value = block[_PRIVATE_MARKER].value
+    if isinstance(value, bytes):  # VR UN after an implicit VR hop through a PACS
+        value = value.decode("ascii", errors="replace")
+    return str(value).strip(" \x00") == _MARKER_VALUE
+
+
+def _observer_is_us(ds: Dataset) -> bool:
+    """An SR whose device observer (TID 1004, root level) is BoneBridge."""
+    for item in ds.get("ContentSequence", []) or []:
+        concept = item.get("ConceptNameCodeSequence")
+        if concept and concept[0].get("CodeValue") == codes.DCM.DeviceObserverManufacturer.value and str(item.get("TextValue", "")) == MANUFACTURER:
+            return True
+    return False
+
+
+def is_own_output(ds: Dataset) -> bool:
+    """True for an SR or SC BoneBridge made, so it is never processed again when a PACS sends it back.
+
+    Checks, in order: our private block; Manufacturer "BoneBridge" with our series number or series
+    description (private tags can be stripped by a PACS); an SR whose device observer manufacturer is
+    BoneBridge. A source image is never matched: its Manufacturer is the modality's.
+    """
+    if _private_marker(ds):
+        return True
+    manufacturer = str(ds.get("Manufacturer", "") or "").strip()
+    if manufacturer.lower() != MANUFACTURER.lower():
+        return False
+    try:
+        series_number = int(ds.get("SeriesNumber")) if ds.get("SeriesNumber") not in (None, "") else None
+    except (TypeError, ValueError):
+        series_number = None
+    description = str(ds.get("SeriesDescription", "") or "").strip().lower()
+    if series_number in (SR_SERIES_NUMBER, SC_SERIES_NUMBER):
+        return True
+    if description in (SR_SERIES_DESCRIPTION.lower(), SC_SERIES_DESCRIPTION.lower()):
+        return True
+    return _observer_is_us(ds)
+
+
+def referenced_instances(sr: Dataset) -> list[str]:
+    """SOPInstanceUIDs of the images an SR's evidence lists (for tests and the CLI)."""
+    uids: list[str] = []
+    for study in sr.get("CurrentRequestedProcedureEvidenceSequence", []) or []:
+        for series in study.get("ReferencedSeriesSequence", []) or []:
+            uids.extend(str(ref.ReferencedSOPInstanceUID) for ref in series.get("ReferencedSOPSequence", []) or [])
+    return uids

@@ -1,0 +1,204 @@
+"""Process orchestration: ``serve`` (all on one machine), ``listen`` and ``worker`` (split across machines).
+
+``serve`` is the install-and-go mode: it starts the embedded Redis (unless the config names an external broker),
+the listener with its study assembler in this process, and the Celery worker as a supervised child process that
+is restarted if it dies. Keeping the worker in its own process means a model that crashes or runs out of memory
+takes down only the worker; the listener keeps acknowledging instances, and the unacknowledged task comes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from daemon.assembler import StudyAssembler
+from daemon.broker import EmbeddedRedis
+from daemon.config import Config, load_config
+from daemon.listener import start_listener
+from daemon.spool import InstanceEvent, Spool
+
+LOGGER = logging.getLogger(__name__)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def log_route_status(config: Config) -> None:
+    for route, reason in config.route_status().items():
+        if reason:
+            LOGGER.warning("route %r is DISABLED: %s (its studies get a 'not processed' report)", route, reason)
+        else:
+            LOGGER.info("route %r enabled", route)
+
+
+class Listener:
+    """The receiving half: spool, assembler, DICOM server, and the poller that enqueues complete studies."""
+
+    def __init__(self, config: Config, broker_url: str) -> None:
+        from daemon.tasks import configure_app, process_study
+
+        configure_app(config, broker_url)
+        self.config = config
+        self.data_dir = Path(config.storage.data_dir)
+        self.spool = Spool(self.data_dir)
+        removed = self.spool.clean_tmp()
+        if removed:
+            LOGGER.warning("removed %d partial files left by an earlier crash (never acknowledged)", removed)
+        self._process_study = process_study
+        self.assembler = StudyAssembler(self.data_dir, config.assembly.quiet_period_s, self._enqueue)
+        self.stop_event = threading.Event()
+        self.server = None
+
+    def _enqueue(self, study_uid: str, generation: int) -> None:
+        self._process_study.apply_async((study_uid, generation))
+        LOGGER.info("study %s generation %d complete: queued", study_uid, generation)
+
+    def _on_instance(self, event: InstanceEvent) -> None:
+        self.assembler.instance_received(event)
+
+    def start(self) -> None:
+        recovered = self.assembler.recover()
+        if recovered:
+            LOGGER.info("re-queued %d studies left queued by an earlier run", len(recovered))
+        self.server = start_listener(self.config.listener, self.spool, self._on_instance,
+                                     self.assembler.association_closed)
+        self.assembler.run_poller(self.stop_event, interval_s=0.2)
+        LOGGER.info("listening as %s on %s:%d", self.config.listener.ae_title, self.config.listener.host,
+                    self.config.listener.port)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.server is not None:
+            self.server.shutdown()
+
+
+class SupervisedWorker:
+    """A ``bonebridge worker`` child process, restarted when it exits."""
+
+    def __init__(self, config_path: Path, broker_url: str, run_dir: Path) -> None:
+        self.args = [sys.executable, "-m", "daemon.cli", "worker", "--config", str(config_path), "--broker", broker_url]
+        self.pid_file = run_dir / "worker.pid"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL)
+        self.pid_file.write_text(str(self.process.pid))
+        LOGGER.info("worker started (pid %d)", self.process.pid)
+
+    def supervise(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            self.restarts += 1
+            LOGGER.error("worker exited with %s; restarting (restart %d)", self.process.returncode, self.restarts)
+            self.start()
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)  # Celery warm shutdown: finish or hand back the task
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class _Stop:
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        LOGGER.info("signal %d: shutting down", signum)
+        self.requested = True
+
+
+def _broker(config: Config) -> tuple[str, EmbeddedRedis | None]:
+    if config.broker != "embedded":
+        return config.broker, None
+    redis_server = EmbeddedRedis(Path(config.storage.data_dir))
+    redis_server.start()
+    return redis_server.url, redis_server
+
+
+def serve(config_path: Path, workers: int = 1) -> int:
+    config = load_config(config_path)
+    log_route_status(config)
+    data_dir = Path(config.storage.data_dir)
+    run_dir = data_dir / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stop = _Stop()
+    broker_url, embedded = _broker(config)
+    (run_dir / "broker.url").write_text(broker_url)
+    listener = Listener(config, broker_url)
+    pool = [SupervisedWorker(config_path, broker_url, run_dir) for _ in range(max(1, workers))]
+    if workers > 1:
+        for i, worker in enumerate(pool):
+            worker.pid_file = run_dir / f"worker-{i}.pid"
+    try:
+        for worker in pool:
+            worker.start()
+        listener.start()
+        (run_dir / "serve.pid").write_text(str(os.getpid()))
+        while not stop.requested:
+            time.sleep(0.5)
+            if embedded is not None:
+                embedded.supervise()
+            for worker in pool:
+                worker.supervise()
+    finally:
+        listener.stop()
+        for worker in pool:
+            worker.stop()
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def listen(config_path: Path) -> int:
+    config = load_config(config_path)
+    if config.broker == "embedded":
+        LOGGER.error("`bonebridge listen` runs beside workers on other machines and needs a shared broker: "
+                     "set `broker: redis://HOST:6379/0` (or use `bonebridge serve` on one machine)")
+        return 2
+    log_route_status(config)
+    stop = _Stop()
+    listener = Listener(config, config.broker)
+    listener.start()
+    try:
+        while not stop.requested:
+            time.sleep(0.5)
+    finally:
+        listener.stop()
+    return 0
+
+
+def worker(config_path: Path, broker_url: str | None = None, concurrency: int = 1) -> int:
+    config = load_config(config_path)
+    url = broker_url or config.broker
+    if url == "embedded":
+        LOGGER.error("`bonebridge worker` needs a broker URL: set `broker: redis://HOST:6379/0`")
+        return 2
+    from daemon.tasks import QUEUE, WorkerRuntime, configure_app
+
+    os.environ["BONEBRIDGE_CONFIG"] = str(Path(config_path).resolve())
+    app = configure_app(config, url)
+    WorkerRuntime.get()  # load the config (and fail early) before taking any task
+    argv = ["worker", "--loglevel", "INFO", "-Q", QUEUE, "--pool", "solo" if concurrency == 1 else "prefork",
+            "--concurrency", str(concurrency), "--without-gossip", "--without-mingle", "--hostname",
+            f"bonebridge-{os.getpid()}@%h"]
+    app.worker_main(argv)
+    return 0

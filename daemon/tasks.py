@@ -1,0 +1,177 @@
+"""The Celery side: one task per complete study, and the worker runtime that carries it out.
+
+Delivery guarantees come from three things together:
+
+- the task is acknowledged late (``acks_late``) and rejected back to the queue if its worker dies
+  (``reject_on_worker_lost``); with Redis, an unacknowledged message comes back after the visibility timeout;
+- the task is idempotent: result UIDs derive from the input instance UIDs, the route and the model versions, so a
+  redelivered task re-creates the same SOP instances and the PACS stores each once;
+- the outcome is written to ``data_dir/results/<study>/<generation>.json`` only after the results were sent (or
+  dead-lettered), and a task that finds that record does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import pydicom
+from celery import Celery
+
+from daemon.config import Config, load_config
+from daemon.dispatch import DeadLettered, Dispatcher
+from daemon.pipeline import Analyser
+
+LOGGER = logging.getLogger(__name__)
+
+QUEUE = "studies"
+app = Celery("bonebridge")
+
+
+def configure_app(config: Config, broker_url: str) -> Celery:
+    """Point the Celery app at the broker, with the delivery settings above."""
+    app.conf.update(
+        broker_url=broker_url,
+        task_default_queue=QUEUE,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": config.queue.visibility_timeout_s,
+            # sweep for orphaned (unacknowledged) messages every few seconds, not every 100
+            "unacked_restore_interval": 2,
+            "unacked_restore_throttle": 1,
+        },
+    )
+    return app
+
+
+class WorkerRuntime:
+    """Per-process state of a worker: the config, the loaded models, the dispatcher."""
+
+    _instance: "WorkerRuntime | None" = None
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.data_dir = Path(config.storage.data_dir)
+        self.analyser = Analyser(config)
+        self.dispatcher = Dispatcher(self.data_dir, config.destinations)
+
+    @classmethod
+    def get(cls) -> "WorkerRuntime":
+        if cls._instance is None:
+            path = os.environ.get("BONEBRIDGE_CONFIG")
+            if not path:
+                raise RuntimeError("BONEBRIDGE_CONFIG is not set: start workers with `bonebridge worker --config PATH`")
+            cls._instance = cls(load_config(path))
+        return cls._instance
+
+    def record_path(self, study_uid: str, generation: int) -> Path:
+        return self.data_dir / "results" / study_uid / f"{generation}.json"
+
+    def predecessors(self, study_uid: str, generation: int) -> list[tuple[str, str, str, str]]:
+        """SRs sent for earlier generations of this study: the new report names them as predecessors."""
+        refs = []
+        folder = self.data_dir / "results" / study_uid
+        for path in sorted(folder.glob("*.json")) if folder.exists() else []:
+            record = json.loads(path.read_text())
+            if record["generation"] < generation and record.get("sr"):
+                refs.append(tuple(record["sr"]))
+        return refs
+
+    def calling_ae(self, study_uid: str) -> str | None:
+        state = self.data_dir / "studies" / f"{study_uid}.json"
+        try:
+            return json.loads(state.read_text()).get("calling_ae")
+        except (OSError, ValueError):
+            return None
+
+    def process(self, study_uid: str, generation: int) -> dict:
+        """Analyse one study generation and send its results; returns (and stores) the outcome record."""
+        record_path = self.record_path(study_uid, generation)
+        if record_path.exists():
+            LOGGER.info("study %s generation %d already done: nothing to do", study_uid, generation)
+            return json.loads(record_path.read_text())
+        began = time.time()
+        files = sorted((self.data_dir / "incoming" / study_uid).glob("*.dcm"))
+        if not files:
+            return self._write(record_path, {"status": "failed", "reason": "no instances on disk for this study",
+                                             "study_uid": study_uid, "generation": generation})
+        LOGGER.info("processing study %s generation %d (%d instances)", study_uid, generation, len(files))
+        datasets = [pydicom.dcmread(p) for p in files]
+        analysis = self.analyser.analyse(datasets, self.calling_ae(study_uid), self.predecessors(study_uid, generation))
+        _fault_injection_pause()
+        outbox = self.data_dir / "outbox" / study_uid / str(generation)
+        outbox.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for ds in analysis.outputs:
+            path = outbox / f"{ds.SOPInstanceUID}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
+        record = {
+            "study_uid": study_uid, "generation": generation, "route": analysis.result.route,
+            "summary": analysis.summary(), "status": "sent", "destinations": {},
+        }
+        sr = next((ds for ds in analysis.outputs if ds.Modality == "SR"), None)
+        if sr is not None:
+            record["sr"] = [str(sr.StudyInstanceUID), str(sr.SeriesInstanceUID), str(sr.SOPClassUID), str(sr.SOPInstanceUID)]
+        if analysis.route is None:
+            record["status"] = "not-processed"
+            record["reason"] = analysis.result.not_processed_reason
+        for dest in analysis.route.send_to if analysis.route else []:
+            try:
+                self.dispatcher.send(dest, paths, f"{study_uid}-{generation}")
+                record["destinations"][dest] = "sent"
+            except DeadLettered as exc:
+                record["destinations"][dest] = f"dead-lettered: {exc}"
+                record["status"] = "dead-lettered"
+        record["seconds"] = round(time.time() - began, 3)
+        LOGGER.info("study %s generation %d: %s (route %s) in %.2f s", study_uid, generation, record["status"],
+                    record["route"], record["seconds"])
+        return self._write(record_path, record)
+
+    @staticmethod
+    def _write(path: Path, record: dict) -> dict:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as handle:
+            json.dump(record, handle, indent=2, default=str)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        return record
+
+
+def _fault_injection_pause() -> None:
+    """Crash tests set BONEBRIDGE_FAULT_PAUSE_S to hold a task between analysis and sending, to kill it there."""
+    pause = float(os.environ.get("BONEBRIDGE_FAULT_PAUSE_S", "0") or 0)
+    if pause > 0:
+        marker = os.environ.get("BONEBRIDGE_FAULT_MARKER")
+        if marker:
+            Path(marker).write_text(str(os.getpid()))
+        time.sleep(pause)
+
+
+@app.task(bind=True, name="bonebridge.process_study", acks_late=True, reject_on_worker_lost=True)
+def process_study(self, study_uid: str, generation: int) -> dict:
+    runtime = WorkerRuntime.get()
+    try:
+        return runtime.process(study_uid, generation)
+    except Exception as exc:
+        queue = runtime.config.queue
+        if self.request.retries >= queue.max_retries:
+            LOGGER.exception("study %s generation %d failed for good", study_uid, generation)
+            return runtime._write(runtime.record_path(study_uid, generation), {
+                "study_uid": study_uid, "generation": generation, "status": "failed",
+                "reason": f"{type(exc).__name__}: {exc}", "attempts": self.request.retries + 1,
+            })
+        countdown = queue.retry_backoff_s * (2 ** self.request.retries)
+        LOGGER.warning("study %s generation %d: %s; retry %d in %.0f s", study_uid, generation, exc,
+                       self.request.retries + 1, countdown)
+        raise self.retry(exc=exc, countdown=countdown)

@@ -1,0 +1,128 @@
+"""Grad-CAM heatmaps for every task, mapped back onto the original radiograph, and an overlay to look at.
+
+Grad-CAM (Selvaraju et al., 2017) comes from the maintained ``pytorch-grad-cam`` package; the target layer is
+``model.features.cam_layer``, an identity each backbone puts on its last feature map for this purpose. What is
+explained depends on the task:
+
+- bone age: the predicted age (a regression output), through a wrapper whose single output is the age;
+- abnormality and sex: the one logit (evidence for "abnormal" / "male");
+- anatomy: the top class.
+
+The library returns maps at the network's square input size. :func:`to_original` undoes the preprocessing
+geometry (crop the padding, or un-stretch) so the heatmap lies on the image as it was received.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from models.networks import BoneAgeSexNet
+from models.preprocess import Geometry
+
+
+class AgeOutput(nn.Module):
+    """A bone-age network seen as a one-output model (the age), with the sex input fixed per batch."""
+
+    def __init__(self, net: BoneAgeSexNet, male: torch.Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.male = male
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        age, _ = self.net(x, self.male)
+        return age.unsqueeze(1)
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor, task: str, male: torch.Tensor | None = None) -> np.ndarray:
+    """Bx SxS Grad-CAM maps in [0, 1] for a preprocessed batch ``x`` (each map scaled to its own maximum).
+
+    ``male`` (0/1 per image) is the sex the age head used for its prediction; it is required for bone age so the
+    explained output is the one reported.
+    """
+    if task == "boneage":
+        if male is None:
+            raise ValueError("bone-age Grad-CAM needs the sex input the prediction used")
+        target_model: nn.Module = AgeOutput(model, male.to(x.device))  # type: ignore[arg-type]
+        targets = [ClassifierOutputTarget(0)] * len(x)
+    elif task in ("abnormality", "sex"):
+        target_model, targets = model, [ClassifierOutputTarget(0)] * len(x)
+    else:
+        target_model, targets = model, None  # the library explains each image's top class
+    was_training = model.training
+    cam = GradCAM(model=target_model, target_layers=[model.features.cam_layer])
+    try:
+        with torch.enable_grad():
+            maps = cam(input_tensor=x, targets=targets)
+    finally:
+        cam.activations_and_grads.release()
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    return np.clip(np.nan_to_num(np.asarray(maps, dtype=np.float32)), 0.0, 1.0)
+
+
+def to_original(square: np.ndarray, shape: tuple[int, int], geometry: Geometry) -> np.ndarray:
+    """A SxS map on the network input -> HxW on the original image, inverting the stretch or pad of preprocessing.
+
+    Mirrors :func:`models.preprocess.resize_to_square`: with ``pad`` the image occupies a centred ``new_h x new_w``
+    window, which is cropped out before resizing; with ``stretch`` the whole square is resized.
+    """
+    height, width = int(shape[0]), int(shape[1])
+    size = square.shape[-1]
+    region = square
+    if geometry.aspect != "stretch":
+        scale = size / max(height, width)
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        top, left = (size - new_h) // 2, (size - new_w) // 2
+        region = square[top:top + new_h, left:left + new_w]
+    tensor = torch.from_numpy(np.ascontiguousarray(region, dtype=np.float32))[None, None]
+    out = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+    peak = float(out.max()) if out.size else 0.0
+    if peak > 0:
+        out = out / peak  # the padding is gone: scale so the strongest evidence on the image reads 1
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def _colormap(name: str = "turbo"):
+    import matplotlib
+
+    return matplotlib.colormaps[name]
+
+
+def render_overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, colormap: str = "turbo",
+                   bar_width: int | None = None) -> np.ndarray:
+    """The heatmap in colour over the grayscale radiograph, with a colour scale bar to the right; uint8 HxWx3.
+
+    Colour is blended in proportion to the heatmap (``alpha * heat``), so where the model found no evidence the
+    radiograph shows unchanged rather than tinted. The scale bar (high at the top) is appended to the right of
+    the image, so no anatomy is covered: the output is ``W + bar`` pixels wide.
+    """
+    source = np.asarray(image)
+    gray = source.astype(np.float32)
+    if gray.ndim == 3:
+        gray = gray.mean(axis=2)
+    if source.dtype == np.uint8:
+        gray = gray / 255.0
+    elif gray.max(initial=0) > 1.0:
+        gray = gray / float(gray.max())
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if heat.shape != gray.shape:
+        heat = F.interpolate(torch.from_numpy(heat)[None, None], size=gray.shape, mode="bilinear",
+                             align_corners=False)[0, 0].numpy()
+    heat = np.clip(np.nan_to_num(heat), 0.0, 1.0)
+    cmap = _colormap(colormap)
+    colour = cmap(heat)[..., :3].astype(np.float32)
+    weight = (alpha * heat)[..., None]
+    blended = (1.0 - weight) * np.clip(gray, 0, 1)[..., None] + weight * colour
+    height, width = gray.shape
+    bar = bar_width or max(8, width // 24)
+    gap = max(2, bar // 4)
+    ramp = np.linspace(1.0, 0.0, height, dtype=np.float32)[:, None].repeat(bar, axis=1)
+    scale = cmap(ramp)[..., :3].astype(np.float32)
+    strip = np.concatenate([np.zeros((height, gap, 3), np.float32), scale], axis=1)
+    out = np.concatenate([blended, strip], axis=1)
+    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)

@@ -1,0 +1,292 @@
+"""The three image classifiers: sex, abnormality (MURA) and anatomy, as :class:`models.train.TaskSpec` s.
+
+All three are a backbone with a linear head (:class:`models.networks.ClassifierNet`) trained by the shared loop
+in :mod:`models.train`; this module only says, per task, where the examples come from, what the loss is, what is
+measured on validation and what the model card records.
+
+- **sex**: RSNA bone-age layout (``labels.csv`` with ``id,boneage,male``), one logit (male), BCE, AUROC. Cases are
+  split by the same id hash as the bone-age model, so ``evaluate --split test`` sees the same held-out tenth.
+- **abnormality**: MURA-v1.1, one logit (abnormal), BCE, AUROC. MURA's own ``valid`` split is the only public
+  labelled evaluation set (its test set is hidden), so it is kept out of training entirely and is what
+  ``bonebridge evaluate abnormality`` reports on. Early stopping and the decision threshold use a patient-hashed
+  tenth of MURA ``train`` instead: a threshold tuned on the set it is then reported on would flatter the model.
+  The threshold maximises Youden's J (sensitivity + specificity - 1) on that validation tenth.
+- **anatomy**: the seven MURA regions plus "other", softmax over eight logits, cross-entropy, top-1 accuracy.
+  Examples come from one folder per class or from a ``clusters.yaml`` written by ``bonebridge sort`` and named
+  by a person (clusters named null or ``discard`` are left out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import cohen_kappa_score, roc_auc_score, roc_curve
+from torch import nn
+
+from models.checkpoint import ModelCard
+from models.data import read_class_folders, read_mura, read_rsna_boneage, split_of
+from models.preprocess import Augment, Geometry
+from models.train import Example, TaskSpec, TrainConfig, build_cache, predict_cache, train
+
+LOGGER = logging.getLogger(__name__)
+
+#: The anatomy model's outputs, in this order (MURA's seven upper-extremity regions, then everything else).
+#: Must equal ``daemon.anatomy_tags.ANATOMY_CLASSES``; a test checks it.
+ANATOMY_CLASSES: tuple[str, ...] = ("elbow", "finger", "forearm", "hand", "humerus", "shoulder", "wrist", "other")
+ABNORMALITY_CLASSES = ["normal", "abnormal"]
+SEX_CLASSES = ["female", "male"]
+
+MURA_LICENCE = (
+    "MURA-v1.1 (Rajpurkar et al., 2017, arXiv:1712.06957), Stanford AIMI research use agreement: "
+    "non-commercial research use only."
+)
+RSNA_LICENCE = (
+    "RSNA Pediatric Bone Age Challenge training images (Halabi et al., Radiology 2019;290:498-503), "
+    "research use only, with attribution."
+)
+SITE_LICENCE = "Site images sorted with `bonebridge sort`; governed by the site's own data agreement."
+
+INTENDED_USE = {
+    "sex": "Research use only. Not for clinical use. Sex from pediatric hand radiographs (a PatientSex check).",
+    "abnormality": "Research use only. Not for clinical use. Abnormality triage of upper-extremity radiographs.",
+    "anatomy": "Research use only. Not for clinical use. Sorting radiographs by body region for routing.",
+}
+
+
+# --------------------------------------------------------------------------- metrics
+def youden_threshold(y_true: Sequence[float], prob: Sequence[float]) -> float:
+    """The probability threshold maximising sensitivity + specificity - 1; 0.5 when it cannot be computed."""
+    y = np.asarray(y_true, dtype=float)
+    p = np.asarray(prob, dtype=float)
+    if len(np.unique(y)) < 2:
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(y, p)
+    finite = np.isfinite(thresholds)
+    if not finite.any():
+        return 0.5
+    j = np.where(finite, tpr - fpr, -np.inf)
+    return float(np.clip(thresholds[int(np.argmax(j))], 0.0, 1.0))
+
+
+def binary_metrics(y_true: Sequence[float], prob: Sequence[float], threshold: float = 0.5) -> dict[str, float]:
+    """AUROC, accuracy, sensitivity, specificity and Cohen's kappa at ``threshold`` (decision: prob >= threshold)."""
+    y = np.asarray(y_true, dtype=float) > 0.5
+    p = np.asarray(prob, dtype=float)
+    decision = p >= threshold
+    positives, negatives = int(y.sum()), int((~y).sum())
+    metrics: dict[str, float] = {
+        "n": float(len(y)),
+        "positives": float(positives),
+        "accuracy": float((decision == y).mean()) if len(y) else float("nan"),
+        "sensitivity": float((decision & y).sum() / positives) if positives else float("nan"),
+        "specificity": float((~decision & ~y).sum() / negatives) if negatives else float("nan"),
+        "threshold": float(threshold),
+    }
+    if positives and negatives:
+        metrics["auroc"] = float(roc_auc_score(y, p))
+    # Kappa is undefined when both raters use a single label; sklearn then returns nan with a warning.
+    if len(np.unique(y)) > 1 or len(np.unique(decision)) > 1:
+        metrics["kappa"] = float(cohen_kappa_score(y, decision))
+    return metrics
+
+
+def topk_accuracy(y_true: Sequence[int], scores: np.ndarray, k: int) -> float:
+    """Fraction of rows whose true class is among the ``k`` highest scores."""
+    scores = np.asarray(scores)
+    top = np.argsort(-scores, axis=1)[:, :k]
+    return float((top == np.asarray(y_true)[:, None]).any(axis=1).mean())
+
+
+# --------------------------------------------------------------------------- cards and specs
+def classifier_card(task: str, geometry: Geometry, architecture: str, classes: list[str], data_note: str,
+                    licence: str, threshold: float | None = None) -> ModelCard:
+    """The card template a classifier is trained under (``trained`` becomes true when the loop saves it)."""
+    return ModelCard(
+        task=task,  # type: ignore[arg-type]
+        name=f"bonebridge-{task}",
+        version="1.0.0",
+        architecture=architecture,
+        input_size=geometry.size,
+        normalisation={"mean": list(geometry.mean), "std": list(geometry.std)},
+        preprocessing=geometry.to_dict(),
+        classes=list(classes),
+        threshold=threshold,
+        training_data=data_note,
+        licence_note=licence,
+        intended_use=INTENDED_USE[task],
+        trained=False,
+    )
+
+
+def binary_spec(card: ModelCard, *, tune_threshold: bool, augment: Augment | None = None) -> TaskSpec:
+    """One logit, BCE, monitored by validation AUROC.
+
+    With ``tune_threshold`` each validation sets ``card.threshold`` to that epoch's Youden-optimal threshold. The
+    loop copies the card when it saves an improved epoch, right after evaluating it, so every checkpoint on disk
+    carries the threshold measured for its own weights, also when a run is stopped part-way.
+    """
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(model(x).squeeze(1).float(), y)
+
+    def evaluate(model: nn.Module, cache: torch.Tensor, y: torch.Tensor, side: torch.Tensor) -> dict[str, float]:
+        device = next(model.parameters()).device
+        logits, _ = predict_cache(model, cache, side, card.geometry, device)
+        prob = torch.sigmoid(logits).numpy()
+        threshold = youden_threshold(y.numpy(), prob) if tune_threshold else (card.threshold or 0.5)
+        if tune_threshold:
+            card.threshold = threshold
+        metrics = binary_metrics(y.numpy(), prob, threshold)
+        metrics.pop("n"), metrics.pop("positives")
+        metrics.setdefault("auroc", float("nan"))
+        return metrics
+
+    return TaskSpec(card=card, loss=loss, evaluate=evaluate, monitor="auroc", lower_is_better=False,
+                    augment=augment or Augment())
+
+
+def multiclass_spec(card: ModelCard, augment: Augment | None = None) -> TaskSpec:
+    """Softmax over ``card.classes``, cross-entropy, monitored by validation top-1 accuracy."""
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x).float(), y.long())
+
+    def evaluate(model: nn.Module, cache: torch.Tensor, y: torch.Tensor, side: torch.Tensor) -> dict[str, float]:
+        device = next(model.parameters()).device
+        logits, _ = predict_cache(model, cache, side, card.geometry, device)
+        scores = logits.numpy()
+        labels = y.long().numpy()
+        return {
+            "top1_accuracy": topk_accuracy(labels, scores, 1),
+            "top2_accuracy": topk_accuracy(labels, scores, 2),
+            "val_loss": float(F.cross_entropy(logits, y.long()).item()),
+        }
+
+    return TaskSpec(card=card, loss=loss, evaluate=evaluate, monitor="top1_accuracy", lower_is_better=False,
+                    augment=augment or Augment(hflip=True))
+
+
+# --------------------------------------------------------------------------- examples per task
+def sex_examples(labels_csv: Path, images: Path | None = None) -> dict[str, list[Example]]:
+    """RSNA cases as male/female examples, split by the id hash the bone-age model uses."""
+    splits: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
+    for case in read_rsna_boneage(labels_csv, images):
+        male = float(case.male)
+        splits[split_of(case.case_id)].append(Example(case.path, male, male, group="male" if male else "female"))
+    return splits
+
+
+def mura_patient(study: str) -> str:
+    """The patient folder of a MURA study path (``.../XR_WRIST/patient00001/study1_positive``)."""
+    return next((part for part in Path(study).parts if part.startswith("patient")), study)
+
+
+def mura_examples(root: Path) -> dict[str, list[Example]]:
+    """MURA ``train`` split into train / val by patient hash; MURA ``valid`` is kept as the test set."""
+    splits: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
+    for item in read_mura(root, "train"):
+        key = split_of(mura_patient(item.study), val_fraction=0.1, test_fraction=0.0)
+        splits[key].append(Example(item.path, float(item.label), group=item.group))
+    try:
+        splits["test"] = [Example(i.path, float(i.label), group=i.group) for i in read_mura(root, "valid")]
+    except FileNotFoundError:
+        LOGGER.warning("%s: no MURA valid split; nothing held out for `bonebridge evaluate`", root)
+    return splits
+
+
+def anatomy_class_index(name: str) -> int:
+    """Index of a folder or cluster name among :data:`ANATOMY_CLASSES` (``XR_WRIST`` and ``Wrist`` work too)."""
+    key = name.strip().lower()
+    key = key[3:] if key.startswith("xr_") else key
+    if key not in ANATOMY_CLASSES:
+        raise ValueError(f"{name!r} is not an anatomy class; use one of {', '.join(ANATOMY_CLASSES)} (or discard)")
+    return ANATOMY_CLASSES.index(key)
+
+
+def anatomy_examples_from_folders(root: Path) -> dict[str, list[Example]]:
+    """``root/<class>/`` images, split by the hash of their path relative to ``root``."""
+    items, names = read_class_folders(root)
+    indices = {name: anatomy_class_index(name) for name in names}  # raises on a folder that is no class
+    splits: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
+    for item in items:
+        label = indices[item.group]
+        key = Path(item.path).relative_to(root).as_posix()
+        splits[split_of(key)].append(Example(item.path, float(label), group=ANATOMY_CLASSES[label]))
+    return splits
+
+
+def anatomy_examples_from_clusters(clusters_yaml: Path) -> dict[str, list[Example]]:
+    """Images of the clusters a person named, split by the hash of their path as listed in the YAML."""
+    from models.cluster import read_named_clusters
+
+    splits: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
+    for key, path, name in read_named_clusters(clusters_yaml):
+        label = anatomy_class_index(name)
+        splits[split_of(key)].append(Example(path, float(label), group=ANATOMY_CLASSES[label]))
+    return splits
+
+
+def _require(splits: dict[str, list[Example]], binary: bool, source: str) -> None:
+    for name in ("train", "val"):
+        if not splits[name]:
+            raise ValueError(f"{source}: no {name} images after splitting; is the folder the right layout?")
+    if binary:
+        for name in ("train", "val"):
+            labels = {e.target for e in splits[name]}
+            if len(labels) < 2:
+                raise ValueError(f"{source}: the {name} split has only one class ({labels}); cannot train/validate")
+
+
+# --------------------------------------------------------------------------- entry point
+def train_classifier(args: argparse.Namespace, geometry: Geometry, cfg: TrainConfig) -> tuple[Path, dict]:
+    """``bonebridge train sex|abnormality|anatomy``: build the task's examples and card, then run the loop."""
+    task = args.task
+    architecture = getattr(args, "arch", "efficientnet_lite0")
+    data = Path(args.data) if getattr(args, "data", None) else None
+    if task == "sex":
+        if data is None:
+            raise ValueError("train sex needs --data labels.csv (RSNA layout)")
+        labels_csv = data / "labels.csv" if data.is_dir() else data
+        splits = sex_examples(labels_csv, getattr(args, "images", None))
+        source = str(labels_csv)
+        note = (f"{labels_csv.parent.name}: {len(splits['train'])} train / {len(splits['val'])} validation images "
+                f"(sha256-of-id split; {len(splits['test'])} test images held out)")
+        card = classifier_card("sex", geometry, architecture, SEX_CLASSES, note, RSNA_LICENCE, threshold=0.5)
+        spec = binary_spec(card, tune_threshold=False, augment=Augment(degrees=15))
+    elif task == "abnormality":
+        if data is None:
+            raise ValueError("train abnormality needs --data MURA_ROOT (the folder holding MURA-v1.1)")
+        splits = mura_examples(data)
+        source = str(data)
+        note = (f"MURA-v1.1 train: {len(splits['train'])} train / {len(splits['val'])} validation images "
+                f"(patient-hash split of MURA train); MURA valid ({len(splits['test'])} images) held out as test")
+        card = classifier_card("abnormality", geometry, architecture, ABNORMALITY_CLASSES, note, MURA_LICENCE,
+                               threshold=0.5)
+        spec = binary_spec(card, tune_threshold=True, augment=Augment(degrees=15, hflip=True))
+    elif task == "anatomy":
+        clusters = getattr(args, "clusters", None)
+        if clusters:
+            splits = anatomy_examples_from_clusters(Path(clusters))
+            source, licence = str(clusters), SITE_LICENCE
+        elif data is not None:
+            splits = anatomy_examples_from_folders(data)
+            source, licence = str(data), "As the licence of the class-folder images (record it here)."
+        else:
+            raise ValueError("train anatomy needs --data CLASS_FOLDERS or --clusters clusters.yaml")
+        counts = {name: sum(e.group == name for e in splits["train"]) for name in ANATOMY_CLASSES}
+        note = (f"{Path(source).name}: {len(splits['train'])} train / {len(splits['val'])} validation images "
+                f"(path-hash split; {len(splits['test'])} test held out); train per class {counts}")
+        card = classifier_card("anatomy", geometry, architecture, list(ANATOMY_CLASSES), note, licence)
+        spec = multiclass_spec(card)
+    else:
+        raise ValueError(f"train_classifier does not train {task!r}")
+    _require(splits, binary=task != "anatomy", source=source)
+    LOGGER.info("%s: %d train, %d val images", task, len(splits["train"]), len(splits["val"]))
+    caches = (build_cache(splits["train"], geometry, cfg.progress), build_cache(splits["val"], geometry, cfg.progress))
+    return train(spec, splits["train"], splits["val"], cfg, caches=caches)

@@ -1,0 +1,179 @@
+"""``bonebridge sort``: cluster a site's unlabeled radiographs so a person can name them, then train anatomy.
+
+A new site's archive has no anatomy labels, and tags such as BodyPartExamined are often missing or wrong. The
+workflow: embed every image with a pretrained backbone (EfficientNet-Lite0's ImageNet features, pooled, by
+default; or the features of a trained BoneBridge checkpoint), group the embeddings with k-means, write one contact
+sheet per cluster, and a ``clusters.yaml`` where each cluster has ``name: null``. A person looks at the sheets and
+writes an anatomy class (``hand``, ``wrist``...) or ``discard`` into each name; ``bonebridge train anatomy
+--clusters clusters.yaml`` then trains on the named clusters. Naming eight clusters takes minutes, labelling
+thousands of images does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+from tqdm import tqdm
+
+from models.data import IMAGE_SUFFIXES
+from models.preprocess import Geometry, load_image, to_model_input
+
+LOGGER = logging.getLogger(__name__)
+
+SHEET_CELLS = 36  # 6 x 6 thumbnails per contact sheet
+THUMB = 128
+YAML_HEADER = """\
+# Written by `bonebridge sort`. Look at each cluster_XX.png and set `name` to one of
+#   elbow, finger, forearm, hand, humerus, shoulder, wrist, other
+# or to `discard` for images that must not be used (or leave it null to skip the cluster).
+# Then: bonebridge train anatomy --clusters THIS_FILE --out anatomy.pt
+# Image paths are relative to `root` (a relative root is relative to this file's folder).
+"""
+
+
+@dataclass
+class Cluster:
+    index: int
+    paths: list[Path]          # nearest to the centroid first
+    sheet: Path
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Every PNG/JPEG/DICOM file under ``folder``, sorted (DICOM files without a suffix are not picked up)."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def embedding_network(weights: Path | None, arch: str = "efficientnet_lite0",
+                      size: int = 128) -> tuple[nn.Module, Geometry, str]:
+    """(feature extractor returning pooled vectors, its input geometry, a description for the YAML)."""
+    if weights is not None:
+        from models.checkpoint import load_checkpoint
+
+        model, card = load_checkpoint(weights)
+        features, geometry = model.features, card.geometry
+        what = f"{card.name} {card.version} ({card.architecture}, sha256 {card.sha256[:12]})"
+    else:
+        from models.networks import build_backbone
+
+        features, geometry = build_backbone(arch, pretrained=True), Geometry(size=size, aspect="pad")
+        what = f"{arch} ImageNet features" if arch != "tiny_cnn" else "tiny_cnn random features (tests only)"
+    net = nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    return net, geometry, what
+
+
+@torch.no_grad()
+def embed(paths: list[Path], net: nn.Module, geometry: Geometry, batch_size: int = 32,
+          progress: bool = True) -> np.ndarray:
+    """L2-normalised pooled features, one row per image (normalised so k-means compares directions, not norms)."""
+    rows = []
+    for start in tqdm(range(0, len(paths), batch_size), desc="embed", disable=not progress, leave=False):
+        images = [load_image(p) for p in paths[start:start + batch_size]]
+        rows.append(net(to_model_input(images, geometry)).float().numpy())
+    vectors = np.concatenate(rows) if rows else np.zeros((0, 1), dtype=np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-8)
+
+
+def kmeans(vectors: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(label per row, distance of each row to its centroid); ``k`` is capped at the number of images."""
+    from sklearn.cluster import KMeans
+
+    k = max(1, min(k, len(vectors)))
+    model = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(vectors)
+    distances = np.linalg.norm(vectors - model.cluster_centers_[model.labels_], axis=1)
+    return model.labels_, distances
+
+
+def contact_sheet(paths: list[Path], title: str, out: Path, cells: int = SHEET_CELLS, thumb: int = THUMB) -> Path:
+    """A grid of up to ``cells`` thumbnails (aspect kept, on black) with a title bar, as a PNG."""
+    shown = paths[:cells]
+    columns = max(1, min(int(math.ceil(math.sqrt(cells))), len(shown)))
+    rows = max(1, math.ceil(len(shown) / columns))
+    bar = 24
+    sheet = Image.new("L", (columns * thumb, rows * thumb + bar), 0)
+    draw = ImageDraw.Draw(sheet)
+    draw.text((6, 6), title, fill=255)
+    for i, path in enumerate(shown):
+        try:
+            array = load_image(path)
+        except Exception as exc:  # an unreadable file must not stop the sheet; show it as a grey cell
+            LOGGER.warning("%s: cannot read for the contact sheet: %s", path, exc)
+            array = np.full((thumb, thumb), 0.25, dtype=np.float32)
+        img = Image.fromarray((np.clip(array, 0, 1) * 255).astype(np.uint8))
+        img.thumbnail((thumb - 4, thumb - 4))
+        x = (i % columns) * thumb + (thumb - img.width) // 2
+        y = bar + (i // columns) * thumb + (thumb - img.height) // 2
+        sheet.paste(img, (x, y))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
+
+
+def sort_images(images: Path, out: Path, k: int = 8, weights: Path | None = None, arch: str = "efficientnet_lite0",
+                size: int = 128, progress: bool = True, seed: int = 0) -> list[Cluster]:
+    """Embed, cluster, and write ``out/cluster_XX.png`` and ``out/clusters.yaml``; returns the clusters."""
+    import yaml
+
+    paths = find_images(images)
+    if not paths:
+        raise ValueError(f"{images}: no PNG/JPEG/DICOM images found")
+    net, geometry, what = embedding_network(weights, arch, size)
+    vectors = embed(paths, net, geometry, progress=progress)
+    labels, distances = kmeans(vectors, k, seed)
+    # Largest cluster first, so cluster_00 is the one most worth naming.
+    order = sorted(set(labels.tolist()), key=lambda c: (-int((labels == c).sum()), c))
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(images).resolve()
+    clusters: list[Cluster] = []
+    entries = []
+    for index, label in enumerate(order):
+        members = np.flatnonzero(labels == label)
+        members = members[np.argsort(distances[members], kind="stable")]
+        member_paths = [paths[i] for i in members]
+        sheet = contact_sheet(member_paths, f"cluster {index:02d}: {len(members)} images", out / f"cluster_{index:02d}.png")
+        clusters.append(Cluster(index, member_paths, sheet))
+        entries.append({
+            "cluster": index,
+            "name": None,
+            "count": len(member_paths),
+            "contact_sheet": sheet.name,
+            "images": [p.resolve().relative_to(root).as_posix() for p in member_paths],
+        })
+    document = {"root": str(root), "embedding": what, "k": len(order), "clusters": entries}
+    text = YAML_HEADER + yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
+    (out / "clusters.yaml").write_text(text)
+    return clusters
+
+
+def read_named_clusters(path: Path) -> list[tuple[str, Path, str]]:
+    """(split key, image path, class name) for every image in a cluster a person named.
+
+    Clusters named null or ``discard`` are skipped. The split key is the image's path as listed (relative to the
+    root), so the train/val/test split does not depend on where the folder is mounted.
+    """
+    import yaml
+
+    path = Path(path)
+    document = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(document, dict) or not isinstance(document.get("clusters"), list):
+        raise ValueError(f"{path}: not a clusters file written by `bonebridge sort` (no `clusters:` list)")
+    root = Path(document.get("root") or ".")
+    if not root.is_absolute():
+        root = path.parent / root
+    out: list[tuple[str, Path, str]] = []
+    for entry in document["clusters"]:
+        name = entry.get("name")
+        if name is None or str(name).strip().lower() in {"", "discard", "null", "none"}:
+            continue
+        for rel in entry.get("images") or []:
+            image = Path(rel) if Path(rel).is_absolute() else root / rel
+            out.append((str(rel), image, str(name).strip()))
+    if not out:
+        raise ValueError(f"{path}: no cluster has a name yet; write an anatomy class or `discard` into each `name`")
+    return out

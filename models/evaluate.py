@@ -1,0 +1,448 @@
+"""``bonebridge evaluate``: measure a checkpoint on a labelled folder, the way the papers it is compared with do.
+
+Evaluation goes through :class:`models.inference.Predictor`, the code path the daemon uses, not the training
+loop's cache, so what is measured is what is deployed (preprocessing, sex handling, clipping). Per task:
+
+- **boneage** (RSNA layout): MAE and RMSE in months, overall and per age band, bias, sex accuracy and AUROC;
+  Bland-Altman and scatter plots. PatientSex is given from ``labels.csv``, as the DICOM header would give it.
+- **sex** (RSNA layout; a ``sex`` or a ``boneage`` checkpoint): accuracy, AUROC, ROC curve.
+- **abnormality** (MURA-v1.1 ``valid``, the public evaluation split): AUROC, sensitivity, specificity and Cohen's
+  kappa at the card's threshold, per image and per study (mean of the study's image probabilities, as MURA
+  scores), overall and per body region; ROC and calibration plots.
+- **anatomy** (one folder per class): top-1 and top-2 accuracy, confusion matrix.
+
+The JSON also holds timings (seconds per image for loading, for inference, and for inference with Grad-CAM) and
+every image's prediction. The last line printed is the headline figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.classify import anatomy_class_index, binary_metrics
+from models.data import read_class_folders, read_mura, read_rsna_boneage, split_of
+from models.inference import ImagePrediction, Predictor, load_predictor
+from models.preprocess import load_image
+
+AGE_BANDS_YEARS = ((0, 2), (2, 6), (6, 10), (10, 14), (14, 19))
+HEATMAP_TIMING_IMAGES = 8
+
+
+@dataclass
+class Item:
+    """One evaluation image with what is known about it."""
+
+    key: str                 # case id or relative path, as written to the per-image list
+    path: Path
+    label: float             # age in months, 1 = male / abnormal, or class index
+    male: bool | None = None
+    group: str = ""          # MURA region, anatomy class
+    study: str = ""          # MURA study
+
+
+# --------------------------------------------------------------------------- data
+def rsna_items(data: Path | None, labels: Path | None, split: str) -> tuple[list[Item], str]:
+    """Cases of an RSNA-layout folder (``DIR/labels.csv`` + ``DIR/images``), filtered by the id-hash split."""
+    if labels is None:
+        if data is None:
+            raise ValueError("give --data DIR (with DIR/labels.csv) or --labels CSV")
+        labels = data / "labels.csv" if data.is_dir() else data
+    images = None
+    if data is not None and data.is_dir():
+        images = data / "images" if (data / "images").is_dir() else data
+    cases = read_rsna_boneage(labels, images)
+    items = [Item(c.case_id, c.path, c.boneage_months, c.male) for c in cases
+             if split == "all" or split_of(c.case_id) == split]
+    return items, f"{labels} ({split} split: {len(items)} of {len(cases)} cases)"
+
+
+def mura_items(data: Path) -> tuple[list[Item], str]:
+    """MURA-v1.1 ``valid``: kept out of training by ``train abnormality``, and what MURA's baseline reports on."""
+    items = [Item(str(i.path), i.path, float(i.label), group=i.group, study=i.study) for i in read_mura(data, "valid")]
+    return items, f"{data} (MURA-v1.1 valid: {len(items)} images)"
+
+
+def folder_items(data: Path, split: str) -> tuple[list[Item], str]:
+    """``DIR/<class>/`` images, filtered by the same path hash ``train anatomy`` splits with."""
+    found, names = read_class_folders(data)
+    indices = {name: anatomy_class_index(name) for name in names}
+    items = []
+    for image in found:
+        key = Path(image.path).relative_to(data).as_posix()
+        if split == "all" or split_of(key) == split:
+            items.append(Item(key, image.path, float(indices[image.group]), group=image.group))
+    return items, f"{data} ({split} split: {len(items)} of {len(found)} images)"
+
+
+# --------------------------------------------------------------------------- running the model
+def run_predictions(predictor: Predictor, items: list[Item], *, give_sex: bool, tta: bool, batch_size: int,
+                    progress: bool) -> tuple[list[ImagePrediction], dict[str, float]]:
+    """Predict every item (no heatmaps), timing loading and inference separately; then time Grad-CAM on a few."""
+    preds: list[ImagePrediction] = []
+    load_s = infer_s = 0.0
+    bar = tqdm(total=len(items), desc=f"evaluate {predictor.task}", disable=not progress, unit="img")
+    first_batch: list[np.ndarray] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        began = time.perf_counter()
+        images = [load_image(item.path) for item in chunk]
+        load_s += time.perf_counter() - began
+        sexes = [("M" if item.male else "F") if give_sex and item.male is not None else None for item in chunk]
+        began = time.perf_counter()
+        preds += predictor.predict(images, patient_sex=sexes, with_heatmaps=False, tta=tta)
+        infer_s += time.perf_counter() - began
+        if not first_batch:
+            first_batch = images[:HEATMAP_TIMING_IMAGES]
+        bar.update(len(chunk))
+    bar.close()
+    n = max(1, len(items))
+    timing = {
+        "device": str(predictor.device),
+        "torch_threads": torch.get_num_threads(),
+        "batch_size": batch_size,
+        "load_seconds_per_image": load_s / n,
+        "seconds_per_image": infer_s / n,
+    }
+    if first_batch:
+        began = time.perf_counter()
+        predictor.predict(first_batch, with_heatmaps=True)
+        timing["seconds_per_image_with_heatmap"] = (time.perf_counter() - began) / len(first_batch)
+    return preds, timing
+
+
+# --------------------------------------------------------------------------- metrics per task
+def boneage_report(items: list[Item], preds: list[ImagePrediction]) -> tuple[dict, list[dict], str]:
+    true = np.array([i.label for i in items], dtype=float)
+    pred = np.array([float(p.outputs["bone_age_months"]) for p in preds])
+    err = pred - true
+    metrics: dict[str, Any] = {
+        "n": len(items),
+        "mae_months": float(np.abs(err).mean()),
+        "rmse_months": float(np.sqrt((err ** 2).mean())),
+        "bias_months": float(err.mean()),
+        "by_age_band": {},
+    }
+    for low, high in AGE_BANDS_YEARS:
+        last = high == AGE_BANDS_YEARS[-1][1]
+        in_band = (true >= low * 12) & ((true <= high * 12) if last else (true < high * 12))
+        band = {"n": int(in_band.sum())}
+        if in_band.any():
+            band["mae_months"] = float(np.abs(err[in_band]).mean())
+            band["rmse_months"] = float(np.sqrt((err[in_band] ** 2).mean()))
+        metrics["by_age_band"][f"{low}-{high}y"] = band
+    metrics.update(sex_metrics(items, preds))
+    rows = [{"id": i.key, "true_months": i.label, "pred_months": float(p.outputs["bone_age_months"]),
+             "male": i.male, "predicted_sex": p.outputs["predicted_sex"],
+             "predicted_sex_probability": p.outputs["predicted_sex_probability"],
+             "sex_mismatch": p.outputs["sex_mismatch"]} for i, p in zip(items, preds)]
+    return metrics, rows, f"boneage MAE {metrics['mae_months']:.2f} months (n={len(items)})"
+
+
+def male_probability(pred: ImagePrediction) -> float:
+    p = float(pred.outputs["predicted_sex_probability"])
+    return p if pred.outputs["predicted_sex"] == "M" else 1.0 - p
+
+
+def sex_metrics(items: list[Item], preds: list[ImagePrediction]) -> dict[str, float]:
+    male = np.array([bool(i.male) for i in items])
+    p_male = np.array([male_probability(p) for p in preds])
+    decided = np.array([p.outputs["predicted_sex"] == "M" for p in preds])
+    metrics = {"sex_accuracy": float((decided == male).mean())}
+    if 0 < male.sum() < len(male):
+        from sklearn.metrics import roc_auc_score
+
+        metrics["sex_auroc"] = float(roc_auc_score(male, p_male))
+    return metrics
+
+
+def sex_report(items: list[Item], preds: list[ImagePrediction]) -> tuple[dict, list[dict], str]:
+    metrics: dict[str, Any] = {"n": len(items), **sex_metrics(items, preds)}
+    rows = [{"id": i.key, "male": i.male, "male_probability": male_probability(p)} for i, p in zip(items, preds)]
+    auroc = metrics.get("sex_auroc", float("nan"))
+    return metrics, rows, f"sex AUROC {auroc:.3f} accuracy {metrics['sex_accuracy']:.3f} (n={len(items)})"
+
+
+def _grouped(keys: Sequence[str], values: Sequence[float], labels: Sequence[float]) -> tuple[list, list, list]:
+    """Mean probability per key (a MURA study), with the key's label (all images of a study share it)."""
+    probs: dict[str, list[float]] = defaultdict(list)
+    label: dict[str, float] = {}
+    for key, value, y in zip(keys, values, labels):
+        probs[key].append(value)
+        label[key] = y
+    names = sorted(probs)
+    return names, [float(np.mean(probs[k])) for k in names], [label[k] for k in names]
+
+
+def abnormality_report(items: list[Item], preds: list[ImagePrediction],
+                       threshold: float) -> tuple[dict, list[dict], str]:
+    y = [i.label for i in items]
+    p = [float(pr.outputs["abnormality_probability"]) for pr in preds]
+    studies, study_p, study_y = _grouped([i.study for i in items], p, y)
+    study_region = {i.study: i.group for i in items}
+    metrics: dict[str, Any] = {
+        "threshold": threshold,
+        "image": binary_metrics(y, p, threshold),
+        "study": binary_metrics(study_y, study_p, threshold),
+        "image_by_region": {},
+        "study_by_region": {},
+    }
+    for region in sorted({i.group for i in items}):
+        idx = [k for k, i in enumerate(items) if i.group == region]
+        metrics["image_by_region"][region] = binary_metrics([y[k] for k in idx], [p[k] for k in idx], threshold)
+        sidx = [k for k, s in enumerate(studies) if study_region[s] == region]
+        metrics["study_by_region"][region] = binary_metrics([study_y[k] for k in sidx], [study_p[k] for k in sidx],
+                                                            threshold)
+    rows = [{"path": i.key, "study": i.study, "region": i.group, "abnormal": int(i.label), "probability": q}
+            for i, q in zip(items, p)]
+    study = metrics["study"]
+    headline = (f"abnormality study AUROC {study.get('auroc', float('nan')):.3f} "
+                f"kappa {study.get('kappa', float('nan')):.3f} (n={len(studies)} studies, {len(items)} images)")
+    return metrics, rows, headline
+
+
+def anatomy_report(items: list[Item], preds: list[ImagePrediction], classes: list[str]) -> tuple[dict, list[dict], str]:
+    truth = [classes[int(i.label)] if int(i.label) < len(classes) else i.group for i in items]
+    top1 = [p.outputs["anatomy"] for p in preds]
+    top2 = [p.outputs.get("anatomy_top2") for p in preds]
+    n = max(1, len(items))
+    metrics: dict[str, Any] = {
+        "n": len(items),
+        "top1_accuracy": sum(t == a for t, a in zip(truth, top1)) / n,
+        "top2_accuracy": sum(t in (a, b) for t, a, b in zip(truth, top1, top2)) / n,
+        "per_class": {},
+    }
+    from sklearn.metrics import confusion_matrix
+
+    matrix = confusion_matrix(truth, top1, labels=classes)
+    metrics["confusion_matrix"] = {"labels": classes, "rows_true_columns_predicted": matrix.tolist()}
+    for k, name in enumerate(classes):
+        support = int(matrix[k].sum())
+        if support:
+            metrics["per_class"][name] = {"n": support, "recall": float(matrix[k, k] / support)}
+    rows = [{"path": i.key, "true": t, "anatomy": p.outputs["anatomy"],
+             "anatomy_probability": p.outputs["anatomy_probability"]} for i, t, p in zip(items, truth, preds)]
+    return metrics, rows, f"anatomy top-1 accuracy {metrics['top1_accuracy']:.3f} (n={len(items)})"
+
+
+# --------------------------------------------------------------------------- plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_bland_altman(true: np.ndarray, pred: np.ndarray, path: Path) -> Path:
+    plt = _pyplot()
+    mean, diff = (true + pred) / 2, pred - true
+    bias, sd = float(diff.mean()), float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter(mean, diff, s=8, alpha=0.5)
+    for value, style, text in ((bias, "-", "bias"), (bias + 1.96 * sd, "--", "+1.96 SD"),
+                               (bias - 1.96 * sd, "--", "-1.96 SD")):
+        ax.axhline(value, color="k", linestyle=style, linewidth=1)
+        ax.annotate(f"{text} {value:.1f}", (ax.get_xlim()[1], value), ha="right", va="bottom", fontsize=8)
+    ax.set_xlabel("mean of predicted and reference bone age (months)")
+    ax.set_ylabel("predicted - reference (months)")
+    ax.set_title(f"Bland-Altman (n={len(true)})")
+    return _save(fig, path)
+
+
+def plot_scatter(true: np.ndarray, pred: np.ndarray, path: Path, mae: float) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(true, pred, s=8, alpha=0.5)
+    top = float(max(true.max(initial=0), pred.max(initial=0), 1.0))
+    ax.plot([0, top], [0, top], "k--", linewidth=1)
+    ax.set_xlabel("reference bone age (months)")
+    ax.set_ylabel("predicted bone age (months)")
+    ax.set_title(f"MAE {mae:.2f} months (n={len(true)})")
+    return _save(fig, path)
+
+
+def plot_roc(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str) -> Path:
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (y, p) in curves.items():
+        if len(set(np.asarray(y) > 0.5)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(y, p):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", linewidth=1)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_calibration(y: Sequence[float], p: Sequence[float], path: Path) -> Path:
+    from sklearn.calibration import calibration_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    frac, mean = calibration_curve(np.asarray(y) > 0.5, p, n_bins=10, strategy="quantile")
+    ax.plot(mean, frac, "o-", label="model")
+    ax.plot([0, 1], [0, 1], "k:", linewidth=1, label="perfect")
+    ax.set_xlabel("predicted probability of abnormal")
+    ax.set_ylabel("observed fraction abnormal")
+    ax.set_title("Calibration (image level, quantile bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    peak = matrix.max(initial=0)
+    for r in range(matrix.shape[0]):
+        for c in range(matrix.shape[1]):
+            if matrix[r, c]:
+                ax.text(c, r, int(matrix[r, c]), ha="center", va="center", fontsize=8,
+                        color="white" if matrix[r, c] > peak / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Anatomy confusion matrix")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- the command
+def _jsonable(value: Any) -> Any:
+    """NaN/inf become null: the JSON must stay standard for other tools to read."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return _jsonable(value.item())
+    return value
+
+
+def evaluate(task: str, weights: Path, data: Path | None, *, labels: Path | None = None, split: str | None = None,
+             mask: bool | None = None, tta: bool = False, json_out: Path | None = None, plots: Path | None = None,
+             batch_size: int = 16, device: str | None = None, progress: bool = True,
+             echo: Callable[[str], None] = print) -> dict:
+    """Evaluate ``weights`` on a labelled folder; writes the JSON and plots, returns the report."""
+    predictor = load_predictor(weights, device=device, mask_labels=mask, batch_size=batch_size)
+    card = predictor.card
+    if task == "sex" and card.task not in ("sex", "boneage"):
+        raise ValueError(f"{weights} is a {card.task} model; sex needs a sex or bone-age checkpoint")
+    if task != "sex" and card.task != task:
+        raise ValueError(f"{weights} is a {card.task} model, not {task}")
+    notes = []
+    if task in ("boneage", "sex"):
+        split = split or "all"
+        items, source = rsna_items(data, labels, split)
+    elif task == "abnormality":
+        if data is None:
+            raise ValueError("abnormality needs --data MURA_ROOT")
+        if split not in (None, "all"):
+            notes.append(f"--split {split} ignored: abnormality is always evaluated on MURA-v1.1 valid")
+        split = "valid"
+        items, source = mura_items(data)
+    elif task == "anatomy":
+        if data is None:
+            raise ValueError("anatomy needs --data CLASS_FOLDERS")
+        split = split or "all"
+        items, source = folder_items(data, split)
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    if not items:
+        raise ValueError(f"{source}: no images to evaluate")
+    if tta and task != "boneage":
+        notes.append("--tta is meant for bone age; applied anyway")
+    preds, timing = run_predictions(predictor, items, give_sex=task == "boneage", tta=tta, batch_size=batch_size,
+                                    progress=progress)
+    plot_paths: list[Path] = []
+    plots = Path(plots) if plots else None
+    if task == "boneage":
+        metrics, rows, headline = boneage_report(items, preds)
+        if plots:
+            true = np.array([r["true_months"] for r in rows])
+            pred = np.array([r["pred_months"] for r in rows])
+            plot_paths += [plot_bland_altman(true, pred, plots / "boneage_bland_altman.png"),
+                           plot_scatter(true, pred, plots / "boneage_scatter.png", metrics["mae_months"])]
+    elif task == "sex":
+        metrics, rows, headline = sex_report(items, preds)
+        if plots:
+            curve = ([float(bool(r["male"])) for r in rows], [r["male_probability"] for r in rows])
+            plot_paths.append(plot_roc({"sex (male)": curve}, plots / "sex_roc.png", "Sex from the radiograph"))
+    elif task == "abnormality":
+        threshold = card.threshold if card.threshold is not None else 0.5
+        metrics, rows, headline = abnormality_report(items, preds, threshold)
+        if plots:
+            y = [r["abnormal"] for r in rows]
+            p = [r["probability"] for r in rows]
+            studies, sp, sy = _grouped([r["study"] for r in rows], p, y)
+            plot_paths += [plot_roc({"image": (y, p), "study (mean)": (sy, sp)}, plots / "abnormality_roc.png",
+                                    "Abnormality, MURA-v1.1 valid"),
+                           plot_calibration(y, p, plots / "abnormality_calibration.png")]
+    else:
+        metrics, rows, headline = anatomy_report(items, preds, card.classes)
+        if plots:
+            matrix = np.array(metrics["confusion_matrix"]["rows_true_columns_predicted"])
+            plot_paths.append(plot_confusion(matrix, card.classes, plots / "anatomy_confusion.png"))
+    report = {
+        "task": task,
+        "headline": headline,
+        "model": {"weights": str(weights), "name": card.name, "version": card.version, "task": card.task,
+                  "architecture": card.architecture, "sha256": card.sha256, "code_version": card.code_version},
+        "data": source,
+        "split": split,
+        "preprocessing": {**predictor.geometry.to_dict(), "tta": tta},
+        "metrics": metrics,
+        "timing": timing,
+        "plots": [str(p) for p in plot_paths],
+        "notes": notes,
+        "per_image": rows,
+    }
+    if json_out:
+        json_out = Path(json_out)
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    for note in notes:
+        echo(f"note: {note}")
+    if json_out:
+        echo(f"wrote {json_out}")
+    for path in plot_paths:
+        echo(f"wrote {path}")
+    echo(f"{timing['seconds_per_image']:.4f} s/image inference on {timing['device']}")
+    echo(headline)  # the last line: scripts and the README read the headline from here
+    return report
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    evaluate(
+        args.task, args.weights, args.data, labels=args.labels, split=args.split, mask=args.mask, tta=args.tta,
+        json_out=args.json, plots=args.plots, batch_size=args.batch_size, device=args.device,
+        progress=not args.no_progress,
+    )
+    return 0

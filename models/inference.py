@@ -1,0 +1,217 @@
+"""The daemon's only door into the models: load a verified checkpoint once, predict on decoded images.
+
+:func:`load_predictor` goes through :func:`models.checkpoint.load_checkpoint`, so weights without a card, weights
+whose sha256 differs from their card, and cards that say ``trained: false`` are refused before anything is
+predicted. :meth:`Predictor.predict` sends every image through :func:`models.preprocess.to_model_input` with the
+geometry stored in the card, i.e. exactly the preprocessing the model was trained with, in batches, and returns
+per image the task's outputs (the keys the SR builder reads) and optionally a Grad-CAM heatmap at the image's
+original size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.cam import grad_cam, to_original
+from models.checkpoint import ModelCard, load_checkpoint
+from models.preprocess import Geometry, to_model_input
+
+LOGGER = logging.getLogger(__name__)
+
+MAX_AGE_MONTHS = 240.0
+#: The sex head must be at least this sure before a study's PatientSex is flagged as contradicted.
+SEX_MISMATCH_CONFIDENCE = 0.9
+TTA_SHIFT = 3  # pixels, as in models.train.predict_cache
+
+_THREADS_SET = False
+_THREADS_LOCK = threading.Lock()
+
+
+@dataclass
+class ImagePrediction:
+    outputs: dict[str, float | str]
+    heatmap: np.ndarray | None = None  # HxW float32 in [0, 1] at the input image's size
+
+
+def configure_threads() -> int:
+    """Use the CPUs this process may run on (not the machine's count), once per process.
+
+    ``BONEBRIDGE_TORCH_THREADS`` overrides it, e.g. 1 per Celery worker process when several share a machine, so
+    workers do not oversubscribe cores.
+    """
+    global _THREADS_SET
+    with _THREADS_LOCK:
+        wanted = os.environ.get("BONEBRIDGE_TORCH_THREADS")
+        if wanted:
+            threads = max(1, int(wanted))
+        else:
+            try:
+                threads = len(os.sched_getaffinity(0))
+            except AttributeError:  # not on Linux
+                threads = os.cpu_count() or 1
+        if not _THREADS_SET or wanted:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            _THREADS_SET = True
+        return torch.get_num_threads()
+
+
+def normalise_sex(value: str | None) -> str | None:
+    """DICOM PatientSex (M, F, O, empty) -> "M", "F" or None (unknown: the model's prediction is used)."""
+    if value is None:
+        return None
+    text = str(value).strip().upper()
+    if text in {"M", "MALE"}:
+        return "M"
+    if text in {"F", "FEMALE"}:
+        return "F"
+    return None
+
+
+class Predictor:
+    """One model, loaded once, with the preprocessing its card prescribes."""
+
+    def __init__(self, model: nn.Module, card: ModelCard, weights: Path | None = None, device: str | None = None,
+                 mask_labels: bool | None = None, batch_size: int = 16) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.card = card
+        self.weights = weights
+        self.task = card.task
+        geometry = card.geometry
+        if mask_labels is not None:  # evaluation may compare with and without label masking
+            geometry = dataclasses.replace(geometry, mask_labels=mask_labels)
+        self.geometry: Geometry = geometry
+        self.batch_size = batch_size
+        self._lock = threading.Lock()  # Grad-CAM hooks the model: one batch at a time per Predictor
+
+    def predict(self, images: Sequence[np.ndarray], patient_sex: Sequence[str | None] | None = None,
+                with_heatmaps: bool = True, tta: bool = False) -> list[ImagePrediction]:
+        """Outputs (and heatmaps) for float32 HxW images in [0, 1], MONOCHROME2.
+
+        ``patient_sex`` is the DICOM PatientSex per image (bone age only); ``tta`` averages the image with two
+        small shifts, as evaluation's ``--tta`` does.
+        """
+        images = list(images)
+        if patient_sex is not None and len(patient_sex) != len(images):
+            raise ValueError(f"{len(patient_sex)} patient_sex values for {len(images)} images")
+        sexes = [normalise_sex(s) for s in patient_sex] if patient_sex is not None else [None] * len(images)
+        results: list[ImagePrediction] = []
+        with self._lock:
+            for start in range(0, len(images), self.batch_size):
+                stop = start + self.batch_size
+                results += self._predict_batch(images[start:stop], sexes[start:stop], with_heatmaps, tta)
+        return results
+
+    # ------------------------------------------------------------------ internals
+    def _views(self, x: torch.Tensor, tta: bool) -> list[torch.Tensor]:
+        if not tta:
+            return [x]
+        return [x, torch.roll(x, shifts=TTA_SHIFT, dims=3), torch.roll(x, shifts=-TTA_SHIFT, dims=2)]
+
+    def _predict_batch(self, images: list[np.ndarray], sexes: list[str | None], with_heatmaps: bool,
+                       tta: bool) -> list[ImagePrediction]:
+        x = to_model_input(images, self.geometry).to(self.device)
+        male_used = None
+        with torch.no_grad():
+            if self.task == "boneage":
+                outputs, male_used = self._boneage(x, sexes, tta)
+            else:
+                logits = torch.stack([self.model(v).float() for v in self._views(x, tta)]).mean(0).cpu()
+                outputs = self._classifier(logits)
+        heatmaps: list[np.ndarray | None] = [None] * len(images)
+        if with_heatmaps:
+            squares = grad_cam(self.model, x, self.task, male_used)
+            heatmaps = [to_original(sq, img.shape[:2], self.geometry) for sq, img in zip(squares, images)]
+        return [ImagePrediction(out, hm) for out, hm in zip(outputs, heatmaps)]
+
+    def _boneage(self, x: torch.Tensor, sexes: list[str | None], tta: bool) -> tuple[list[dict], torch.Tensor]:
+        """Sex head first; the age head then gets PatientSex where the header has it, else the predicted sex."""
+        views = self._views(x, tta)
+        first = [self.model(v) for v in views]
+        sex_logit = torch.stack([f[1].float() for f in first]).mean(0)
+        predicted_male = (sex_logit > 0).float()
+        has_sex = torch.tensor([s is not None for s in sexes], device=x.device)
+        given_male = torch.tensor([1.0 if s == "M" else 0.0 for s in sexes], device=x.device)
+        male_used = torch.where(has_sex, given_male, predicted_male)
+        if torch.equal(male_used, predicted_male):
+            age = torch.stack([f[0].float() for f in first]).mean(0)
+        else:
+            age = torch.stack([self.model(v, male_used)[0].float() for v in views]).mean(0)
+        scaling = self.card.target_scaling
+        months = (age * scaling.get("std", 1.0) + scaling.get("mean", 0.0)).clamp(0.0, MAX_AGE_MONTHS).cpu()
+        p_male = torch.sigmoid(sex_logit).cpu()
+        outputs = []
+        for i, given in enumerate(sexes):
+            pm = float(p_male[i])
+            predicted = "M" if sex_logit[i] > 0 else "F"
+            confident_other = (given == "M" and 1 - pm >= SEX_MISMATCH_CONFIDENCE) or (
+                given == "F" and pm >= SEX_MISMATCH_CONFIDENCE
+            )
+            outputs.append({
+                "bone_age_months": float(months[i]),
+                "predicted_sex": predicted,
+                "predicted_sex_probability": pm if predicted == "M" else 1.0 - pm,
+                "sex_source": "dicom" if given is not None else "model",
+                "sex_mismatch": "yes" if confident_other else "no",
+            })
+        return outputs, male_used
+
+    def _classifier(self, logits: torch.Tensor) -> list[dict]:
+        if self.task == "abnormality":
+            return [{"abnormality_probability": float(p)} for p in torch.sigmoid(logits.squeeze(1))]
+        if self.task == "sex":
+            threshold = self.card.threshold if self.card.threshold is not None else 0.5
+            outputs = []
+            for p in torch.sigmoid(logits.squeeze(1)).tolist():
+                male = p >= threshold
+                outputs.append({"predicted_sex": "M" if male else "F",
+                                "predicted_sex_probability": p if male else 1.0 - p})
+            return outputs
+        if self.task == "anatomy":
+            probs = torch.softmax(logits, dim=1)
+            top = torch.topk(probs, k=min(2, probs.shape[1]), dim=1)
+            classes = self.card.classes
+            outputs = []
+            for values, indices in zip(top.values.tolist(), top.indices.tolist()):
+                out: dict[str, float | str] = {"anatomy": classes[indices[0]], "anatomy_probability": values[0]}
+                if len(indices) > 1:
+                    out["anatomy_top2"] = classes[indices[1]]
+                    out["anatomy_top2_probability"] = values[1]
+                outputs.append(out)
+            return outputs
+        raise ValueError(f"no inference for task {self.task!r}")
+
+
+def load_predictor(weights: str | Path, device: str | None = None, mask_labels: bool | None = None,
+                   batch_size: int = 16) -> Predictor:
+    """A :class:`Predictor` for a verified checkpoint (raises ``CheckpointError`` for one that must not be used)."""
+    configure_threads()
+    model, card = load_checkpoint(Path(weights))
+    LOGGER.info("loaded %s %s (%s, %s, sha256 %s)", card.name, card.version, card.task, card.architecture,
+                card.sha256[:12])
+    return Predictor(model, card, Path(weights), device=device, mask_labels=mask_labels, batch_size=batch_size)
+
+
+def study_abnormality(preds: Sequence[ImagePrediction], threshold: float | None = 0.5) -> dict[str, float | str]:
+    """A study's abnormality as MURA scores it: the mean of its images' probabilities against the threshold."""
+    probs = [float(p.outputs["abnormality_probability"]) for p in preds if "abnormality_probability" in p.outputs]
+    if not probs:
+        raise ValueError("no abnormality predictions for this study")
+    threshold = 0.5 if threshold is None else float(threshold)
+    probability = float(np.mean(probs))
+    return {
+        "abnormality_probability": probability,
+        "abnormality_decision": "abnormal" if probability >= threshold else "normal",
+        "abnormality_threshold": threshold,
+    }

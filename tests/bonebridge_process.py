@@ -1,0 +1,124 @@
+"""Run ``bonebridge serve`` as a real process for integration tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.orthanc_fixture import LOCALHOST, echoscu, free_port, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(workdir: Path, *, pacs_port: int, listen_port: int | None = None, broker: str = "embedded",
+                 quiet_period_s: float = 1.0, visibility_timeout_s: float = 600, dest_retries: int = 5,
+                 dest_backoff_s: float = 1.0, extra: dict[str, Any] | None = None) -> Path:
+    """A test config: the shipped routes and models, on free ports, with short timings."""
+    shipped = yaml.safe_load((REPO / "config" / "bonebridge.yaml").read_text())
+    config = {
+        **shipped,
+        "listener": {
+            "ae_title": "BONEBRIDGE", "host": LOCALHOST, "port": listen_port or free_port(),
+            "allowed_callers": [{"ae_title": t, "host": LOCALHOST} for t in ("ORTHANC", "STORESCU", "ECHOSCU")],
+        },
+        "storage": {"data_dir": str(workdir / "var")},
+        "assembly": {"quiet_period_s": quiet_period_s},
+        "broker": broker,
+        "queue": {"visibility_timeout_s": visibility_timeout_s, "max_retries": 3, "retry_backoff_s": 1},
+        "destinations": {"pacs": {"ae_title": "ORTHANC", "host": LOCALHOST, "port": pacs_port,
+                                  "retries": dest_retries, "backoff_s": dest_backoff_s}},
+        **(extra or {}),
+    }
+    path = workdir / "bonebridge.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+class BoneBridgeProcess:
+    """``bonebridge serve`` in a subprocess, its log in a file, stopped with SIGTERM."""
+
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+        self.config_path = config_path
+        self.config = yaml.safe_load(config_path.read_text())
+        self.port = int(self.config["listener"]["port"])
+        self.data_dir = Path(self.config["storage"]["data_dir"])
+        self.log_path = config_path.parent / "bonebridge.log"
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 90.0) -> "BoneBridgeProcess":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "serve", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=self.env, start_new_session=True,
+        )
+        wait_for(lambda: self._answers(), timeout, interval=0.3, what=f"bonebridge echo on {self.port}\n{self.log_tail()}")
+        wait_for(lambda: (self.data_dir / "run" / "worker.pid").exists(), timeout, what="worker pid file")
+        return self
+
+    def _answers(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"bonebridge serve exited with {self.proc.returncode}\n{self.log_tail()}")
+        return echoscu(self.port, "BONEBRIDGE").returncode == 0
+
+    def worker_pid(self) -> int:
+        return int((self.data_dir / "run" / "worker.pid").read_text())
+
+    def results(self, study_uid: str) -> list[dict]:
+        folder = self.data_dir / "results" / study_uid
+        return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> "BoneBridgeProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def sr_values(ds) -> dict[str, Any]:
+    """Concept meaning -> value for every numeric, code and text item of an SR, however deeply nested."""
+    values: dict[str, Any] = {}
+
+    def walk(items) -> None:
+        for item in items:
+            name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else None
+            if name is not None:
+                if item.ValueType == "NUM" and "MeasuredValueSequence" in item:
+                    values[name] = float(item.MeasuredValueSequence[0].NumericValue)
+                elif item.ValueType == "CODE":
+                    values[name] = item.ConceptCodeSequence[0].CodeMeaning
+                elif item.ValueType == "TEXT":
+                    values[name] = str(item.TextValue)
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(ds.ContentSequence)
+    return values
+
+
+def wait_seconds(start: float) -> float:
+    return time.perf_counter() - start

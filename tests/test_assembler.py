@@ -1,0 +1,247 @@
+"""Study assembler: completion rules, re-opening, persistence and crash recovery (fake clock)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from daemon.assembler import StudyAssembler
+from daemon.spool import InstanceEvent, Spool
+from tests.test_spool import make_dx
+
+QUIET = 3.0
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Queue:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, int]] = []
+        self.fail = False
+
+    def __call__(self, study_uid: str, generation: int) -> None:
+        if self.fail:
+            raise ConnectionError("broker down")
+        self.items.append((study_uid, generation))
+
+
+def event(study: str, assoc: str = "a1", sop: str | None = None, own: bool = False) -> InstanceEvent:
+    sop = sop or generate_uid()
+    return InstanceEvent(
+        study_uid=study,
+        series_uid="1.2.3",
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        path=Path(f"/spool/{study}/{sop}.dcm"),
+        calling_ae="CR1",
+        assoc_id=assoc,
+        own_output=own,
+    )
+
+
+@pytest.fixture()
+def env(tmp_path: Path) -> tuple[StudyAssembler, Clock, Queue]:
+    clock, queue = Clock(), Queue()
+    return StudyAssembler(tmp_path, QUIET, queue, clock=clock), clock, queue
+
+
+def test_complete_only_after_close_and_quiet_period(env) -> None:
+    asm, clock, queue = env
+    study = generate_uid()
+    asm.instance_received(event(study))
+    asm.instance_received(event(study))
+    assert asm.poll(clock.t + 100) == []  # association still open: never complete
+    asm.association_closed("a1")
+    assert asm.poll(clock.t + QUIET - 0.1) == []  # quiet period not over
+    assert asm.poll(clock.t + QUIET) == [(study, 1)]
+    assert queue.items == [(study, 1)]
+    assert asm.poll(clock.t + 100) == []  # once per completion
+    st = asm.get(study)
+    assert st is not None and st.state == "queued" and len(st.instances) == 2
+
+
+def test_study_spanning_two_associations_waits_for_both(env) -> None:
+    asm, clock, queue = env
+    study = generate_uid()
+    asm.instance_received(event(study, "a1"))
+    asm.instance_received(event(study, "a2"))
+    asm.association_closed("a1")
+    asm.association_closed("a1")  # idempotent: release + connection close both report
+    assert asm.poll(clock.t + 60) == []
+    asm.association_closed("a2")
+    assert asm.poll(clock.t + 60) == [(study, 1)]
+
+
+def test_duplicates_are_deduplicated(env) -> None:
+    asm, clock, queue = env
+    study, sop = generate_uid(), generate_uid()
+    asm.instance_received(event(study, sop=sop))
+    asm.instance_received(event(study, sop=sop))
+    assert len(asm.list_instances(study)) == 1
+
+
+def test_late_instance_reopens_with_next_generation_and_keeps_sr_refs(env) -> None:
+    asm, clock, queue = env
+    study = generate_uid()
+    first = event(study)
+    asm.instance_received(first)
+    asm.association_closed("a1")
+    asm.poll(clock.t + QUIET)
+    sr = (study, "1.2.9", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.9.1")
+    asm.mark_done(study, 1, sr)
+    assert asm.get(study).state == "done"
+
+    # A blind resend of an instance already processed changes nothing.
+    clock.t += 10
+    asm.instance_received(event(study, "a2", sop=first.sop_instance_uid))
+    assert asm.get(study).state == "done" and asm.get(study).generation == 1
+
+    asm.instance_received(event(study, "a3"))
+    st = asm.get(study)
+    assert (st.state, st.generation, st.sr_refs) == ("receiving", 2, [sr])
+    asm.association_closed("a2")
+    asm.association_closed("a3")
+    assert asm.poll(clock.t + QUIET) == [(study, 2)]
+    assert len(asm.list_instances(study)) == 2
+
+
+def test_result_of_superseded_generation_is_kept_as_predecessor(env) -> None:
+    asm, clock, queue = env
+    study = generate_uid()
+    asm.instance_received(event(study))
+    asm.association_closed("a1")
+    asm.poll(clock.t + QUIET)
+    asm.instance_received(event(study, "a2"))  # re-opened while generation 1 is being processed
+    sr1 = (study, "1.2.9", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.9.1")
+    asm.mark_done(study, 1, sr1)
+    st = asm.get(study)
+    assert st.state == "receiving" and st.generation == 2 and st.sr_refs == [sr1]
+    asm.mark_failed(study, 1, "stale")  # a stale failure does not touch the current generation
+    assert asm.get(study).state == "receiving"
+
+
+def test_mark_failed_and_reopen_on_resend(env) -> None:
+    asm, clock, queue = env
+    study, sop = generate_uid(), generate_uid()
+    asm.instance_received(event(study, sop=sop))
+    asm.association_closed("a1")
+    asm.poll(clock.t + QUIET)
+    asm.mark_failed(study, 1, "decode error")
+    st = asm.get(study)
+    assert st.state == "failed" and st.failure_reason == "decode error"
+    asm.instance_received(event(study, "a2", sop=sop))  # resending a failed study retries it
+    assert asm.get(study).state == "receiving" and asm.get(study).generation == 2
+
+
+def test_enqueue_failure_retries_next_poll(env) -> None:
+    asm, clock, queue = env
+    study = generate_uid()
+    asm.instance_received(event(study))
+    asm.association_closed("a1")
+    queue.fail = True
+    assert asm.poll(clock.t + QUIET) == []
+    assert asm.get(study).state == "receiving"
+    queue.fail = False
+    assert asm.poll(clock.t + QUIET) == [(study, 1)]
+
+
+def test_own_outputs_are_ignored(env) -> None:
+    asm, clock, queue = env
+    study = generate_uid()
+    asm.instance_received(event(study, own=True))
+    asm.association_closed("a1")
+    assert asm.get(study) is None and asm.poll(clock.t + 100) == []
+
+
+def test_state_file_is_json_and_survives_restart(tmp_path: Path) -> None:
+    clock, queue = Clock(), Queue()
+    asm = StudyAssembler(tmp_path, QUIET, queue, clock=clock)
+    receiving, queued = generate_uid(), generate_uid()
+    asm.instance_received(event(receiving, "open-assoc"))
+    asm.instance_received(event(queued, "b"))
+    asm.association_closed("b")
+    asm.poll(clock.t + QUIET)
+    data = json.loads((tmp_path / "studies" / f"{receiving}.json").read_text())
+    assert data["state"] == "receiving" and data["open_associations"] == ["open-assoc"]
+    assert not list((tmp_path / "studies").glob(".*.tmp"))
+
+    # "Crash": a new assembler over the same directory.
+    clock2, queue2 = Clock(5000.0), Queue()
+    asm2 = StudyAssembler(tmp_path, QUIET, queue2, clock=clock2)
+    assert asm2.recover() == [(queued, 1)]  # queued is re-enqueued (task is idempotent)
+    assert queue2.items == [(queued, 1)]
+    st = asm2.get(receiving)
+    assert st.open_associations == [] and st.last_instance_at == 5000.0  # fresh quiet period
+    assert asm2.poll(5000.0 + QUIET - 0.1) == []
+    assert asm2.poll(5000.0 + QUIET) == [(receiving, 1)]
+
+
+def test_recover_adopts_spooled_instances_missing_from_state(tmp_path: Path) -> None:
+    """A crash after the spool rename but before the state write must not lose the instance."""
+    spool = Spool(tmp_path, is_own_output=False)
+    src = tmp_path / "src.dcm"
+    ds = make_dx(src)
+    spooled = spool.store_file(src, "CR7", "gone")  # on disk, never reported to the assembler
+    clock, queue = Clock(), Queue()
+    asm = StudyAssembler(tmp_path, QUIET, queue, clock=clock)
+    asm.recover()
+    st = asm.get(ds.StudyInstanceUID)
+    assert st is not None and ds.SOPInstanceUID in st.instances
+    assert st.calling_ae == "CR7"
+    assert asm.list_instances(ds.StudyInstanceUID) == [spooled.path]
+    assert asm.poll(clock.t + QUIET) == [(ds.StudyInstanceUID, 1)]
+
+
+def test_corrupt_state_file_is_set_aside(tmp_path: Path) -> None:
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "1.2.3.json").write_text("{not json")
+    asm = StudyAssembler(tmp_path, QUIET, Queue())
+    assert asm.studies() == []
+    assert (tmp_path / "studies" / "1.2.3.corrupt").exists()
+
+
+def test_concurrent_instances_are_all_recorded(env) -> None:
+    asm, clock, queue = env
+    study = generate_uid()
+
+    def sender(n: int) -> None:
+        for _ in range(20):
+            asm.instance_received(event(study, f"assoc-{n}"))
+        asm.association_closed(f"assoc-{n}")
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(asm.list_instances(study)) == 80
+    assert asm.poll(clock.t + QUIET) == [(study, 1)]
+
+
+def test_run_poller_enqueues_in_background(tmp_path: Path) -> None:
+    queue = Queue()
+    asm = StudyAssembler(tmp_path, 0.0, queue)
+    study = generate_uid()
+    asm.instance_received(event(study))
+    asm.association_closed("a1")
+    stop = threading.Event()
+    thread = asm.run_poller(stop, interval_s=0.02)
+    try:
+        for _ in range(250):
+            if queue.items:
+                break
+            stop.wait(0.02)
+    finally:
+        stop.set()
+        thread.join(2)
+    assert queue.items == [(study, 1)]
