@@ -270,6 +270,7 @@ class StudyAssembler:
         now = self._clock()
         requeue: list[tuple[str, int]] = []
         self._adopt_orphans()
+        self.absorb_results()
         with self._lock:
             self._by_assoc.clear()
             for st in self._studies.values():
@@ -300,12 +301,39 @@ class StudyAssembler:
                         self._save(st)
         return done
 
+    def absorb_results(self) -> int:
+        """Adopt the outcomes workers wrote to ``results/<study>/<generation>.json``.
+
+        Workers run in other processes (or on other machines sharing the data directory), so they report back
+        through these files rather than through this object. Without this, every queued study would be
+        re-enqueued at each restart. Returns how many studies changed state.
+        """
+        with self._lock:
+            queued = [(uid, st.generation) for uid, st in self._studies.items() if st.state == "queued"]
+        changed = 0
+        for study_uid, generation in queued:
+            path = self.data_dir / "results" / study_uid / f"{generation}.json"
+            if not path.exists():
+                continue
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # being written; next poll
+            if record.get("status") == "failed":
+                self.mark_failed(study_uid, generation, str(record.get("reason", "")))
+            else:
+                sr = record.get("sr")
+                self.mark_done(study_uid, generation, tuple(sr) if sr else None)
+            changed += 1
+        return changed
+
     def run_poller(self, stop_event: threading.Event, interval_s: float = 0.5) -> threading.Thread:
         """Start a daemon thread that calls :meth:`poll` every *interval_s* until *stop_event*."""
 
         def loop() -> None:
             while not stop_event.wait(interval_s):
                 try:
+                    self.absorb_results()
                     self.poll()
                 except Exception:  # noqa: BLE001 - the poller must survive a bad study
                     LOGGER.exception("assembler poll failed")

@@ -307,8 +307,16 @@ class Route(_Strict):
         return {} if value is None else value
 
 
+class MetricsConfig(_Strict):
+    """Prometheus exposition of the daemon's counters; ``port: 0`` turns it off."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=9108, ge=0, le=65535)
+
+
 class Config(_Strict):
     listener: ListenerConfig = Field(default_factory=ListenerConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     assembly: AssemblyConfig = Field(default_factory=AssemblyConfig)
     broker: str = "embedded"

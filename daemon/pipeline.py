@@ -64,7 +64,9 @@ class Analyser:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._predictors: dict[str, object] = {}
-        self._status = config.route_status()
+        # Read once per process: models load once, so their availability is fixed for its lifetime too.
+        self._model_status = config.model_status()
+        self._route_status = config.route_status()
 
     def predictor(self, name: str):
         """The named model's predictor, loaded on first use and kept; ``models.inference`` verifies the card."""
@@ -79,7 +81,7 @@ class Analyser:
 
     def _anatomy(self, sources: list[Dataset], images: list[np.ndarray]) -> tuple[str | None, str, float | None]:
         model_name = self.config.anatomy.model
-        if model_name and model_name in self.config.models and images and _model_usable(self.config, model_name):
+        if model_name and images and self._model_status.get(model_name, "not configured") is None:
             try:
                 preds = self.predictor(model_name).predict(images, with_heatmaps=False)
                 votes: Counter[str] = Counter()
@@ -120,7 +122,7 @@ class Analyser:
 
         anatomy, anatomy_source, anatomy_p = self._anatomy(decoded or sources, images)
         facts = facts_from_dataset(sources[0], calling_ae, anatomy, anatomy_source)
-        decision = decide_route(self.config, facts)
+        decision = decide_route(self.config, facts, self._route_status)
         route = decision.route
         base = dict(
             study_uid=str(sources[0].StudyInstanceUID), route=route.name if route else "none", anatomy=anatomy,
@@ -150,15 +152,11 @@ class Analyser:
         result = StudyResult(**{**base, "findings": findings, "models": provenance})
         outputs = [build_sr(sources, result)]
         outputs += [
-            build_heatmap_sc(ds, hm, result, i) for i, (ds, hm) in enumerate(zip(decoded, heatmaps)) if hm is not None
+            build_heatmap_sc(ds, hm, result, i, display_image=img)
+            for i, (ds, hm, img) in enumerate(zip(decoded, heatmaps, images))
+            if hm is not None
         ]
         return StudyAnalysis(result, decision, facts, route, outputs, skipped)
-
-
-def _model_usable(config: Config, name: str) -> bool:
-    from daemon.config import _model_unavailable
-
-    return _model_unavailable(name, config.models[name]) is None
 
 
 def _not_processed_reason(decision: RouteDecision, route: Route | None, facts: StudyFacts,

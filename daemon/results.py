@@ -53,6 +53,7 @@ a redelivered task rebuilds identical objects instead of duplicates.
 
 from __future__ import annotations
 
+import logging
 import importlib.metadata
 import math
 from collections.abc import Sequence
@@ -63,7 +64,6 @@ import numpy as np
 import pydicom
 from highdicom.sr import (
     AlgorithmIdentification,
-    CodeContentItem,
     CodedConcept,
     ComprehensiveSR,
     DeviceObserverIdentifyingAttributes,
@@ -92,12 +92,19 @@ __all__ = [
     "SC_SERIES_NUMBER",
     "SR_SERIES_DESCRIPTION",
     "SR_SERIES_NUMBER",
+    "PRIVATE_CREATOR",
     "ModelProvenance",
     "StudyResult",
     "build_heatmap_sc",
     "build_sr",
     "is_own_output",
+    "referenced_instances",
+    "render_heatmap",
+    "sc_uids",
+    "sr_uids",
 ]
+
+LOGGER = logging.getLogger(__name__)
 
 MANUFACTURER = "BoneBridge"
 SR_SERIES_NUMBER = 9901
@@ -183,6 +190,7 @@ _KNOWN_FINDINGS = frozenset(
 _FINDING_TASK = {
     "bone_age_months": ("bone_age", "boneage"),
     "abnormality_probability": ("abnormality",),
+    "abnormality_threshold": ("abnormality",),
     "predicted_sex_probability": ("sex",),
     "anatomy_probability": ("anatomy",),
 }
@@ -285,10 +293,6 @@ def _algorithm(model: ModelProvenance | None) -> AlgorithmIdentification | None:
 
 def _text(name: CodedConcept, value: str, relationship: str = "CONTAINS") -> TextContentItem:
     return TextContentItem(name=name, value=value, relationship_type=relationship)
-
-
-def _code(name: CodedConcept, value: CodedConcept) -> CodeContentItem:
-    return CodeContentItem(name=name, value=value, relationship_type="CONTAINS")
 
 
 def _as_float(value: float | str) -> float | None:
@@ -423,6 +427,26 @@ def sr_uids(sources: Sequence[Dataset], result: StudyResult) -> tuple[str, str]:
     return series_uid, sop_uid
 
 
+def _library_entries(headers: list[Dataset]) -> list[Dataset]:
+    """The sources highdicom can describe in the TID 1600 Image Library.
+
+    highdicom's descriptors need e.g. PatientOrientation and ImagerPixelSpacing for radiographs, which many CR
+    files lack (pydicom-data's RG1 chest among them). Such images stay referenced by the measurement group's
+    source images and the evidence sequence; only their optional library entry is left out.
+    """
+    from highdicom.sr.templates import ImageLibraryEntryDescriptors
+
+    usable = []
+    for header in headers:
+        try:
+            ImageLibraryEntryDescriptors(header)
+        except (AttributeError, ValueError, TypeError, IndexError) as exc:
+            LOGGER.debug("image %s left out of the image library: %s", header.SOPInstanceUID, exc)
+            continue
+        usable.append(header)
+    return usable
+
+
 def build_sr(sources: list[Dataset], result: StudyResult) -> Dataset:
     """Build the study's TID 1500 Measurement Report (Comprehensive SR) in a new series of its study.
 
@@ -494,7 +518,7 @@ def build_sr(sources: list[Dataset], result: StudyResult) -> Dataset:
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=CODE_RADIOGRAPHY,
         imaging_measurements=[group],
-        referenced_images=headers,
+        referenced_images=_library_entries(headers) or None,
     )
 
     sr = ComprehensiveSR(
@@ -605,17 +629,29 @@ def sc_uids(source: Dataset, result: StudyResult, index: int) -> tuple[str, str]
     return series_uid, sop_uid
 
 
-def build_heatmap_sc(source: Dataset, heatmap: np.ndarray, result: StudyResult, index: int) -> Dataset:
+def build_heatmap_sc(
+    source: Dataset,
+    heatmap: np.ndarray,
+    result: StudyResult,
+    index: int,
+    *,
+    display_image: np.ndarray | None = None,
+) -> Dataset:
     """Build an RGB Secondary Capture of ``heatmap`` over ``source`` in a new series of its study.
 
     ``index`` is the position of the source in the study (InstanceNumber = index + 1). The colours are
     burned in, so BurnedInAnnotation is YES; ImageType is DERIVED\\SECONDARY and the conversion type WSD.
+    ``display_image`` is the source's :func:`~daemon.decode.read_display_image` output when the caller
+    already has it (saves decoding a large radiograph twice); by default the source is decoded here.
 
     Raises:
         daemon.decode.DecodeError: the source's pixel data cannot be decoded.
-        ValueError: ``heatmap`` is not 2-D.
+        ValueError: ``heatmap`` (or ``display_image``) is not 2-D.
     """
-    rgb = render_heatmap(read_display_image(source), heatmap)
+    gray = read_display_image(source) if display_image is None else np.asarray(display_image, dtype=np.float32)
+    if gray.ndim != 2:
+        raise ValueError(f"display_image must be a 2-D array, got shape {gray.shape}")
+    rgb = render_heatmap(gray, heatmap)
     series_uid, sop_uid = sc_uids(source, result, index)
     models = ", ".join(f"{m.name} {m.version} (sha256 {m.sha256[:12]})" for m in result.models) or "unknown model"
     software = _software_version()
@@ -695,9 +731,10 @@ def _private_marker(ds: Dataset) -> bool:
 
 def _observer_is_us(ds: Dataset) -> bool:
     """An SR whose device observer (TID 1004, root level) is BoneBridge."""
+    wanted = codes.DCM.DeviceObserverManufacturer.value
     for item in ds.get("ContentSequence", []) or []:
         concept = item.get("ConceptNameCodeSequence")
-        if concept and concept[0].get("CodeValue") == codes.DCM.DeviceObserverManufacturer.value and str(item.get("TextValue", "")) == MANUFACTURER:
+        if concept and concept[0].get("CodeValue") == wanted and str(item.get("TextValue", "")) == MANUFACTURER:
             return True
     return False
 

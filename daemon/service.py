@@ -21,6 +21,7 @@ from daemon.assembler import StudyAssembler
 from daemon.broker import EmbeddedRedis
 from daemon.config import Config, load_config
 from daemon.listener import start_listener
+from daemon.metrics import INSTANCES_RECEIVED, STUDIES_QUEUED, start_metrics
 from daemon.spool import InstanceEvent, Spool
 
 LOGGER = logging.getLogger(__name__)
@@ -63,10 +64,12 @@ class Listener:
 
     def _enqueue(self, study_uid: str, generation: int) -> None:
         self._process_study.apply_async((study_uid, generation))
+        STUDIES_QUEUED.inc()
         LOGGER.info("study %s generation %d complete: queued", study_uid, generation)
 
     def _on_instance(self, event: InstanceEvent) -> None:
         self.assembler.instance_received(event)
+        INSTANCES_RECEIVED.labels(event.calling_ae or "").inc()
 
     def start(self) -> None:
         recovered = self.assembler.recover()
@@ -75,6 +78,7 @@ class Listener:
         self.server = start_listener(self.config.listener, self.spool, self._on_instance,
                                      self.assembler.association_closed)
         self.assembler.run_poller(self.stop_event, interval_s=0.2)
+        start_metrics(self.config.metrics.host, self.config.metrics.port, self.assembler, self.data_dir)
         LOGGER.info("listening as %s on %s:%d", self.config.listener.ae_title, self.config.listener.host,
                     self.config.listener.port)
 
@@ -155,6 +159,8 @@ def serve(config_path: Path, workers: int = 1) -> int:
         (run_dir / "serve.pid").write_text(str(os.getpid()))
         while not stop.requested:
             time.sleep(0.5)
+            if stop.requested:
+                break  # a worker that exits because of the same signal must not be restarted
             if embedded is not None:
                 embedded.supervise()
             for worker in pool:

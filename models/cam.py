@@ -4,8 +4,13 @@ Grad-CAM (Selvaraju et al., 2017) comes from the maintained ``pytorch-grad-cam``
 ``model.features.cam_layer``, an identity each backbone puts on its last feature map for this purpose. What is
 explained depends on the task:
 
-- bone age: the predicted age (a regression output), through a wrapper whose single output is the age;
-- abnormality and sex: the one logit (evidence for "abnormal" / "male");
+- bone age: the predicted age (a regression output), through a wrapper whose single output is the age in the
+  card's normalised units, i.e. relative to the training population's mean age. Grad-CAM keeps only positive
+  evidence, so explaining the raw age would give a blank map for every child the model finds younger than
+  average; the target is therefore the deviation from the mean in the predicted direction (+age for an older
+  hand, -age for a younger one): "what made the model place this hand above / below the average age";
+- abnormality: the one logit (evidence for "abnormal", also on a study it calls normal);
+- sex: the logit signed towards the predicted sex (evidence for what was predicted);
 - anatomy: the top class.
 
 The library returns maps at the network's square input size. :func:`to_original` undoes the preprocessing
@@ -38,18 +43,38 @@ class AgeOutput(nn.Module):
         return age.unsqueeze(1)
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, task: str, male: torch.Tensor | None = None) -> np.ndarray:
-    """Bx SxS Grad-CAM maps in [0, 1] for a preprocessed batch ``x`` (each map scaled to its own maximum).
+class SignedOutputTarget:
+    """Output 0 times +1 or -1: explains a value's push in the direction it went (a custom pytorch-grad-cam target)."""
+
+    def __init__(self, sign: float) -> None:
+        self.sign = 1.0 if sign >= 0 else -1.0
+
+    def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
+        return self.sign * (model_output[0] if model_output.ndim == 1 else model_output[:, 0])
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor, task: str, male: torch.Tensor | None = None,
+             direction: torch.Tensor | None = None) -> np.ndarray:
+    """B x S x S Grad-CAM maps in [0, 1] for a preprocessed batch ``x`` (each map scaled to its own maximum).
 
     ``male`` (0/1 per image) is the sex the age head used for its prediction; it is required for bone age so the
-    explained output is the one reported.
+    explained output is the one reported. ``direction`` is the sign per image of the explained output (the
+    normalised age for bone age, the logit for sex); it is computed here when not given.
     """
     if task == "boneage":
         if male is None:
             raise ValueError("bone-age Grad-CAM needs the sex input the prediction used")
         target_model: nn.Module = AgeOutput(model, male.to(x.device))  # type: ignore[arg-type]
-        targets = [ClassifierOutputTarget(0)] * len(x)
-    elif task in ("abnormality", "sex"):
+        if direction is None:
+            with torch.no_grad():
+                direction = target_model(x)[:, 0]
+        targets = [SignedOutputTarget(float(d)) for d in direction]
+    elif task == "sex":
+        if direction is None:
+            with torch.no_grad():
+                direction = model(x)[:, 0]
+        target_model, targets = model, [SignedOutputTarget(float(d)) for d in direction]
+    elif task == "abnormality":
         target_model, targets = model, [ClassifierOutputTarget(0)] * len(x)
     else:
         target_model, targets = model, None  # the library explains each image's top class

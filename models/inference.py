@@ -122,21 +122,26 @@ class Predictor:
     def _predict_batch(self, images: list[np.ndarray], sexes: list[str | None], with_heatmaps: bool,
                        tta: bool) -> list[ImagePrediction]:
         x = to_model_input(images, self.geometry).to(self.device)
-        male_used = None
+        male_used = direction = None
         with torch.no_grad():
             if self.task == "boneage":
-                outputs, male_used = self._boneage(x, sexes, tta)
+                outputs, male_used, direction = self._boneage(x, sexes, tta)
             else:
                 logits = torch.stack([self.model(v).float() for v in self._views(x, tta)]).mean(0).cpu()
                 outputs = self._classifier(logits)
+                direction = logits[:, 0]
         heatmaps: list[np.ndarray | None] = [None] * len(images)
         if with_heatmaps:
-            squares = grad_cam(self.model, x, self.task, male_used)
+            squares = grad_cam(self.model, x, self.task, male_used, direction)
             heatmaps = [to_original(sq, img.shape[:2], self.geometry) for sq, img in zip(squares, images)]
         return [ImagePrediction(out, hm) for out, hm in zip(outputs, heatmaps)]
 
-    def _boneage(self, x: torch.Tensor, sexes: list[str | None], tta: bool) -> tuple[list[dict], torch.Tensor]:
-        """Sex head first; the age head then gets PatientSex where the header has it, else the predicted sex."""
+    def _boneage(self, x: torch.Tensor, sexes: list[str | None],
+                 tta: bool) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+        """Sex head first; the age head then gets PatientSex where the header has it, else the predicted sex.
+
+        Returns the outputs, the sex input the age head used, and the normalised age (for Grad-CAM's direction).
+        """
         views = self._views(x, tta)
         first = [self.model(v) for v in views]
         sex_logit = torch.stack([f[1].float() for f in first]).mean(0)
@@ -165,7 +170,7 @@ class Predictor:
                 "sex_source": "dicom" if given is not None else "model",
                 "sex_mismatch": "yes" if confident_other else "no",
             })
-        return outputs, male_used
+        return outputs, male_used, age.cpu()
 
     def _classifier(self, logits: torch.Tensor) -> list[dict]:
         if self.task == "abnormality":

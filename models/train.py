@@ -92,8 +92,8 @@ def _to_input(cache_batch: torch.Tensor, geometry: Geometry, device: torch.devic
     x = cache_batch.to(device, non_blocking=True).float() / 255.0
     if augment is not None:
         x = augment(x)
-    x = normalise(x, geometry)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    # channels-last: ~1.5x faster on CPU (oneDNN depthwise convolutions, measured) as well as on a GPU
+    return normalise(x, geometry).contiguous(memory_format=torch.channels_last)
 
 
 @torch.no_grad()
@@ -146,9 +146,7 @@ def train(
     y_val = torch.tensor([e.target for e in val_examples], dtype=torch.float32)
     s_val = torch.tensor([e.male for e in val_examples], dtype=torch.float32)
 
-    model = build_network(spec.card, pretrained=True).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = build_network(spec.card, pretrained=True).to(device).to(memory_format=torch.channels_last)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     if cfg.max_steps_per_epoch:

@@ -245,3 +245,37 @@ def test_run_poller_enqueues_in_background(tmp_path: Path) -> None:
         stop.set()
         thread.join(2)
     assert queue.items == [(study, 1)]
+
+
+def test_worker_results_on_disk_mark_studies_done_and_are_not_requeued(tmp_path) -> None:
+    """A worker in another process writes results/<study>/<gen>.json; a restart must not re-enqueue that study."""
+    import json as _json
+
+    from daemon.assembler import StudyAssembler
+    from daemon.spool import InstanceEvent
+
+    queued: list[tuple[str, int]] = []
+    clock = [1000.0]
+    asm = StudyAssembler(tmp_path, 1.0, lambda uid, gen: queued.append((uid, gen)), clock=lambda: clock[0])
+    for study in ("1.2.3", "1.2.4"):
+        path = tmp_path / "incoming" / study / "9.9.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        asm.instance_received(InstanceEvent(study_uid=study, series_uid="1.1", sop_instance_uid=f"{study}.1",
+                                            sop_class_uid="1.2.840.10008.5.1.4.1.1.1", path=path,
+                                            calling_ae="STORESCU", assoc_id="a"))
+    asm.association_closed("a")
+    clock[0] += 5
+    asm.poll()
+    assert sorted(queued) == [("1.2.3", 1), ("1.2.4", 1)] or sorted(queued) == [("1.2.3", 0), ("1.2.4", 0)]
+    generation = queued[0][1]
+    record = tmp_path / "results" / "1.2.3" / f"{generation}.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(_json.dumps({"status": "sent", "sr": ["1.2.3", "4.5", "1.2.840.10008.5.1.4.1.1.88.33", "6.7"]}))
+
+    queued.clear()
+    restarted = StudyAssembler(tmp_path, 1.0, lambda uid, gen: queued.append((uid, gen)), clock=lambda: clock[0])
+    restarted.recover()
+    assert [uid for uid, _ in queued] == ["1.2.4"]  # the finished study stays finished
+    assert restarted.get("1.2.3").state == "done"
+    assert restarted.get("1.2.3").sr_refs[0][3] == "6.7"

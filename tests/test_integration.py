@@ -154,3 +154,14 @@ def test_destination_down_then_up_result_arrives_after_retry(tmp_path: Path) -> 
             found = _wait_for_sr(pacs, str(study.StudyInstanceUID), timeout=90)
             assert len(found["SR"]) == 1
         assert proc.results(str(study.StudyInstanceUID))[0]["status"] == "sent"
+
+
+def test_metrics_endpoint_counts_received_instances(tmp_path: Path, pacs, bonebridge) -> None:
+    import urllib.request
+
+    make_dx(tmp_path / "m.dcm", body_part="CHEST", age="050Y")
+    assert storescu(bonebridge.port, "BONEBRIDGE", [tmp_path / "m.dcm"]).returncode == 0
+    port = bonebridge.config["metrics"]["port"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'bonebridge_instances_received_total{calling_ae="STORESCU"} 1.0' in text
+    assert "bonebridge_studies{" in text

@@ -392,3 +392,13 @@ def test_sr_is_readable_by_dcmtk(tmp_path: Path, sources: list[Dataset], finding
     assert "W:" not in run.stderr and "E:" not in run.stderr, run.stderr
     assert '"Bone age")="123.4"' in run.stdout
     assert "(263654008,SCT,\"Abnormal\")" in run.stdout
+
+
+def test_heatmap_sc_accepts_already_decoded_image(sources: list[Dataset], findings: StudyResult) -> None:
+    from daemon.decode import read_display_image
+
+    decoded_here = build_heatmap_sc(sources[0], _hot_corner(), findings, 0)
+    given = build_heatmap_sc(sources[0], _hot_corner(), findings, 0, display_image=read_display_image(sources[0]))
+    np.testing.assert_array_equal(given.pixel_array, decoded_here.pixel_array)
+    blank = build_heatmap_sc(sources[0], _hot_corner(), findings, 0, display_image=np.zeros((32, 32)))
+    assert not np.array_equal(blank.pixel_array, decoded_here.pixel_array)

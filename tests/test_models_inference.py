@@ -1,0 +1,230 @@
+"""models.inference / models.cam / checkpoint refusals, with small networks built in the test (no training).
+
+The Grad-CAM geometry is checked end to end with a network whose evidence is known exactly: a 1x1 convolution
+that passes brightness to a linear head, so Grad-CAM must light up the bright part of the image, wherever the
+stretch or the padding put it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from models.cam import render_overlay, to_original
+from models.checkpoint import CheckpointError, ModelCard, card_path, save_checkpoint
+from models.inference import ImagePrediction, Predictor, load_predictor, study_abnormality
+from models.networks import BoneAgeSexNet, ClassifierNet
+from models.preprocess import Geometry
+
+
+def card_for(task: str, geometry: Geometry, classes: list[str] | None = None, **extra) -> ModelCard:
+    return ModelCard(
+        task=task, name=f"test-{task}", version="0.0.1", architecture="tiny_cnn", input_size=geometry.size,
+        normalisation={"mean": list(geometry.mean), "std": list(geometry.std)}, preprocessing=geometry.to_dict(),
+        classes=classes or [], trained=True, **extra,
+    )
+
+
+@pytest.fixture
+def abnormality_checkpoint(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    geometry = Geometry(size=32)
+    model = ClassifierNet("tiny_cnn", 1, pretrained=False)
+    return save_checkpoint(model, card_for("abnormality", geometry, ["normal", "abnormal"], threshold=0.5),
+                           tmp_path / "abn.pt")
+
+
+# --------------------------------------------------------------------------- checkpoint refusals
+def test_load_predictor_accepts_a_checkpoint_with_its_card(abnormality_checkpoint: Path) -> None:
+    predictor = load_predictor(abnormality_checkpoint)
+    assert predictor.card.task == "abnormality"
+    out = predictor.predict([np.random.default_rng(0).random((40, 30), dtype=np.float32)], with_heatmaps=False)
+    assert 0.0 <= out[0].outputs["abnormality_probability"] <= 1.0
+
+
+def test_missing_card_is_refused(abnormality_checkpoint: Path) -> None:
+    card_path(abnormality_checkpoint).unlink()
+    with pytest.raises(CheckpointError, match="no model card"):
+        load_predictor(abnormality_checkpoint)
+
+
+def test_tampered_weights_are_refused(abnormality_checkpoint: Path) -> None:
+    state = torch.load(abnormality_checkpoint, weights_only=True)
+    key = next(k for k, v in state.items() if v.dtype.is_floating_point)
+    state[key] = state[key] + 0.01  # a subtly different model, same card
+    torch.save(state, abnormality_checkpoint)
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_predictor(abnormality_checkpoint)
+
+
+def test_untrained_card_is_refused(abnormality_checkpoint: Path) -> None:
+    cfile = card_path(abnormality_checkpoint)
+    card = json.loads(cfile.read_text())
+    card["trained"] = False
+    cfile.write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="not trained"):
+        load_predictor(abnormality_checkpoint)
+
+
+# --------------------------------------------------------------------------- outputs per task
+def boneage_predictor(male_logit: float, geometry: Geometry = Geometry(size=32)) -> Predictor:
+    """A bone-age network whose sex head says ``male_logit`` whatever the image (a known, confident answer)."""
+    torch.manual_seed(1)
+    net = BoneAgeSexNet("tiny_cnn", pretrained=False)
+    with torch.no_grad():
+        net.sex_head[-1].weight.zero_()
+        net.sex_head[-1].bias.fill_(male_logit)
+    card = card_for("boneage", geometry, ["female", "male"], target_scaling={"mean": 120.0, "std": 40.0})
+    return Predictor(net, card)
+
+
+def test_boneage_sex_source_and_mismatch() -> None:
+    predictor = boneage_predictor(male_logit=5.0)  # p(male) = 0.993
+    rng = np.random.default_rng(2)
+    image = rng.random((50, 40), dtype=np.float32)
+    given_m, given_f, unknown, other = predictor.predict([image] * 4, patient_sex=["M", "F", None, "O"],
+                                                         with_heatmaps=False)
+    keys = {"bone_age_months", "predicted_sex", "predicted_sex_probability", "sex_source", "sex_mismatch"}
+    for pred in (given_m, given_f, unknown, other):
+        assert set(pred.outputs) == keys
+        assert pred.outputs["predicted_sex"] == "M"
+        assert pred.outputs["predicted_sex_probability"] == pytest.approx(torch.sigmoid(torch.tensor(5.0)).item())
+        assert 0.0 <= pred.outputs["bone_age_months"] <= 240.0
+    assert [p.outputs["sex_source"] for p in (given_m, given_f, unknown, other)] == ["dicom", "dicom", "model", "model"]
+    assert [p.outputs["sex_mismatch"] for p in (given_m, given_f, unknown, other)] == ["no", "yes", "no", "no"]
+    # The age head used the header's sex where there was one, the predicted (male) sex otherwise.
+    assert unknown.outputs["bone_age_months"] == pytest.approx(given_m.outputs["bone_age_months"], abs=1e-4)
+    assert given_f.outputs["bone_age_months"] != pytest.approx(given_m.outputs["bone_age_months"], abs=1e-3)
+
+
+def test_unconfident_sex_head_flags_no_mismatch() -> None:
+    predictor = boneage_predictor(male_logit=1.0)  # p(male) = 0.73 < 0.9
+    pred = predictor.predict([np.zeros((20, 20), np.float32)], patient_sex=["F"], with_heatmaps=False)[0]
+    assert pred.outputs["predicted_sex"] == "M" and pred.outputs["sex_mismatch"] == "no"
+
+
+def test_boneage_age_is_scaled_and_clipped() -> None:
+    predictor = boneage_predictor(male_logit=0.0)
+    with torch.no_grad():
+        predictor.model.age_head[-1].weight.zero_()
+        predictor.model.age_head[-1].bias.fill_(1.5)  # 120 + 1.5 * 40 = 180 months
+    image = np.full((30, 30), 0.5, np.float32)
+    assert predictor.predict([image], with_heatmaps=False)[0].outputs["bone_age_months"] == pytest.approx(180.0)
+    with torch.no_grad():
+        predictor.model.age_head[-1].bias.fill_(10.0)  # 520 months: clipped
+    assert predictor.predict([image], with_heatmaps=False)[0].outputs["bone_age_months"] == 240.0
+
+
+def test_anatomy_outputs_top2_and_sex_outputs() -> None:
+    classes = ["elbow", "finger", "forearm", "hand", "humerus", "shoulder", "wrist", "other"]
+    net = ClassifierNet("tiny_cnn", len(classes), pretrained=False)
+    with torch.no_grad():
+        net.head[-1].weight.zero_()
+        net.head[-1].bias.copy_(torch.tensor([0, 0, 0, 3.0, 0, 0, 2.0, 0]))
+    pred = Predictor(net, card_for("anatomy", Geometry(size=32), classes)).predict(
+        [np.zeros((40, 20), np.float32)], with_heatmaps=False)[0]
+    probs = torch.softmax(torch.tensor([0, 0, 0, 3.0, 0, 0, 2.0, 0]), 0)
+    assert pred.outputs["anatomy"] == "hand" and pred.outputs["anatomy_top2"] == "wrist"
+    assert pred.outputs["anatomy_probability"] == pytest.approx(probs[3].item(), rel=1e-5)
+    assert pred.outputs["anatomy_top2_probability"] == pytest.approx(probs[6].item(), rel=1e-5)
+
+    sex_net = ClassifierNet("tiny_cnn", 1, pretrained=False)
+    with torch.no_grad():
+        sex_net.head[-1].weight.zero_()
+        sex_net.head[-1].bias.fill_(-2.0)
+    sex = Predictor(sex_net, card_for("sex", Geometry(size=32), ["female", "male"], threshold=0.5)).predict(
+        [np.zeros((20, 20), np.float32)], with_heatmaps=False)[0]
+    assert sex.outputs == {"predicted_sex": "F",
+                           "predicted_sex_probability": pytest.approx(1 - torch.sigmoid(torch.tensor(-2.0)).item())}
+
+
+def test_study_abnormality_is_the_mean_of_images() -> None:
+    preds = [ImagePrediction({"abnormality_probability": p}) for p in (0.2, 0.5, 0.8, 0.9)]
+    study = study_abnormality(preds, threshold=0.6)
+    assert study == {"abnormality_probability": pytest.approx(0.6), "abnormality_decision": "abnormal",
+                     "abnormality_threshold": 0.6}
+    assert study_abnormality(preds[:2], threshold=0.6)["abnormality_decision"] == "normal"
+    with pytest.raises(ValueError):
+        study_abnormality([], 0.5)
+
+
+def test_predict_batches_many_images_in_order(abnormality_checkpoint: Path) -> None:
+    predictor = load_predictor(abnormality_checkpoint, batch_size=3)
+    rng = np.random.default_rng(3)
+    images = [rng.random((int(rng.integers(20, 40)), int(rng.integers(20, 40))), dtype=np.float32) for _ in range(7)]
+    batched = [p.outputs["abnormality_probability"] for p in predictor.predict(images, with_heatmaps=False)]
+    single = [predictor.predict([img], with_heatmaps=False)[0].outputs["abnormality_probability"] for img in images]
+    assert batched == pytest.approx(single, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- Grad-CAM geometry
+class BrightnessFeatures(nn.Module):
+    """Feature map = brightness at full resolution: Grad-CAM of a linear head on it must follow the image."""
+
+    out_channels = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.fill_(1.0 / 3)
+        self.cam_layer = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cam_layer(self.conv(x))
+
+
+def brightness_predictor(aspect: str) -> Predictor:
+    net = ClassifierNet("tiny_cnn", 1, pretrained=False, dropout=0.0)
+    net.features = BrightnessFeatures()
+    net.head = nn.Sequential(nn.Flatten(), nn.Linear(1, 1))
+    with torch.no_grad():
+        net.head[1].weight.fill_(1.0)
+        net.head[1].bias.zero_()
+    return Predictor(net, card_for("abnormality", Geometry(size=32, aspect=aspect), ["normal", "abnormal"]))
+
+
+@pytest.mark.parametrize("aspect", ["pad", "stretch"])
+@pytest.mark.parametrize("shape", [(30, 90), (96, 40), (50, 50)])
+def test_heatmap_lies_on_the_original_image(aspect: str, shape: tuple[int, int]) -> None:
+    height, width = shape
+    image = np.full(shape, 0.1, np.float32)
+    image[: height // 3, : width // 3] = 1.0  # bright top-left block: the only evidence
+    pred = brightness_predictor(aspect).predict([image])[0]
+    heat = pred.heatmap
+    assert heat is not None and heat.shape == shape and heat.dtype == np.float32
+    assert 0.0 <= heat.min() and heat.max() <= 1.0 and heat.max() == pytest.approx(1.0)
+    inside = heat[: height // 3 - 3, : width // 3 - 3].mean()
+    outside = heat[height // 3 + 3:, width // 3 + 3:].mean()
+    assert inside > 0.8 and outside < 0.1, (inside, outside)
+    assert np.corrcoef(heat.ravel(), image.ravel())[0, 1] > 0.9
+
+
+def test_to_original_crops_the_padding() -> None:
+    square = np.zeros((32, 32), np.float32)
+    square[8:24, :] = np.linspace(0, 1, 32, dtype=np.float32)[None, :]  # the 16x32 image region of a 2:1 image
+    out = to_original(square, (40, 80), Geometry(size=32, aspect="pad"))
+    assert out.shape == (40, 80)
+    assert out[:, 0].max() < 0.05 and out[:, -1].min() > 0.9  # left-to-right ramp, no black bands from the pad
+    assert np.all(np.diff(out[20]) >= -1e-6)
+
+
+def test_render_overlay_shape_colour_and_scale_bar() -> None:
+    image = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (48, 1))
+    heat = np.zeros((48, 64), np.float32)
+    heat[:10, :10] = 1.0
+    out = render_overlay(image, heat)
+    assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[0] == 48 and out.shape[2] == 3
+    assert out.shape[1] > 64  # the scale bar is appended on the right
+    cold = out[40, 40]
+    assert cold[0] == cold[1] == cold[2] == round(image[40, 40] * 255)  # no evidence: radiograph unchanged
+    hot = out[2, 2].astype(int)
+    assert hot[0] > hot[2] + 40  # turbo's top is red
+    bar = out[:, -2].astype(int)
+    assert bar[0, 0] > bar[0, 2] and bar[-1, 2] > bar[-1, 0]  # red at the top, blue at the bottom
+    assert render_overlay((image * 255).astype(np.uint8), heat).shape == out.shape
