@@ -91,7 +91,7 @@ def kmeans(vectors: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.n
 
 
 def contact_sheet(paths: list[Path], title: str, out: Path, cells: int = SHEET_CELLS, thumb: int = THUMB) -> Path:
-    """A grid of up to ``cells`` thumbnails (aspect kept, on black) with a title bar, as a PNG."""
+    """A grid of up to ``cells`` thumbnails (aspect kept, on black, numbered as listed) with a title bar, as a PNG."""
     shown = paths[:cells]
     columns = max(1, min(int(math.ceil(math.sqrt(cells))), len(shown)))
     rows = max(1, math.ceil(len(shown) / columns))
@@ -106,10 +106,13 @@ def contact_sheet(paths: list[Path], title: str, out: Path, cells: int = SHEET_C
             LOGGER.warning("%s: cannot read for the contact sheet: %s", path, exc)
             array = np.full((thumb, thumb), 0.25, dtype=np.float32)
         img = Image.fromarray((np.clip(array, 0, 1) * 255).astype(np.uint8))
-        img.thumbnail((thumb - 4, thumb - 4))
+        scale = (thumb - 4) / max(img.width, img.height)  # small images are enlarged too, so cells read alike
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
         x = (i % columns) * thumb + (thumb - img.width) // 2
         y = bar + (i // columns) * thumb + (thumb - img.height) // 2
         sheet.paste(img, (x, y))
+        # The cell number is the image's position in the cluster's list in clusters.yaml.
+        draw.text(((i % columns) * thumb + 4, bar + (i // columns) * thumb + 2), str(i + 1), fill=255)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     return out

@@ -84,7 +84,8 @@ class Predictor:
     def __init__(self, model: nn.Module, card: ModelCard, weights: Path | None = None, device: str | None = None,
                  mask_labels: bool | None = None, batch_size: int = 16) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.to(self.device).eval()
+        # channels-last as in training: oneDNN's (depthwise) convolutions run faster on CPU too.
+        self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.card = card
         self.weights = weights
         self.task = card.task
@@ -121,7 +122,7 @@ class Predictor:
 
     def _predict_batch(self, images: list[np.ndarray], sexes: list[str | None], with_heatmaps: bool,
                        tta: bool) -> list[ImagePrediction]:
-        x = to_model_input(images, self.geometry).to(self.device)
+        x = to_model_input(images, self.geometry).to(self.device).contiguous(memory_format=torch.channels_last)
         male_used = direction = None
         with torch.no_grad():
             if self.task == "boneage":
