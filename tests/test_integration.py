@@ -23,6 +23,7 @@ from tests.dicom_factory import make_dx
 from tests.orthanc_fixture import OrthancServer, free_port, storescu, wait_for
 
 pytestmark = pytest.mark.integration
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 BONE_AGE_READY = load_config(REPO / "config" / "bonebridge.yaml").route_status().get("pediatric-hand") is None
 needs_boneage = pytest.mark.skipif(not BONE_AGE_READY, reason="shipped bone-age weights not present")
@@ -75,11 +76,14 @@ def test_storescu_hand_gets_sr_and_heatmap_matching_predict(tmp_path: Path, pacs
     latency = time.perf_counter() - t0
     print(f"\nLATENCY last C-STORE -> SR stored in Orthanc: {latency:.2f} s (quiet period 1.0 s)")
     (tmp_path / "latency.txt").write_text(f"{latency:.3f}\n")
-    found = wait_for(lambda: (f := _by_modality(pacs, study_uid)) if len(f.get("OT", []) + f.get("DX", [])) >= 2 or "OT" in f else None,
-                     30, what="the heatmap SC")
+    def heatmaps() -> list[dict]:
+        found = _by_modality(pacs, study_uid)
+        return [i for mod in found for i in found[mod] if i.get("SOPClassUID") == SECONDARY_CAPTURE]
+
+    sc = wait_for(heatmaps, 30, what="the heatmap SC")
+    found = _by_modality(pacs, study_uid)
     assert len(found["SR"]) == 1
-    sc = [i for mod in found for i in found[mod] if i.get("SOPClassUID") == "1.2.840.10008.5.1.4.1.1.7"]
-    assert len(sc) == 1, found.keys()
+    assert len(sc) == 1
     assert sc[0]["StudyInstanceUID"] == study_uid
 
     sr = pacs.get_instance_dataset(found["SR"][0]["id"])
@@ -102,7 +106,7 @@ def test_chest_cr_gets_not_processed_report(tmp_path: Path, pacs, bonebridge) ->
     text = json.dumps(sr_values(pacs.get_instance_dataset(found["SR"][0]["id"])))
     assert "not processed" in text.lower()
     assert "other" in text  # the route that reported it, with its reason
-    assert "OT" not in found  # no heatmap for a study nobody analysed
+    assert not [i for mod in found for i in found[mod] if i.get("SOPClassUID") == SECONDARY_CAPTURE]
 
 
 def test_orthanc_pushes_study(tmp_path: Path, pacs, bonebridge) -> None:
