@@ -164,3 +164,18 @@ def shared_data() -> Path:
             return candidate.resolve()
     tried = ", ".join(str(c) for c in _shared_data_candidates())
     pytest.skip(f"shared data folder not found (tried {tried}; set BONEBRIDGE_SHARED_DATA)")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Model tests use it (``pytest.mark.usefixtures("one_torch_thread")``). One intra-op thread: tiny networks gain nothing from more, and on a shared CPU OpenMP threads that wait
+    for a busy core make every convolution many times slower."""
+    import torch
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv("BONEBRIDGE_TORCH_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    patch.undo()

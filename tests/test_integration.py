@@ -20,7 +20,7 @@ import pytest
 from daemon.config import load_config
 from tests.bonebridge_process import REPO, BoneBridgeProcess, sr_values, write_config
 from tests.dicom_factory import make_dx
-from tests.orthanc_fixture import OrthancServer, free_port, storescu, wait_for
+from tests.orthanc_fixture import OrthancServer, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"

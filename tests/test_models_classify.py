@@ -10,12 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from models import cli
@@ -36,17 +34,7 @@ from models.train import TrainConfig
 REGIONS = ("XR_WRIST", "XR_HAND", "XR_ELBOW")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: tiny networks gain nothing from more, and on a shared CPU OpenMP threads that wait
-    for a busy core make every convolution many times slower."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("BONEBRIDGE_TORCH_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    patch.undo()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def save_png(path: Path, image: np.ndarray) -> None:

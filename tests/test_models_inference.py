@@ -8,7 +8,6 @@ stretch or the padding put it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +22,7 @@ from models.networks import BoneAgeSexNet, ClassifierNet
 from models.preprocess import Geometry
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: tiny networks gain nothing from more, and on a shared CPU OpenMP threads that wait
-    for a busy core make every convolution many times slower."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("BONEBRIDGE_TORCH_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    patch.undo()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def card_for(task: str, geometry: Geometry, classes: list[str] | None = None, **extra) -> ModelCard:
