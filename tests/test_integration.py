@@ -169,3 +169,28 @@ def test_metrics_endpoint_counts_received_instances(tmp_path: Path, pacs, bonebr
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert 'bonebridge_instances_received_total{calling_ae="STORESCU"} 1.0' in text
     assert "bonebridge_studies{" in text
+
+
+def test_late_instance_reopens_study_and_own_outputs_are_ignored(tmp_path: Path, pacs, bonebridge) -> None:
+    first = make_dx(tmp_path / "a.dcm", body_part="KNEE", age="040Y")
+    study_uid = str(first.StudyInstanceUID)
+    assert storescu(bonebridge.port, "BONEBRIDGE", [tmp_path / "a.dcm"]).returncode == 0
+    earlier = _wait_for_sr(pacs, study_uid)["SR"][0]
+
+    # Orthanc forwards the whole study, our SR included, back to BoneBridge: the SR must not start a new round.
+    pacs.store_to_modality("bonebridge", [earlier["id"]])
+    time.sleep(2.5)  # > quiet period
+    assert [r["generation"] for r in bonebridge.results(study_uid)] == [1]
+    assert list((bonebridge.data_dir / "returned").rglob("*.dcm"))
+
+    make_dx(tmp_path / "b.dcm", study_uid=study_uid, body_part="KNEE", age="040Y", instance_number=2)
+    assert storescu(bonebridge.port, "BONEBRIDGE", [tmp_path / "b.dcm"]).returncode == 0
+    newer = wait_for(lambda: [i for i in _by_modality(pacs, study_uid)["SR"] if i["id"] != earlier["id"]], 120,
+                     what="a second SR after the late instance")[0]
+    sr = pacs.get_instance_dataset(newer["id"])
+    predecessors = [ref.ReferencedSOPInstanceUID for s in sr.PredecessorDocumentsSequence
+                    for series in s.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence]
+    assert predecessors == [earlier["SOPInstanceUID"]]
+    referenced = {ref.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+                  for series in s.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    assert len(referenced) == 2  # the new report covers both images
