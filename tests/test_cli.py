@@ -1,0 +1,68 @@
+"""The ``bonebridge`` command line, run as a user runs it (a subprocess), for the commands with no server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import data_store
+import yaml
+
+from tests.bonebridge_process import REPO, write_config
+from tests.dicom_factory import make_dx
+from tests.orthanc_fixture import free_port
+
+CHEST = Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm"
+
+
+def bonebridge(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+
+
+def test_config_check_accepts_the_shipped_config_and_names_disabled_routes() -> None:
+    out = bonebridge("config", "check", str(REPO / "config" / "bonebridge.yaml"))
+    assert out.returncode == 0, out.stderr
+    assert "upper-extremity: DISABLED" in out.stdout  # no abnormality weights ship
+
+
+def test_config_check_reports_file_line_and_field(tmp_path: Path) -> None:
+    config = yaml.safe_load((REPO / "config" / "bonebridge.yaml").read_text())
+    config["routes"][0]["send_to"] = ["nowhere"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config, sort_keys=False))
+    line = next(i for i, text in enumerate(bad.read_text().splitlines(), 1) if "nowhere" in text)
+    out = bonebridge("config", "check", str(bad))
+    assert out.returncode == 1
+    assert f"{bad}:{line}" in out.stdout and "send_to" in out.stdout
+
+
+def test_route_explain_names_the_route_and_why_not_the_others(tmp_path: Path) -> None:
+    config = write_config(tmp_path, pacs_port=free_port())
+    make_dx(tmp_path / "wrist.dcm", body_part="WRIST", age="030Y")
+    out = bonebridge("route", "explain", "--config", str(config), str(CHEST), str(tmp_path / "wrist.dcm"))
+    assert out.returncode == 0, out.stderr
+    assert "other" in out.stdout and "chest" in out.stdout.lower()
+    assert "upper-extremity" in out.stdout and "disabled" in out.stdout.lower()
+
+
+def test_predict_writes_a_not_processed_sr_for_a_chest(tmp_path: Path) -> None:
+    import json
+
+    import pydicom
+
+    config = write_config(tmp_path, pacs_port=free_port())
+    out = bonebridge("predict", "--config", str(config), str(CHEST), "--out", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["route"] == "other" and "not processed" in summary["not_processed_reason"]
+    written = list((tmp_path / "out").rglob("*.dcm"))
+    assert len(written) == 1 and pydicom.dcmread(written[0]).Modality == "SR"
+
+
+def test_retry_with_an_empty_dead_letter_folder_says_so(tmp_path: Path) -> None:
+    config = write_config(tmp_path, pacs_port=free_port())
+    out = bonebridge("retry", "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    assert "empty" in out.stdout
