@@ -66,13 +66,16 @@ def load_image(path: str | Path) -> np.ndarray:
     return array
 
 
-def mask_burned_in_labels(image: np.ndarray, *, brightness: float = 0.93, max_area: float = 0.02) -> np.ndarray:
+def mask_burned_in_labels(
+    image: np.ndarray, *, brightness: float = 0.93, max_area: float = 0.02, contrast: float = 0.3
+) -> np.ndarray:
     """Cover burned-in labels (laterality letters, technologist marks) with the background level.
 
     Burned-in text is drawn at (near) full white in small, compact blobs, usually away from the anatomy. Bone is
     rarely saturated and forms one large component. So: threshold near white, keep connected components smaller
-    than ``max_area`` of the image, dilate them a little to catch anti-aliased edges, and paint them with the
-    image's dark background level. CNNs otherwise learn such marks as shortcuts (Zech et al., 2018).
+    than ``max_area`` of the image that stand out from their immediate surroundings by ``contrast`` (letters on a
+    dark box do; the brightest spots of dense bone, which sit inside bone, do not), dilate them a little to catch
+    anti-aliased edges, and paint them with the image's dark background level. CNNs otherwise learn such marks as shortcuts (Zech et al., 2018).
     """
     img = np.asarray(image, dtype=np.float32)
     bright = img >= brightness * float(img.max() if img.size else 1.0)
@@ -81,9 +84,18 @@ def mask_burned_in_labels(image: np.ndarray, *, brightness: float = 0.93, max_ar
     labels, count = ndimage.label(bright)
     if count == 0:
         return img
-    areas = ndimage.sum(bright, labels, index=np.arange(1, count + 1))
+    index = np.arange(1, count + 1)
+    areas = ndimage.sum(bright, labels, index=index)
+    # Text sits on dark background or a dark box: the ring around a letter is much darker than the letter.
+    # The brightest spots of dense bone sit inside bone and fail this test, so anatomy is left alone.
+    ring_size = max(1, round(min(img.shape) / 50))
+    grown = ndimage.grey_dilation(labels, size=(2 * ring_size + 1, 2 * ring_size + 1))
+    ring = (grown > 0) & (labels == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a blob with no ring (fills the image) gives NaN
+        ring_mean = np.asarray(ndimage.mean(img, grown * ring, index=index))
+        blob_mean = np.asarray(ndimage.mean(img, labels, index=index))
     small = np.zeros(count + 1, dtype=bool)
-    small[1:] = areas <= max_area * img.size
+    small[1:] = (areas <= max_area * img.size) & (np.nan_to_num(blob_mean - ring_mean) >= contrast)
     mask = small[labels]
     if not mask.any():
         return img
