@@ -68,6 +68,15 @@ class Analyser:
         self._model_status = config.model_status()
         self._route_status = config.route_status()
 
+    def warm_up(self) -> list[str]:
+        """Load every usable model now, so the first study does not wait for torch and the weights."""
+        loaded = []
+        for name, reason in self._model_status.items():
+            if reason is None:
+                self.predictor(name)
+                loaded.append(name)
+        return loaded
+
     def predictor(self, name: str):
         """The named model's predictor, loaded on first use and kept; ``models.inference`` verifies the card."""
         if name not in self._predictors:

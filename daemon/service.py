@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+from celery.signals import worker_ready, worker_shutdown
+
 from daemon.assembler import StudyAssembler
 from daemon.broker import EmbeddedRedis
 from daemon.config import Config, load_config
@@ -91,14 +93,19 @@ class Listener:
 class SupervisedWorker:
     """A ``bonebridge worker`` child process, restarted when it exits."""
 
-    def __init__(self, config_path: Path, broker_url: str, run_dir: Path) -> None:
+    def __init__(self, config_path: Path, broker_url: str, run_dir: Path, share_of_cpus: int = 1) -> None:
         self.args = [sys.executable, "-m", "daemon.cli", "worker", "--config", str(config_path), "--broker", broker_url]
+        self.env = dict(os.environ)
+        if share_of_cpus > 1 and "BONEBRIDGE_TORCH_THREADS" not in self.env:
+            # N workers x all cores each would oversubscribe the CPU; OpenMP threads then wait on each other
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            self.env["BONEBRIDGE_TORCH_THREADS"] = str(max(1, cpus // share_of_cpus))
         self.pid_file = run_dir / "worker.pid"
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, env=self.env)
         self.pid_file.write_text(str(self.process.pid))
         LOGGER.info("worker started (pid %d)", self.process.pid)
 
@@ -148,7 +155,7 @@ def serve(config_path: Path, workers: int = 1) -> int:
     broker_url, embedded = _broker(config)
     (run_dir / "broker.url").write_text(broker_url)
     listener = Listener(config, broker_url)
-    pool = [SupervisedWorker(config_path, broker_url, run_dir) for _ in range(max(1, workers))]
+    pool = [SupervisedWorker(config_path, broker_url, run_dir, max(1, workers)) for _ in range(max(1, workers))]
     if workers > 1:
         for i, worker in enumerate(pool):
             worker.pid_file = run_dir / f"worker-{i}.pid"
@@ -202,7 +209,20 @@ def worker(config_path: Path, broker_url: str | None = None, concurrency: int = 
 
     os.environ["BONEBRIDGE_CONFIG"] = str(Path(config_path).resolve())
     app = configure_app(config, url)
-    WorkerRuntime.get()  # load the config (and fail early) before taking any task
+    runtime = WorkerRuntime.get()  # load the config (and fail early) before taking any task
+    LOGGER.info("models loaded: %s", ", ".join(runtime.analyser.warm_up()) or "none")
+    ready_file = Path(config.storage.data_dir) / "run" / f"worker-{os.getpid()}.ready"
+
+    @worker_ready.connect(weak=False)
+    def _announce_ready(**_: object) -> None:
+        """Tell supervisors (and tests) that this worker has its models loaded and consumes the queue."""
+        ready_file.parent.mkdir(parents=True, exist_ok=True)
+        ready_file.write_text(str(time.time()))
+
+    @worker_shutdown.connect(weak=False)
+    def _withdraw_ready(**_: object) -> None:
+        ready_file.unlink(missing_ok=True)
+
     argv = ["worker", "--loglevel", "INFO", "-Q", QUEUE, "--pool", "solo" if concurrency == 1 else "prefork",
             "--concurrency", str(concurrency), "--without-gossip", "--without-mingle", "--hostname",
             f"bonebridge-{os.getpid()}@%h"]

@@ -62,13 +62,20 @@ class BoneBridgeProcess:
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=self.env, start_new_session=True,
         )
         wait_for(lambda: self._answers(), timeout, interval=0.3, what=f"bonebridge echo on {self.port}\n{self.log_tail()}")
-        wait_for(lambda: (self.data_dir / "run" / "worker.pid").exists(), timeout, what="worker pid file")
+        wait_for(self.worker_ready, timeout, interval=0.2, what=f"a ready worker\n{self.log_tail()}")
         return self
 
     def _answers(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"bonebridge serve exited with {self.proc.returncode}\n{self.log_tail()}")
         return echoscu(self.port, "BONEBRIDGE").returncode == 0
+
+    def worker_ready(self) -> bool:
+        """The current worker has loaded its models and consumes the queue."""
+        try:
+            return (self.data_dir / "run" / f"worker-{self.worker_pid()}.ready").exists()
+        except (OSError, ValueError):
+            return False
 
     def worker_pid(self) -> int:
         return int((self.data_dir / "run" / "worker.pid").read_text())
