@@ -135,3 +135,17 @@ def load_checkpoint(path: str | Path, *, require_trained: bool = True) -> tuple[
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     model.eval()
     return model, card
+
+
+def publish_checkpoint(weights: str | Path, out: str | Path, test_metrics: dict[str, Any], test_split: str,
+                       notes: dict[str, Any] | None = None) -> Path:
+    """Ship a trained checkpoint: its card then reports held-out test metrics, not the validation ones.
+
+    Validation metrics chose the epoch, so they flatter the model; the card a user reads carries the figures of a
+    split that neither training nor model selection saw. The validation figures stay in ``training``.
+    """
+    model, card = load_checkpoint(weights)
+    training = {**card.training, "validation_metrics": card.metrics, "validation_split": card.metrics_split,
+                **(notes or {})}
+    card = card.model_copy(update={"metrics": test_metrics, "metrics_split": test_split, "training": training})
+    return save_checkpoint(model, card, out)

