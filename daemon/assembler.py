@@ -100,6 +100,7 @@ class StudyAssembler:
         enqueue: Callable[[str, int], None],
         *,
         clock: Callable[[], float] = time.time,
+        quiet_period_for: Callable[[StudyState], float | None] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.studies_dir = self.data_dir / "studies"
@@ -108,6 +109,8 @@ class StudyAssembler:
         self.quiet_period_s = float(quiet_period_s)
         self._enqueue = enqueue
         self._clock = clock
+        # Per-route quiet periods: the caller pre-routes a study on its header; None means the global value.
+        self._quiet_period_for = quiet_period_for
         self._lock = threading.RLock()
         self._studies: dict[str, StudyState] = {}
         self._by_assoc: dict[str, set[str]] = {}
@@ -185,7 +188,7 @@ class StudyAssembler:
                     st.state == "receiving"
                     and st.instances
                     and not st.open_associations
-                    and now - st.last_instance_at >= self.quiet_period_s
+                    and now - st.last_instance_at >= self._quiet_period(st)
                 ):
                     st.state = "queued"
                     st.queued_at = now
@@ -207,6 +210,17 @@ class StudyAssembler:
             LOGGER.info("study %s: complete, enqueued generation %d", study_uid, generation)
             enqueued.append((study_uid, generation))
         return enqueued
+
+    def _quiet_period(self, st: StudyState) -> float:
+        if self._quiet_period_for is not None:
+            try:
+                value = self._quiet_period_for(st)
+            except Exception:  # noqa: BLE001 - an unreadable header must not stall the study
+                LOGGER.exception("study %s: per-route quiet period failed; using the global one", st.study_uid)
+                value = None
+            if value is not None:
+                return float(value)
+        return self.quiet_period_s
 
     def mark_done(self, study_uid: str, generation: int, sr_ref: SRRef | None) -> None:
         """The worker finished *generation*; remember its SR so later reports can supersede it."""

@@ -17,13 +17,16 @@ import threading
 import time
 from pathlib import Path
 
+import pydicom
 from celery.signals import worker_ready, worker_shutdown
 
-from daemon.assembler import StudyAssembler
+from daemon.anatomy_tags import anatomy_from_tags
+from daemon.assembler import StudyAssembler, StudyState
 from daemon.broker import EmbeddedRedis
 from daemon.config import Config, load_config
 from daemon.listener import start_listener
 from daemon.metrics import INSTANCES_RECEIVED, STUDIES_QUEUED, start_metrics
+from daemon.rules import decide_route, facts_from_dataset
 from daemon.spool import InstanceEvent, Spool
 
 LOGGER = logging.getLogger(__name__)
@@ -60,9 +63,29 @@ class Listener:
         if removed:
             LOGGER.warning("removed %d partial files left by an earlier crash (never acknowledged)", removed)
         self._process_study = process_study
-        self.assembler = StudyAssembler(self.data_dir, config.assembly.quiet_period_s, self._enqueue)
+        self._quiet_periods: dict[tuple[str, int], float | None] = {}
+        self._route_status = config.route_status()
+        per_route = any(route.quiet_period_s is not None for route in config.routes)
+        self.assembler = StudyAssembler(self.data_dir, config.assembly.quiet_period_s, self._enqueue,
+                                        quiet_period_for=self._quiet_period if per_route else None)
         self.stop_event = threading.Event()
         self.server = None
+
+    def _quiet_period(self, study: StudyState) -> float | None:
+        """The quiet period of the route the study's header points to (read once per study generation).
+
+        Routing proper happens in the worker, after the anatomy model; here only the DICOM tags can say which
+        route a study is heading for, which is enough to choose how long to wait for more of its images.
+        """
+        key = (study.study_uid, study.generation)
+        if key not in self._quiet_periods:
+            first = next(iter(study.instances.values()))
+            header = pydicom.dcmread(first.path, stop_before_pixels=True)
+            anatomy, evidence = anatomy_from_tags(header)
+            facts = facts_from_dataset(header, study.calling_ae, anatomy, f"DICOM tags ({evidence})")
+            route = decide_route(self.config, facts, self._route_status).route
+            self._quiet_periods[key] = route.quiet_period_s if route is not None else None
+        return self._quiet_periods[key]
 
     def _enqueue(self, study_uid: str, generation: int) -> None:
         self._process_study.apply_async((study_uid, generation))

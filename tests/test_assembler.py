@@ -279,3 +279,28 @@ def test_worker_results_on_disk_mark_studies_done_and_are_not_requeued(tmp_path)
     assert [uid for uid, _ in queued] == ["1.2.4"]  # the finished study stays finished
     assert restarted.get("1.2.3").state == "done"
     assert restarted.get("1.2.3").sr_refs[0][3] == "6.7"
+
+
+def test_a_route_can_set_its_own_quiet_period(tmp_path) -> None:
+    """quiet_period_for pre-routes a study: a short period for one study does not shorten another's."""
+    from daemon.assembler import StudyAssembler
+    from daemon.spool import InstanceEvent
+
+    queued: list[str] = []
+    clock = [0.0]
+    asm = StudyAssembler(tmp_path, 10.0, lambda uid, gen: queued.append(uid), clock=lambda: clock[0],
+                         quiet_period_for=lambda st: 1.0 if st.study_uid == "1.2.5" else None)
+    for study in ("1.2.5", "1.2.6"):
+        path = tmp_path / "incoming" / study / "1.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        asm.instance_received(InstanceEvent(study_uid=study, series_uid="1.1", sop_instance_uid=f"{study}.1",
+                                            sop_class_uid="1.2.840.10008.5.1.4.1.1.1", path=path,
+                                            calling_ae="STORESCU", assoc_id=study))
+        asm.association_closed(study)
+    clock[0] = 2.0
+    asm.poll()
+    assert queued == ["1.2.5"]          # its route waits 1 s
+    clock[0] = 11.0
+    asm.poll()
+    assert queued == ["1.2.5", "1.2.6"]  # the global 10 s for the other
