@@ -151,3 +151,56 @@ def test_sex_classifier_trains_and_evaluates(rsna: Path, boneage_model: tuple[Pa
         last = capsys.readouterr().out.strip().splitlines()[-1]
         assert last.startswith("sex AUROC ") and last.endswith("(n=170)")
         assert (tmp_path / "sex_roc.png").exists()
+
+
+def test_a_stopped_run_resumes_where_it_stopped(rsna: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kill training after its second epoch; the next run continues at epoch 3 instead of starting over."""
+    import models.boneage as boneage
+
+    out = tmp_path / "ba.pt"
+    real_spec = boneage.boneage_spec
+    calls = {"n": 0}
+
+    def spec_that_dies_in_epoch_three(card):
+        spec = real_spec(card)
+        evaluate = spec.evaluate
+
+        def dying(*args):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt("power cut")
+            return evaluate(*args)
+
+        spec.evaluate = dying
+        return spec
+
+    cfg = TrainConfig(out=out, epochs=3, batch_size=32, lr=3e-3, patience=10, resume=True, progress=False)
+    monkeypatch.setattr(boneage, "boneage_spec", spec_that_dies_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        train_boneage(rsna / "labels.csv", out, Geometry(size=32), cfg, "tiny_cnn")
+    evaluated = {"n": 0}
+
+    def counting_spec(card):
+        spec = real_spec(card)
+        evaluate = spec.evaluate
+
+        def counted(*args):
+            evaluated["n"] += 1
+            return evaluate(*args)
+
+        spec.evaluate = counted
+        return spec
+
+    monkeypatch.setattr(boneage, "boneage_spec", counting_spec)
+    import torch
+
+    interrupted = torch.load(out.with_suffix(".state.pt"), weights_only=False)["history"]
+    assert [h["epoch"] for h in interrupted] == [0, 1]
+
+    train_boneage(rsna / "labels.csv", out, Geometry(size=32), cfg, "tiny_cnn")
+    import json
+
+    history = json.loads(out.with_suffix(".history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert evaluated["n"] == 1  # only epoch 3 was trained and validated in the resumed run
+    assert history[:2] == interrupted
