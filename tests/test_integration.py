@@ -154,7 +154,7 @@ def test_destination_down_then_up_result_arrives_after_retry(tmp_path: Path) -> 
         assert storescu(proc.port, "BONEBRIDGE", [tmp_path / "d.dcm"]).returncode == 0
         wait_for(lambda: "retry" in proc.log_tail(200).lower() or "attempt" in proc.log_tail(200).lower(), 60,
                  what="a failed first attempt")
-        with pacs.start():
+        with pacs:  # __enter__ starts it
             found = _wait_for_sr(pacs, str(study.StudyInstanceUID), timeout=90)
             assert len(found["SR"]) == 1
         assert proc.results(str(study.StudyInstanceUID))[0]["status"] == "sent"
