@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 
 from daemon.anatomy_tags import anatomy_from_tags
@@ -206,7 +205,3 @@ def _study_findings(card, preds) -> dict[str, float | str]:
         for key, value in pred.outputs.items():
             merged.setdefault(key, value)
     return merged
-
-
-def read_datasets(paths: list[Path]) -> list[Dataset]:
-    return [pydicom.dcmread(p) for p in paths]

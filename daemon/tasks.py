@@ -101,7 +101,7 @@ class WorkerRuntime:
         began = time.time()
         files = sorted((self.data_dir / "incoming" / study_uid).glob("*.dcm"))
         if not files:
-            return self._write(record_path, {"status": "failed", "reason": "no instances on disk for this study",
+            return self.write_record(record_path, {"status": "failed", "reason": "no instances on disk for this study",
                                              "study_uid": study_uid, "generation": generation})
         LOGGER.info("processing study %s generation %d (%d instances)", study_uid, generation, len(files))
         datasets = [pydicom.dcmread(p) for p in files]
@@ -134,10 +134,11 @@ class WorkerRuntime:
         record["seconds"] = round(time.time() - began, 3)
         LOGGER.info("study %s generation %d: %s (route %s) in %.2f s", study_uid, generation, record["status"],
                     record["route"], record["seconds"])
-        return self._write(record_path, record)
+        return self.write_record(record_path, record)
 
     @staticmethod
-    def _write(path: Path, record: dict) -> dict:
+    def write_record(path: Path, record: dict) -> dict:
+        """Write an outcome record atomically (tmp, fsync, rename): the assembler reads it from another process."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w") as handle:
@@ -167,7 +168,7 @@ def process_study(self, study_uid: str, generation: int) -> dict:
         queue = runtime.config.queue
         if self.request.retries >= queue.max_retries:
             LOGGER.exception("study %s generation %d failed for good", study_uid, generation)
-            return runtime._write(runtime.record_path(study_uid, generation), {
+            return runtime.write_record(runtime.record_path(study_uid, generation), {
                 "study_uid": study_uid, "generation": generation, "status": "failed",
                 "reason": f"{type(exc).__name__}: {exc}", "attempts": self.request.retries + 1,
             })

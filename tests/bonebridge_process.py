@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +127,3 @@ def sr_values(ds) -> dict[str, Any]:
 
     walk(ds.ContentSequence)
     return values
-
-
-def wait_seconds(start: float) -> float:
-    return time.perf_counter() - start

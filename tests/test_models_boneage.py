@@ -159,39 +159,31 @@ def test_a_stopped_run_resumes_where_it_stopped(rsna: Path, tmp_path: Path, monk
 
     out = tmp_path / "ba.pt"
     real_spec = boneage.boneage_spec
-    calls = {"n": 0}
 
-    def spec_that_dies_in_epoch_three(card):
-        spec = real_spec(card)
-        evaluate = spec.evaluate
+    def spec_counting_epochs(counter: dict, die_at: int | None = None):
+        """The real task spec, with its per-epoch validation counted (and a power cut at epoch ``die_at``)."""
 
-        def dying(*args):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise KeyboardInterrupt("power cut")
-            return evaluate(*args)
+        def build(card):
+            spec = real_spec(card)
+            evaluate = spec.evaluate
 
-        spec.evaluate = dying
-        return spec
+            def counted(*args):
+                counter["n"] += 1
+                if counter["n"] == die_at:
+                    raise KeyboardInterrupt("power cut")
+                return evaluate(*args)
+
+            spec.evaluate = counted
+            return spec
+
+        return build
 
     cfg = TrainConfig(out=out, epochs=3, batch_size=32, lr=3e-3, patience=10, resume=True, progress=False)
-    monkeypatch.setattr(boneage, "boneage_spec", spec_that_dies_in_epoch_three)
+    monkeypatch.setattr(boneage, "boneage_spec", spec_counting_epochs({"n": 0}, die_at=3))
     with pytest.raises(KeyboardInterrupt):
         train_boneage(rsna / "labels.csv", out, Geometry(size=32), cfg, "tiny_cnn")
     evaluated = {"n": 0}
-
-    def counting_spec(card):
-        spec = real_spec(card)
-        evaluate = spec.evaluate
-
-        def counted(*args):
-            evaluated["n"] += 1
-            return evaluate(*args)
-
-        spec.evaluate = counted
-        return spec
-
-    monkeypatch.setattr(boneage, "boneage_spec", counting_spec)
+    monkeypatch.setattr(boneage, "boneage_spec", spec_counting_epochs(evaluated))
     import torch
 
     interrupted = torch.load(out.with_suffix(".state.pt"), weights_only=False)["history"]
