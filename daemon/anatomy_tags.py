@@ -7,9 +7,10 @@ word boundaries after folding case and punctuation, so "HANDLE" is not a hand an
 wrist. Generic terms (EXTREMITY, ARM, UPPER EXTREMITY) say nothing about the region and are passed
 over, so a more specific description further down can still decide.
 
-The labels are MURA's seven upper-extremity regions plus "other": everything that is recognisably a
-different body part (chest, knee, spine...) is "other", which routes can send to a not-processed
-report instead of running an upper-extremity model on it.
+The labels come from the one anatomy vocabulary (:mod:`models.anatomy_vocabulary`): MURA's seven
+upper-extremity regions and the rest of the skeleton (chest, pelvis, hip, femur, knee, leg, ankle, foot,
+spine, skull, abdomen), with "other" for recognisable parts outside it (face, dental, whole body). Routes
+test the same names whether the anatomy model or the tags decided.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from models.anatomy_vocabulary import VOCABULARY
+
 __all__ = ["ANATOMY_CLASSES", "TAG_SOURCES", "anatomy_from_tags", "anatomy_from_text"]
 
-ANATOMY_CLASSES = ("elbow", "finger", "forearm", "hand", "humerus", "shoulder", "wrist", "other")
+#: Every label the tags (and routes) know; the anatomy model's classes are a subset recorded in its card.
+ANATOMY_CLASSES: tuple[str, ...] = VOCABULARY
 
 #: Attributes read, most trusted first.
 TAG_SOURCES = ("BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName")
@@ -40,20 +44,30 @@ _TERMS: dict[str, tuple[str, ...]] = {
         "SHOULDERS?", "CLAVICLES?", "SCAPULA", "SCAPULAE", "AC JOINTS?", "ACROMIOCLAVICULAR",
         "ACROMION", "GLENOHUMERAL", "HUMERAL HEAD",
     ),
+    "chest": ("CHEST", "THORAX", "LUNGS?", "RIBS?", "STERNUM", "CXR"),
+    "abdomen": ("ABDOMEN", "ABDO", "ABDOMINAL", "KUB"),
+    "pelvis": ("PELVIS", "PELVIC", "SACRUM", "COCCYX", "SI JOINTS?", "SACROILIAC"),
+    "hip": ("HIPS?", "FEMORAL NECK", "FEMORAL HEAD", "ACETABULUM"),
+    "femur": ("FEMUR", "FEMORA", "THIGH", "UPPER LEG"),
+    "knee": ("KNEES?", "PATELLA", "PATELLAE"),
+    "leg": ("LEGS?", "LOWER LEG", "TIBIA", "FIBULA", "TIB FIB", "TIBIA FIBULA"),
+    "ankle": ("ANKLES?", "MALLEOLUS", "MORTISE"),
+    "foot": ("FOOT", "FEET", "TOES?", "HEELS?", "CALCANEUS", "OS CALCIS", "METATARSALS?"),
+    "spine": (
+        "SPINE", "SPINAL", "CSPINE", "TSPINE", "LSPINE", "C SPINE", "T SPINE", "L SPINE", "CERVICAL", "LUMBAR",
+        "THORACIC", "SCOLIOSIS", "VERTEBRA\\w*",
+    ),
+    "skull": ("SKULL", "HEAD", "CRANIUM"),
     "other": (
-        "CHEST", "THORAX", "LUNGS?", "RIBS?", "STERNUM", "BREASTS?", "MAMMO\\w*",
-        "ABDOMEN", "ABDO", "ABDOMINAL", "KUB", "PELVIS", "PELVIC", "HIPS?", "SACRUM", "COCCYX",
-        "SI JOINTS?", "SACROILIAC",
-        "LEGS?", "LOWER LEG", "LOWER EXTREMITY", "LOWEREXM", "TIBIA", "FIBULA", "TIB FIB", "FEMUR", "FEMORA",
-        "KNEES?", "PATELLA", "ANKLES?", "FOOT", "FEET", "TOES?", "HEELS?", "CALCANEUS", "OS CALCIS",
-        "SKULL", "HEAD", "FACE", "FACIAL", "SINUS", "SINUSES", "MANDIBLE", "ORBITS?", "NASAL", "NECK",
-        "DENTAL", "TEETH", "OPG", "SPINE", "SPINAL", "CSPINE", "TSPINE", "LSPINE", "C SPINE", "T SPINE",
-        "L SPINE", "CERVICAL", "LUMBAR", "THORACIC", "SCOLIOSIS", "WHOLEBODY", "WHOLE BODY", "BABYGRAM",
+        "BREASTS?", "MAMMO\\w*", "FACE", "FACIAL", "SINUS", "SINUSES", "MANDIBLE",
+        "ORBITS?", "NASAL", "NECK", "DENTAL", "TEETH", "OPG", "WHOLEBODY", "WHOLE BODY", "BABYGRAM",
     ),
 }
 
 #: Terms that name a limb but not a region: skipped so a later, more specific attribute can decide.
-_GENERIC = re.compile(r"\b(?:EXTREMITY|EXTREMITIES|UPPEREXM|UPPER EXTREMITY|UPPER LIMB|ARMS?|LIMBS?)\b")
+_GENERIC = re.compile(
+    r"\b(?:EXTREMITY|EXTREMITIES|UPPEREXM|LOWEREXM|UPPER EXTREMITY|LOWER EXTREMITY|UPPER LIMB|LOWER LIMB|ARMS?|LIMBS?)\b"
+)
 
 _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(rf"\b(?:{term})\b"), label) for label, terms in _TERMS.items() for term in terms

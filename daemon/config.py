@@ -400,7 +400,7 @@ def _model_unavailable(name: str, ref: ModelRef) -> str | None:
 # --------------------------------------------------------------------------- cross checks
 
 
-def _cross_check(data: Any) -> list[tuple[Loc, str]]:
+def _cross_check(data: Any, base_dir: Path | None = None) -> list[tuple[Loc, str]]:
     """Checks that relate sections to each other, run on plain data so they work on broken files too."""
     if not isinstance(data, dict):
         return []
@@ -416,6 +416,19 @@ def _cross_check(data: Any) -> list[tuple[Loc, str]]:
             (where, f"anatomy model '{anatomy_model}' is not in models{_known(models)}; "
                     "write 'model: null' to sort by DICOM tags only")
         )
+
+    model_classes = None
+    anatomy_ref = models.get(anatomy_model) if isinstance(anatomy_model, str) else None
+    if isinstance(anatomy_ref, dict) and isinstance(anatomy_ref.get("weights"), (str, Path)):
+        try:
+            weights = _resolve_path(anatomy_ref["weights"], _Context(base_dir), allow_builtin=True)
+        except ValueError:
+            weights = None
+        model_classes = anatomy_model_classes(weights)
+        unknown = [c for c in model_classes or [] if c not in ANATOMY_CLASSES]
+        if unknown:
+            problems.append(((("models", anatomy_model, "weights")),
+                             f"the anatomy model's classes {unknown} are not anatomy names ({', '.join(ANATOMY_CLASSES)})"))
 
     routes = data.get("routes")
     if not isinstance(routes, list):
@@ -457,12 +470,38 @@ def _cross_check(data: Any) -> list[tuple[Loc, str]]:
             if isinstance(labels, list):
                 for j, label in enumerate(labels):
                     if isinstance(label, str) and label.strip().lower() not in ANATOMY_CLASSES:
-                        problems.append(
-                            (("routes", i, "when", "anatomy", j),
-                             f"anatomy '{label}' is not one of {', '.join(ANATOMY_CLASSES)} "
-                             "(regions outside the upper extremity are 'other')")
-                        )
+                        problems.append((("routes", i, "when", "anatomy", j), _unknown_anatomy(label, model_classes)))
     return problems
+
+
+def _unknown_anatomy(label: str, model_classes: list[str] | None) -> str:
+    """Why a route's anatomy name can never match, with what the model and the tags can say instead."""
+    hint = difflib.get_close_matches(label.strip().lower(), ANATOMY_CLASSES, n=1)
+    message = f"anatomy '{label}' is not an anatomy name"
+    if hint:
+        message += f"; did you mean '{hint[0]}'?"
+    if model_classes:
+        message += f" The anatomy model's classes: {', '.join(model_classes)};"
+    return message + f" the DICOM tags give: {', '.join(ANATOMY_CLASSES)}"
+
+
+def anatomy_model_classes(weights: Path | None) -> list[str] | None:
+    """The classes an anatomy model's card lists (None when there is no readable card): plain JSON, no torch."""
+    if weights is None:
+        return None
+    try:
+        card = json.loads(Path(weights).with_suffix(".card.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    classes = card.get("classes") if isinstance(card, dict) else None
+    return [str(c) for c in classes] if isinstance(classes, list) else None
+
+
+class _Context:
+    """The slice of pydantic's ValidationInfo that :func:`_resolve_path` reads, for checks on plain data."""
+
+    def __init__(self, base_dir: Path | None) -> None:
+        self.context = {"base_dir": base_dir} if base_dir is not None else {}
 
 
 def _known(names: dict[str, Any]) -> str:
@@ -630,7 +669,7 @@ def load_config(path: str | Path) -> Config:
             loc = tuple(error.get("loc", ()))
             issues.append(ConfigIssue(file, located.line_of(loc), _format_loc(loc), _message(error)))
 
-    for loc, msg in _cross_check(data):
+    for loc, msg in _cross_check(data, path.resolve().parent):
         issues.append(ConfigIssue(file, located.line_of(loc), _format_loc(loc), msg))
 
     if issues or config is None:

@@ -17,7 +17,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from daemon.anatomy_tags import anatomy_from_tags
-from daemon.config import Config, ConfigError, Route, load_config
+from daemon.config import Config, ConfigError, Route, anatomy_model_classes, load_config
 from daemon.rules import StudyFacts, decide_route, facts_from_dataset
 
 __all__ = ["check_config_text", "describe_route", "explain_files_text"]
@@ -93,6 +93,14 @@ def check_config_text(path: str | Path) -> tuple[bool, str]:
             f"anatomy: model '{anatomy_model}' (min probability {config.anatomy.min_probability:g}), "
             "DICOM tags as evidence and fallback"
         )
+        classes = anatomy_model_classes(config.models[anatomy_model].weights)
+        if classes:
+            lines.append(f"  the model's classes: {', '.join(classes)}")
+            tag_only = sorted({label for route in config.routes for label in (route.when.anatomy or [])
+                               if label.strip().lower() not in classes})
+            if tag_only:
+                lines.append(f"  routes name {', '.join(tag_only)}: only the DICOM tags can give "
+                             f"{'it' if len(tag_only) == 1 else 'them'}")
     status = config.route_status()
     enabled = sum(1 for reason in status.values() if reason is None)
     lines.append(f"routes (first match wins; {enabled} of {len(status)} enabled):")

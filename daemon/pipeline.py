@@ -29,6 +29,17 @@ LOGGER = logging.getLogger(__name__)
 
 
 @dataclass
+class AnatomyDecision:
+    """What the study shows, who said so, and what the other witness said (for the SR)."""
+
+    label: str | None
+    source: str
+    probability: float | None
+    evidence: dict[str, str]
+    provenance: ModelProvenance | None = None
+
+
+@dataclass
 class StudyAnalysis:
     """Everything one analysis produced: the result, the route decision, and the DICOM objects to send."""
 
@@ -48,6 +59,7 @@ class StudyAnalysis:
             "anatomy": r.anatomy,
             "anatomy_source": r.anatomy_source,
             "anatomy_probability": r.anatomy_probability,
+            "anatomy_evidence": r.anatomy_evidence,
             "findings": r.findings,
             "not_processed_reason": r.not_processed_reason,
             "models": [vars(m) for m in r.models],
@@ -87,28 +99,54 @@ class Analyser:
             self._predictors[name] = load_predictor(Path(ref.weights))
         return self._predictors[name]
 
-    def _anatomy(self, sources: list[Dataset], images: list[np.ndarray]) -> tuple[str | None, str, float | None]:
+    def _anatomy(self, sources: list[Dataset], images: list[np.ndarray]) -> AnatomyDecision:
+        """The study's anatomy from the image model and the DICOM tags, with both witnesses kept for the SR.
+
+        The model decides when it is at least ``anatomy.min_probability`` sure (its probabilities averaged over
+        the study's images); otherwise the tags do. Model and tags *disagree* when the tags name a part that is
+        not among the model's two best guesses: "wrist" for a study tagged HAND is a near miss, "knee" is a
+        mislabelled study, and the SR says so for radiology IT.
+        """
+        tag_label, tag_evidence = None, ""
+        for ds in sources:
+            tag_label, tag_evidence = anatomy_from_tags(ds)
+            if tag_label is not None:
+                break
+        evidence: dict[str, str] = {"tags": f"{tag_label} ({tag_evidence})" if tag_label else f"none ({tag_evidence})"}
+        model_choice: list[tuple[str, float]] = []
+        provenance = None
         model_name = self.config.anatomy.model
         if model_name and images and self._model_status.get(model_name, "not configured") is None:
             try:
-                preds = self.predictor(model_name).predict(images, with_heatmaps=False)
-                votes: Counter[str] = Counter()
-                for pred in preds:
-                    votes[str(pred.outputs["anatomy"])] += float(pred.outputs["anatomy_probability"])
-                label, weight = votes.most_common(1)[0]
-                probability = weight / len(preds)
-                if probability >= self.config.anatomy.min_probability:
-                    card = self.predictor(model_name).card
-                    return label, f"model {card.name} {card.version}", probability
-                LOGGER.info("anatomy model unsure (%.2f < %.2f): falling back to DICOM tags",
-                            probability, self.config.anatomy.min_probability)
+                predictor = self.predictor(model_name)
+                mean = predictor.class_probabilities(images).mean(axis=0)
+                order = np.argsort(-mean)[:2]
+                model_choice = [(predictor.card.classes[i], float(mean[i])) for i in order]
+                card = predictor.card
+                provenance = ModelProvenance(name=card.name, version=card.version, sha256=card.sha256, task=card.task)
             except Exception as exc:  # a broken model must not lose the study: the tags still decide
                 LOGGER.exception("anatomy model failed: %s; falling back to DICOM tags", exc)
-        for ds in sources:
-            label, evidence = anatomy_from_tags(ds)
-            if label is not None:
-                return label, f"DICOM tags ({evidence})", None
-        return None, "DICOM tags (no anatomy in BodyPartExamined, StudyDescription, SeriesDescription)", None
+        for key, (name, probability) in zip(("model_top1", "model_top2"), model_choice):
+            evidence[key] = f"{name} {probability:.2f}"
+        if model_choice and tag_label is not None:
+            evidence["disagreement"] = "no" if tag_label in {n for n, _ in model_choice} else "yes"
+        if model_choice and model_choice[0][1] >= self.config.anatomy.min_probability:
+            label, probability = model_choice[0]
+            evidence["decided_by"] = "model"
+            return AnatomyDecision(label, f"model {provenance.name} {provenance.version}", probability, evidence,
+                                   provenance)
+        if model_choice:
+            LOGGER.info("anatomy model unsure (%.2f < %.2f): the DICOM tags decide",
+                        model_choice[0][1], self.config.anatomy.min_probability)
+        if tag_label is not None:
+            evidence["decided_by"] = "tags"
+            return AnatomyDecision(tag_label, f"DICOM tags ({tag_evidence})", None, evidence, provenance)
+        evidence["decided_by"] = "none"
+        source = "DICOM tags (no anatomy in BodyPartExamined, StudyDescription, SeriesDescription)"
+        if model_choice:
+            source = (f"model unsure ({model_choice[0][0]} {model_choice[0][1]:.2f} < "
+                      f"{self.config.anatomy.min_probability:g}) and {source}")
+        return AnatomyDecision(None, source, None, evidence, provenance)
 
     def analyse(self, datasets: list[Dataset], calling_ae: str | None = None,
                 predecessors: list[tuple[str, str, str, str]] | None = None) -> StudyAnalysis:
@@ -128,14 +166,16 @@ class Analyser:
                 skipped.append(f"{ds.SOPInstanceUID}: {exc}")
                 LOGGER.warning("study %s: image %s not decodable: %s", ds.StudyInstanceUID, ds.SOPInstanceUID, exc)
 
-        anatomy, anatomy_source, anatomy_p = self._anatomy(decoded or sources, images)
+        found = self._anatomy(decoded or sources, images)
+        anatomy, anatomy_source, anatomy_p = found.label, found.source, found.probability
         facts = facts_from_dataset(sources[0], calling_ae, anatomy, anatomy_source)
         decision = decide_route(self.config, facts, self._route_status)
         route = decision.route
         base = dict(
             study_uid=str(sources[0].StudyInstanceUID), route=route.name if route else "none", anatomy=anatomy,
-            anatomy_source=anatomy_source, anatomy_probability=anatomy_p, findings={}, models=[],
-            not_processed_reason=None, predecessor_sr=list(predecessors or []),
+            anatomy_source=anatomy_source, anatomy_probability=anatomy_p, findings={},
+            models=[found.provenance] if found.provenance else [],
+            not_processed_reason=None, predecessor_sr=list(predecessors or []), anatomy_evidence=found.evidence,
         )
         reason = _not_processed_reason(decision, route, facts, images, skipped)
         if reason is not None:
@@ -145,7 +185,7 @@ class Analyser:
             return StudyAnalysis(result, decision, facts, route, outputs, skipped)
 
         findings: dict[str, float | str] = {}
-        provenance: list[ModelProvenance] = []
+        provenance: list[ModelProvenance] = list(base["models"])
         heatmaps: list[np.ndarray | None] = [None] * len(images)
         sexes = [_sex(ds) for ds in decoded]
         for name in route.run:

@@ -29,8 +29,12 @@ Coding choices, and why:
 
 * Bone age uses LOINC 85151-9 "XR Bone age" (a quantitative observation, reported in months here).
 * Anatomy uses the SNOMED CT codes of the upper-extremity regions (hand 85562004, wrist 74670003,
-  elbow 127949000, forearm 14975008, humerus 85050009, shoulder 16982005, finger 7569003); "other"
-  has no code and appears only as text.
+  elbow 127949000, forearm 14975008, humerus 85050009, shoulder 16982005, finger 7569003) and, for the rest
+  of the vocabulary, the codes pydicom's SCT dictionary gives (knee 72696002, lower leg 30021000, ankle
+  joint 70258002, foot 56459004, hip 29836001, pelvis 816092008, femur 71341001, chest 816094009, spine
+  421060004, skull 89546000, abdomen 818981001); "other" has no code and appears only as text. The anatomy
+  model's top two, the tags' answer and which decided are TEXT items (99BB ANATOMY-MODEL-1/-2, ANATOMY-TAGS,
+  ANATOMY-DECIDED-BY); their disagreement is a CODE item (99BB ANATOMY-DISAGREE, SCT Yes/No).
 * Decision, sex and yes/no values are standard SNOMED CT qualifiers. The *concept names* for a model's
   abnormality probability, its threshold, a predicted sex, provenance and the not-processed reason have
   no standard code, so they use the private coding scheme ``99BB`` (PS3.16 8.2: designators starting
@@ -141,6 +145,11 @@ CODE_SEX_MISMATCH = _local("SEX-MISMATCH", "Predicted sex differs from DICOM sex
 CODE_ANATOMY = _local("ANATOMY", "Anatomy")
 CODE_ANATOMY_SOURCE = _local("ANATOMY-SOURCE", "Anatomy source")
 CODE_ANATOMY_PROBABILITY = _local("ANATOMY-PROB", "Anatomy probability")
+CODE_ANATOMY_MODEL_TOP1 = _local("ANATOMY-MODEL-1", "Anatomy model first choice")
+CODE_ANATOMY_MODEL_TOP2 = _local("ANATOMY-MODEL-2", "Anatomy model second choice")
+CODE_ANATOMY_TAGS = _local("ANATOMY-TAGS", "Anatomy from DICOM tags")
+CODE_ANATOMY_DECIDED_BY = _local("ANATOMY-DECIDED-BY", "Anatomy decided by")
+CODE_ANATOMY_DISAGREEMENT = _local("ANATOMY-DISAGREE", "Anatomy model disagrees with DICOM tags")
 CODE_ROUTE = _local("ROUTE", "BoneBridge route")
 CODE_MODEL = _local("MODEL", "Model name")
 CODE_MODEL_VERSION = _local("MODEL-VERSION", "Model version")
@@ -160,8 +169,20 @@ ANATOMY_CODES: dict[str, CodedConcept] = {
     "humerus": CodedConcept("85050009", "SCT", "Humerus"),
     "shoulder": CodedConcept("16982005", "SCT", "Shoulder"),
     "finger": CodedConcept("7569003", "SCT", "Finger"),
+    # The rest of the vocabulary: the codes pydicom's SCT dictionary (from DICOM PS3.16) names for these regions.
+    "chest": CodedConcept.from_code(codes.SCT.Chest),
+    "pelvis": CodedConcept.from_code(codes.SCT.Pelvis),
+    "hip": CodedConcept.from_code(codes.SCT.Hip),
+    "femur": CodedConcept.from_code(codes.SCT.Femur),
+    "knee": CodedConcept.from_code(codes.SCT.Knee),
+    "leg": CodedConcept.from_code(codes.SCT.LowerLeg),
+    "ankle": CodedConcept.from_code(codes.SCT.AnkleJoint),
+    "foot": CodedConcept.from_code(codes.SCT.Foot),
+    "spine": CodedConcept.from_code(codes.SCT.Spine),
+    "skull": CodedConcept.from_code(codes.SCT.Skull),
+    "abdomen": CodedConcept.from_code(codes.SCT.Abdomen),
 }
-"""SNOMED CT finding sites for the anatomy classes; "other" deliberately has none."""
+"""SNOMED CT finding sites for the anatomy names; "other" deliberately has none."""
 
 _DECISION_CODES = {
     "abnormal": CodedConcept.from_code(codes.SCT.Abnormal),
@@ -220,6 +241,9 @@ class StudyResult:
     models: list[ModelProvenance] = field(default_factory=list)
     not_processed_reason: str | None = None
     predecessor_sr: list[tuple[str, str, str, str]] = field(default_factory=list)
+    #: Both witnesses of the anatomy, whichever decided: ``model_top1``/``model_top2`` ("knee 0.93"), ``tags``
+    #: ("hand (BodyPartExamined=HAND)"), ``decided_by`` (model, tags or none) and ``disagreement`` (yes/no).
+    anatomy_evidence: dict[str, str] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------- helpers
@@ -380,6 +404,15 @@ def _context_items(result: StudyResult) -> list[Dataset]:
     items: list[Dataset] = [_text(CODE_ROUTE, result.route or "(none)")]
     items.append(_text(CODE_ANATOMY, result.anatomy or "unknown"))
     items.append(_text(CODE_ANATOMY_SOURCE, result.anatomy_source or "unknown"))
+    evidence = result.anatomy_evidence
+    for key, code in (("model_top1", CODE_ANATOMY_MODEL_TOP1), ("model_top2", CODE_ANATOMY_MODEL_TOP2),
+                      ("tags", CODE_ANATOMY_TAGS), ("decided_by", CODE_ANATOMY_DECIDED_BY)):
+        if evidence.get(key):
+            items.append(_text(code, evidence[key]))
+    if evidence.get("disagreement") in _YES_NO_CODES:
+        # A mislabelled-study hint for radiology IT: the image looks like one part, the header names another.
+        items.append(hd.sr.CodeContentItem(name=CODE_ANATOMY_DISAGREEMENT, value=_YES_NO_CODES[evidence["disagreement"]],
+                                           relationship_type="CONTAINS"))
     for model in result.models:
         item = _text(CODE_MODEL, model.name)
         item.ContentSequence = hd.sr.ContentSequence(

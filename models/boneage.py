@@ -65,7 +65,7 @@ def boneage_spec(card: ModelCard) -> TaskSpec:
         return boneage_metrics(pred * std + mean, age, sex_logit, male)
 
     return TaskSpec(card=card, loss=loss, evaluate=evaluate, monitor="mae_months", lower_is_better=True,
-                    augment=Augment(degrees=15, scale=(0.9, 1.1), translate=0.06))
+                    augment=Augment(degrees=15, scale=(0.85, 1.15), translate=0.08, contrast=0.2))
 
 
 def boneage_metrics(pred_months: torch.Tensor, true_months: torch.Tensor, sex_logit: torch.Tensor,

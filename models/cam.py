@@ -27,7 +27,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from models.networks import BoneAgeSexNet
-from models.preprocess import Geometry
+from models.preprocess import Geometry, body_box
 
 
 class AgeOutput(nn.Module):
@@ -110,6 +110,21 @@ def to_original(square: np.ndarray, shape: tuple[int, int], geometry: Geometry) 
     if peak > 0:
         out = out / peak  # the padding is gone: scale so the strongest evidence on the image reads 1
     return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def to_image(square: np.ndarray, image: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """A SxS map on the network input -> HxW over ``image``, undoing the body crop as well as the resize.
+
+    With ``geometry.crop_to_body`` the network saw only the body part's box: the map is laid back into that box
+    and the background outside it reads 0 (the network never saw it, so it holds no evidence).
+    """
+    height, width = image.shape[:2]
+    if not geometry.crop_to_body:
+        return to_original(square, (height, width), geometry)
+    top, left, bottom, right = body_box(image)
+    out = np.zeros((height, width), dtype=np.float32)
+    out[top:bottom, left:right] = to_original(square, (bottom - top, right - left), geometry)
+    return out
 
 
 def _colormap(name: str = "turbo"):

@@ -11,9 +11,10 @@ measured on validation and what the model card records.
   ``bonebridge evaluate abnormality`` reports on. Early stopping and the decision threshold use a patient-hashed
   tenth of MURA ``train`` instead: a threshold tuned on the set it is then reported on would flatter the model.
   The threshold maximises Youden's J (sensitivity + specificity - 1) on that validation tenth.
-- **anatomy**: the seven MURA regions plus "other", softmax over eight logits, cross-entropy, top-1 accuracy.
-  Examples come from one folder per class or from a ``clusters.yaml`` written by ``bonebridge sort`` and named
-  by a person (clusters named null or ``discard`` are left out).
+- **anatomy**: softmax over the names a person gave (from the one vocabulary of
+  :mod:`models.anatomy_vocabulary`), cross-entropy, top-1 accuracy. Examples come from one folder per class or
+  from a ``clusters.yaml`` written by ``bonebridge sort`` and named by a person (clusters named null or
+  ``discard`` are left out); from clusters, the default trainer is the linear probe of :mod:`models.anatomy`.
 """
 
 from __future__ import annotations
@@ -30,15 +31,15 @@ from sklearn.metrics import cohen_kappa_score, roc_auc_score, roc_curve
 from torch import nn
 
 from models.checkpoint import ModelCard
+from models.anatomy_vocabulary import VOCABULARY, canonical_name, in_vocabulary_order
 from models.data import read_class_folders, read_mura, read_rsna_boneage, split_of
 from models.preprocess import Augment, Geometry
 from models.train import Example, TaskSpec, TrainConfig, build_cache, predict_cache, train
 
 LOGGER = logging.getLogger(__name__)
 
-#: The anatomy model's outputs, in this order (MURA's seven upper-extremity regions, then everything else).
-#: Must equal ``daemon.anatomy_tags.ANATOMY_CLASSES``; a test checks it.
-ANATOMY_CLASSES: tuple[str, ...] = ("elbow", "finger", "forearm", "hand", "humerus", "shoulder", "wrist", "other")
+#: Every name an anatomy class may have; a model's classes are the subset its training data named.
+ANATOMY_CLASSES: tuple[str, ...] = VOCABULARY
 ABNORMALITY_CLASSES = ["normal", "abnormal"]
 SEX_CLASSES = ["female", "male"]
 
@@ -200,36 +201,24 @@ def mura_examples(root: Path) -> dict[str, list[Example]]:
     return splits
 
 
-def anatomy_class_index(name: str) -> int:
-    """Index of a folder or cluster name among :data:`ANATOMY_CLASSES` (``XR_WRIST`` and ``Wrist`` work too)."""
-    key = name.strip().lower()
-    key = key[3:] if key.startswith("xr_") else key
-    if key not in ANATOMY_CLASSES:
-        raise ValueError(f"{name!r} is not an anatomy class; use one of {', '.join(ANATOMY_CLASSES)} (or discard)")
-    return ANATOMY_CLASSES.index(key)
+def anatomy_class_index(name: str, classes: Sequence[str] = ANATOMY_CLASSES) -> int:
+    """Index of a folder or cluster name among ``classes`` (``XR_WRIST`` and ``Wrist`` work too)."""
+    key = canonical_name(name)
+    if key not in classes:
+        raise ValueError(f"{name!r} is not one of this model's classes ({', '.join(classes)})")
+    return list(classes).index(key)
 
 
-def anatomy_examples_from_folders(root: Path) -> dict[str, list[Example]]:
-    """``root/<class>/`` images, split by the hash of their path relative to ``root``."""
+def anatomy_examples_from_folders(root: Path) -> tuple[dict[str, list[Example]], list[str]]:
+    """``root/<class>/`` images, split by the hash of their path relative to ``root``; classes = folder names."""
     items, names = read_class_folders(root)
-    indices = {name: anatomy_class_index(name) for name in names}  # raises on a folder that is no class
+    classes = in_vocabulary_order(names)  # raises on a folder that is no anatomy name
     splits: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
     for item in items:
-        label = indices[item.group]
+        label = anatomy_class_index(item.group, classes)
         key = Path(item.path).relative_to(root).as_posix()
-        splits[split_of(key)].append(Example(item.path, float(label), group=ANATOMY_CLASSES[label]))
-    return splits
-
-
-def anatomy_examples_from_clusters(clusters_yaml: Path) -> dict[str, list[Example]]:
-    """Images of the clusters a person named, split by the hash of their path as listed in the YAML."""
-    from models.cluster import read_named_clusters
-
-    splits: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
-    for key, path, name in read_named_clusters(clusters_yaml):
-        label = anatomy_class_index(name)
-        splits[split_of(key)].append(Example(path, float(label), group=ANATOMY_CLASSES[label]))
-    return splits
+        splits[split_of(key)].append(Example(item.path, float(label), group=classes[label]))
+    return splits, classes
 
 
 def _require(splits: dict[str, list[Example]], binary: bool, source: str) -> None:
@@ -272,17 +261,25 @@ def train_classifier(args: argparse.Namespace, geometry: Geometry, cfg: TrainCon
     elif task == "anatomy":
         clusters = getattr(args, "clusters", None)
         if clusters:
-            splits = anatomy_examples_from_clusters(Path(clusters))
-            source, licence = str(clusters), SITE_LICENCE
+            from models.anatomy import examples_from_clusters
+
+            found = examples_from_clusters(Path(clusters))
+            splits, classes = found.splits, found.classes
+            source, licence = str(clusters), getattr(args, "licence", None) or SITE_LICENCE
         elif data is not None:
-            splits = anatomy_examples_from_folders(data)
+            splits, classes = anatomy_examples_from_folders(data)
             source, licence = str(data), "As the licence of the class-folder images (record it here)."
         else:
             raise ValueError("train anatomy needs --data CLASS_FOLDERS or --clusters clusters.yaml")
-        counts = {name: sum(e.group == name for e in splits["train"]) for name in ANATOMY_CLASSES}
+        counts = {name: sum(e.group == name for e in splits["train"]) for name in classes}
         note = (f"{Path(source).name}: {len(splits['train'])} train / {len(splits['val'])} validation images "
-                f"(path-hash split; {len(splits['test'])} test held out); train per class {counts}")
-        card = classifier_card("anatomy", geometry, architecture, list(ANATOMY_CLASSES), note, licence)
+                f"(split by id block or case id; {len(splits['test'])} test held out); train per class {counts}")
+        card = classifier_card("anatomy", geometry, architecture, classes, note, licence)
+        if clusters and not getattr(args, "finetune", False):
+            from models.anatomy import train_linear_probe
+
+            _require(splits, binary=False, source=source)
+            return train_linear_probe(Path(clusters), cfg.out, geometry, card, seed=cfg.seed, progress=cfg.progress)
         spec = multiclass_spec(card)
     else:
         raise ValueError(f"train_classifier does not train {task!r}")

@@ -16,11 +16,16 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, help="RSNA labels.csv (boneage/sex), MURA root (abnormality), class folders (anatomy)")
     p.add_argument("--images", type=Path, help="RSNA image folder when not beside labels.csv")
     p.add_argument("--clusters", type=Path, help="anatomy: a clusters YAML written by `bonebridge sort` and named by a person")
+    p.add_argument("--finetune", action="store_true",
+                   help="anatomy from --clusters: train the whole network instead of a linear probe on frozen features")
+    p.add_argument("--licence", help="anatomy from --clusters: the licence/attribution note of the sorted images, for the card")
     p.add_argument("--out", type=Path, required=True, help="checkpoint path (.pt); its card is written beside it")
     p.add_argument("--arch", default="efficientnet_lite0")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--aspect", choices=["stretch", "pad"], default="pad")
     p.add_argument("--mask-labels", action="store_true", help="mask burned-in labels at inference (and train on masked)")
+    p.add_argument("--crop-to-body", action="store_true",
+                   help="crop every image to the body part's silhouette first (training and inference alike)")
     p.add_argument("--mask-probability", type=float, default=None,
                    help="fraction of training images masked (default 1.0 with --mask-labels, else 0)")
     p.add_argument("--epochs", type=int, default=10)
@@ -37,7 +42,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    geometry = Geometry(size=args.size, aspect=args.aspect, mask_labels=args.mask_labels)
+    geometry = Geometry(size=args.size, aspect=args.aspect, mask_labels=args.mask_labels,
+                        crop_to_body=args.crop_to_body)
     mask_p = args.mask_probability if args.mask_probability is not None else (1.0 if args.mask_labels else 0.0)
     cfg = TrainConfig(
         out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
@@ -62,7 +68,8 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("task", choices=["boneage", "sex", "abnormality", "anatomy"])
     p.add_argument("--weights", type=Path, required=True, help="checkpoint (.pt) with its card beside it")
     p.add_argument("--data", type=Path,
-                   help="RSNA folder (DIR/labels.csv + DIR/images), MURA root, or class folders (anatomy)")
+                   help="RSNA folder (DIR/labels.csv + DIR/images), MURA root, or class folders or a named "
+                        "clusters.yaml (anatomy)")
     p.add_argument("--labels", type=Path, help="RSNA labels.csv when it is not DIR/labels.csv")
     p.add_argument("--split", choices=["test", "val", "train", "all"], default=None,
                    help="id-hash split to evaluate (default all; `test` is the tenth training never saw); "
@@ -72,6 +79,12 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
                       help="mask burned-in labels (default: as the model card says)")
     mask.add_argument("--no-mask", dest="mask", action="store_false", help="do not mask burned-in labels")
     p.add_argument("--tta", action="store_true", help="bone age: average the image and two small shifts")
+    p.add_argument("--variants", action="store_true",
+                   help="bone age: also measure the images reframed as real ones differ (tight crop on black, zoomed "
+                        "out, rotated 15 degrees both ways, MONOCHROME1 DICOM)")
+    p.add_argument("--regions", type=Path, action="append",
+                   help="anatomy: independent region labels (FracAtlas dataset.csv, RSNA labels.csv), repeatable; "
+                        "adds region-level accuracy")
     p.add_argument("--json", type=Path, required=True, help="where to write the report")
     p.add_argument("--plots", type=Path, help="folder for the PNG plots (default: beside the JSON)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -91,13 +104,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def add_sort_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sort", help="cluster unlabeled radiographs into contact sheets + clusters.yaml to name")
-    p.add_argument("--images", type=Path, required=True, help="folder of PNG/JPEG/DICOM (.dcm) images, searched recursively")
+    p.add_argument("--images", type=Path, required=True, action="append",
+                   help="folder of PNG/JPEG/DICOM (.dcm) images, searched recursively; repeat to pool folders")
     p.add_argument("--out", type=Path, required=True, help="folder for cluster_XX.png and clusters.yaml")
     p.add_argument("--k", type=int, default=8, help="number of clusters (default 8)")
     p.add_argument("--weights", type=Path, help="embed with a trained checkpoint's features instead of ImageNet's")
     p.add_argument("--arch", default="efficientnet_lite0", help="backbone for ImageNet features (without --weights)")
     p.add_argument("--size", type=int, default=128, help="input size for ImageNet features (without --weights)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--labels", type=Path, action="append",
+                   help="known regions to measure the clusters against (NMI), never used to cluster: a FracAtlas "
+                        "dataset.csv, an RSNA labels.csv (all hands) or a path,label CSV; repeatable")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_sort)
 
@@ -106,10 +123,15 @@ def run_sort(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from models.cluster import sort_images
 
-    clusters = sort_images(args.images, args.out, k=args.k, weights=args.weights, arch=args.arch, size=args.size,
-                           progress=not args.no_progress, seed=args.seed)
+    clusters, agreement = sort_images(args.images, args.out, k=args.k, weights=args.weights, arch=args.arch,
+                                      size=args.size, progress=not args.no_progress, seed=args.seed,
+                                      region_labels=args.labels)
     for cluster in clusters:
         print(f"cluster {cluster.index:02d}: {len(cluster.paths)} images -> {cluster.sheet}")
+    if agreement:
+        print(f"agreement with the known regions: NMI {agreement.get('nmi', float('nan')):.3f} over "
+              f"{agreement['single_region_images']} single-region images (ARI {agreement.get('adjusted_rand', 0):.3f}; "
+              f"NMI {agreement.get('nmi_with_mixed', float('nan')):.3f} counting 'mixed' as a region)")
     print(f"name the clusters in {args.out / 'clusters.yaml'}, then: "
           f"bonebridge train anatomy --clusters {args.out / 'clusters.yaml'} --out anatomy.pt")
     return 0

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.cam import grad_cam, to_original
+from models.cam import grad_cam, to_image
 from models.checkpoint import ModelCard, load_checkpoint
 from models.preprocess import Geometry, to_model_input
 
@@ -114,6 +114,22 @@ class Predictor:
                 results += self._predict_batch(images[start:stop], sexes[start:stop], with_heatmaps, tta)
         return results
 
+    def class_probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Softmax over ``card.classes`` per image (N x C), for a multi-class model such as anatomy.
+
+        The daemon averages these over a study's images before taking its top two, so one odd view cannot
+        outvote the rest and the second choice is the study's, not one image's.
+        """
+        if self.task != "anatomy":
+            raise ValueError(f"class probabilities are for multi-class models, not {self.task!r}")
+        rows = []
+        with self._lock, torch.no_grad():
+            for start in range(0, len(images), self.batch_size):
+                x = to_model_input(list(images[start:start + self.batch_size]), self.geometry)
+                x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+                rows.append(torch.softmax(self.model(x).float(), dim=1).cpu().numpy())
+        return np.concatenate(rows) if rows else np.zeros((0, len(self.card.classes)), dtype=np.float32)
+
     # ------------------------------------------------------------------ internals
     def _views(self, x: torch.Tensor, tta: bool) -> list[torch.Tensor]:
         if not tta:
@@ -134,7 +150,7 @@ class Predictor:
         heatmaps: list[np.ndarray | None] = [None] * len(images)
         if with_heatmaps:
             squares = grad_cam(self.model, x, self.task, male_used, direction)
-            heatmaps = [to_original(sq, img.shape[:2], self.geometry) for sq, img in zip(squares, images)]
+            heatmaps = [to_image(sq, img, self.geometry) for sq, img in zip(squares, images)]
         return [ImagePrediction(out, hm) for out, hm in zip(outputs, heatmaps)]
 
     def _boneage(self, x: torch.Tensor, sexes: list[str | None],

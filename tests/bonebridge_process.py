@@ -19,8 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def write_config(workdir: Path, *, pacs_port: int, listen_port: int | None = None, broker: str = "embedded",
                  quiet_period_s: float = 1.0, visibility_timeout_s: float = 600, dest_retries: int = 5,
-                 dest_backoff_s: float = 1.0, extra: dict[str, Any] | None = None) -> Path:
-    """A test config: the shipped routes and models, on free ports, with short timings."""
+                 dest_backoff_s: float = 1.0, extra: dict[str, Any] | None = None,
+                 anatomy_model: bool = False) -> Path:
+    """A test config: the shipped routes and models, on free ports, with short timings.
+
+    Anatomy comes from the DICOM tags unless ``anatomy_model``: most tests send synthetic gradients tagged HAND to
+    exercise transport, and what an image model says about a gradient means nothing. Tests that send real
+    radiographs turn the shipped anatomy model on.
+    """
     shipped = yaml.safe_load((REPO / "config" / "bonebridge.yaml").read_text())
     config = {
         **shipped,
@@ -35,6 +41,7 @@ def write_config(workdir: Path, *, pacs_port: int, listen_port: int | None = Non
         "queue": {"visibility_timeout_s": visibility_timeout_s, "max_retries": 3, "retry_backoff_s": 1},
         "destinations": {"pacs": {"ae_title": "ORTHANC", "host": LOCALHOST, "port": pacs_port,
                                   "retries": dest_retries, "backoff_s": dest_backoff_s}},
+        **({} if anatomy_model else {"anatomy": {"model": None}}),
         **(extra or {}),
     }
     # the catch-all route waits less than the others: exercises per-route quiet periods in every test

@@ -53,13 +53,16 @@ def make_dx(
     accession_number: str = "ACC0001",
     laterality: str = "L",
     seed: int | None = None,
+    pixels: np.ndarray | None = None,
 ) -> Dataset:
     """Write a small DX For Presentation file to ``path`` and return the dataset written.
 
     UIDs not given are generated, so two calls with the same ``study_uid`` make two instances of one
     study. The returned dataset has ``filename`` set to the written path. ``body_part``, ``age`` and
     ``sex`` map to BodyPartExamined, PatientAge and PatientSex: ``None`` leaves the attribute out,
-    ``""`` writes it empty (routing tests need both kinds of missing value).
+    ``""`` writes it empty (routing tests need both kinds of missing value). ``pixels`` (uint16 within 12 bits,
+    or float in [0, 1]) replaces the gradient with a real radiograph's pixels; ``study_description=""`` and
+    ``body_part=None`` then make an untagged study, as many PACS send.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +108,7 @@ def make_dx(
     ds.SeriesNumber = 1
     ds.SeriesDate = date
     ds.SeriesTime = time
-    ds.SeriesDescription = f"{body_part or 'XR'} PA"
+    ds.SeriesDescription = f"{body_part} PA" if body_part else ""
     if body_part is not None:
         ds.BodyPartExamined = body_part
     ds.Laterality = ""
@@ -126,7 +129,13 @@ def make_dx(
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
     # DX image / image pixel
-    pixels = dx_pixels(size, seed=seed if seed is not None else instance_number)
+    top = (1 << BITS_STORED) - 1
+    if pixels is None:
+        pixels = dx_pixels(size, seed=seed if seed is not None else instance_number)
+    elif np.issubdtype(pixels.dtype, np.floating):
+        pixels = np.clip(np.round(pixels * top), 0, top).astype(np.uint16)
+    else:
+        pixels = np.clip(pixels, 0, top).astype(np.uint16)
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = pixels.shape

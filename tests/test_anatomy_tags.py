@@ -27,22 +27,26 @@ def tags(**attrs: str) -> Dataset:
     return ds
 
 
-def test_classes_are_mura_regions_plus_other() -> None:
-    assert ANATOMY_CLASSES == ("elbow", "finger", "forearm", "hand", "humerus", "shoulder", "wrist", "other")
+def test_labels_are_the_one_vocabulary() -> None:
+    from models.anatomy_vocabulary import VOCABULARY
+
+    assert ANATOMY_CLASSES == VOCABULARY
+    assert ANATOMY_CLASSES[:7] == ("elbow", "finger", "forearm", "hand", "humerus", "shoulder", "wrist")
+    assert {"knee", "pelvis", "chest", "other"} <= set(ANATOMY_CLASSES)
     assert TAG_SOURCES == ("BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName")
 
 
-def test_real_cr_chest_is_other() -> None:
+def test_real_cr_chest_is_chest() -> None:
     ds = pydicom.dcmread(data_store_file("RG1_UNCR.dcm"), stop_before_pixels=True)
     assert ds.BodyPartExamined == "CHEST"  # the file's actual tag
-    assert anatomy_from_tags(ds) == ("other", "BodyPartExamined=CHEST")
+    assert anatomy_from_tags(ds) == ("chest", "BodyPartExamined=CHEST")
 
 
 def test_real_cr_leg_generic_body_part_falls_back_to_description() -> None:
     ds = pydicom.dcmread(data_store_file("RG3_UNCR.dcm"), stop_before_pixels=True)
     assert ds.BodyPartExamined == "EXTREMITY"  # says nothing about which one
     label, evidence = anatomy_from_tags(ds)
-    assert label == "other"
+    assert label == "leg"
     assert evidence.startswith(f"StudyDescription={ds.StudyDescription}")
     assert "TIBIA" in evidence
 
@@ -61,8 +65,9 @@ def test_real_file_without_anatomy() -> None:
     ("body_part", "label"),
     [("HAND", "hand"), ("FINGER", "finger"), ("THUMB", "finger"), ("WRIST", "wrist"), ("FOREARM", "forearm"),
      ("ELBOW", "elbow"), ("HUMERUS", "humerus"), ("SHOULDER", "shoulder"), ("CLAVICLE", "shoulder"),
-     ("SCAPULA", "shoulder"), ("KNEE", "other"), ("ANKLE", "other"), ("FOOT", "other"), ("PELVIS", "other"),
-     ("HIP", "other"), ("SKULL", "other"), ("ABDOMEN", "other"), ("LSPINE", "other"), ("THORAX", "other")],
+     ("SCAPULA", "shoulder"), ("KNEE", "knee"), ("ANKLE", "ankle"), ("FOOT", "foot"), ("PELVIS", "pelvis"),
+     ("HIP", "hip"), ("FEMUR", "femur"), ("TIBIA", "leg"), ("SKULL", "skull"), ("ABDOMEN", "abdomen"),
+     ("LSPINE", "spine"), ("THORAX", "chest"), ("DENTAL", "other")],
 )
 def test_body_part_examined_terms(body_part: str, label: str) -> None:
     assert anatomy_from_tags(tags(BodyPartExamined=body_part)) == (label, f"BodyPartExamined={body_part}")
@@ -80,7 +85,9 @@ def test_body_part_examined_terms(body_part: str, label: str) -> None:
         ("RIGHT UPPER ARM", "humerus"),
         ("HUMERAL HEAD", "shoulder"),  # longer term beats HEAD/HUMERAL at the same position
         ("RADIAL HEAD VIEW", "elbow"),
-        ("L-SPINE", "other"),
+        ("L-SPINE", "spine"),
+        ("FEMORAL HEAD", "hip"),
+        ("LOWER EXTREMITY", None),  # a limb, not a region
         ("Wrist and hand", "wrist"),  # earliest mention wins
         ("HANDLE OF DOOR", None),  # word boundaries
         ("FOREARM", "forearm"),  # not ARM

@@ -185,7 +185,7 @@ def test_every_error_is_reported_with_its_line(tmp_path: Path) -> None:
         routes:
           - name: kids
             when:
-              anatomy: [hand, chest]
+              anatomy: [hand, chset]
               patient_age_years: {min: 20, max: 18}
             run: [boneage, bogus]
             send_to: [pacs, nowhere]
@@ -214,7 +214,7 @@ def test_every_error_is_reported_with_its_line(tmp_path: Path) -> None:
         "routes[2].whenn": 20,
     }
     messages = {issue.field: issue.message for issue in error.errors}
-    assert "chest" in messages["routes[0].when.anatomy[1]"]
+    assert "did you mean 'chest'" in messages["routes[0].when.anatomy[1]"]
     assert "min 20 is greater than max 18" in messages["routes[0].when.patient_age_years"]
     assert "unknown model 'bogus'" in messages["routes[0].run[1]"]
     assert "unknown destination 'nowhere'" in messages["routes[0].send_to[1]"]

@@ -119,6 +119,30 @@ def test_orthanc_pushes_study(tmp_path: Path, pacs, bonebridge) -> None:
     assert "disabled" in json.dumps(values).lower()
 
 
+ANATOMY_READY = load_config(REPO / "config" / "bonebridge.yaml").model_status().get("anatomy") is None
+
+
+@pytest.mark.skipif(not ANATOMY_READY, reason="shipped anatomy weights not present")
+def test_real_leg_cr_is_sorted_by_the_anatomy_model_and_not_processed(tmp_path: Path, pacs) -> None:
+    """The shipped config with its anatomy model on: a real CR of a lower leg, tagged only EXTREMITY in
+    BodyPartExamined, is sorted from its pixels, and its not-processed SR says what the model and the tags said."""
+    import data_store
+
+    config = write_config(tmp_path, pacs_port=pacs.dicom_port, anatomy_model=True)
+    leg = Path(data_store.__file__).parent / "data" / "RG3_UNCR.dcm"
+    study_uid = str(pydicom.dcmread(leg, stop_before_pixels=True).StudyInstanceUID)
+    with BoneBridgeProcess(config) as proc:
+        assert storescu(proc.port, "BONEBRIDGE", [leg]).returncode == 0
+        found = _wait_for_sr(pacs, study_uid)
+    values = sr_values(pacs.get_instance_dataset(found["SR"][0]["id"]))
+    assert values["Anatomy decided by"] == "model"
+    assert values["Anatomy source"].startswith("model bonebridge-anatomy")
+    assert values["Anatomy"] in {"knee", "leg", "ankle", "foot", "femur"}
+    assert values["Anatomy from DICOM tags"].startswith("leg (StudyDescription=")
+    assert values["Anatomy model disagrees with DICOM tags"] == "No"
+    assert "not processed" in json.dumps(values).lower()
+
+
 def test_unknown_caller_is_rejected(tmp_path: Path, pacs, bonebridge) -> None:
     hand = make_dx(tmp_path / "x.dcm")
     result = storescu(bonebridge.port, "BONEBRIDGE", [tmp_path / "x.dcm"], calling_aet="STRANGER")

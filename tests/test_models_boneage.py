@@ -118,6 +118,8 @@ def test_evaluate_boneage_writes_json_plots_and_headline(boneage_model: tuple[Pa
     assert list(bands) == ["0-2y", "2-6y", "6-10y", "10-14y", "14-19y"]
     assert sum(b["n"] for b in bands.values()) == len(rows)
     assert "sex_accuracy" in report["metrics"] and report["timing"]["seconds_per_image"] > 0
+    assert report["mae"] == report["metrics"]["mae_months"] and 0 <= report["sex_accuracy"] <= 1
+    assert 0 <= report["metrics"]["sex_mismatch_rate"] <= 1
     for name in ("boneage_bland_altman.png", "boneage_scatter.png"):
         with Image.open(tmp_path / "plots" / name) as img:
             assert img.format == "PNG" and img.size[0] > 200
@@ -130,6 +132,21 @@ def test_evaluate_boneage_writes_json_plots_and_headline(boneage_model: tuple[Pa
     tta_pred = {r["id"]: r["pred_months"] for r in everything["per_image"]}
     assert any(abs(tta_pred[r["id"]] - r["pred_months"]) > 1e-3 for r in rows)
     assert re.fullmatch(r"boneage MAE [0-9.]+ months \(n=170\)", capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_evaluate_boneage_reports_every_framing_variant(boneage_model: tuple[Path, dict], rsna: Path,
+                                                        tmp_path: Path) -> None:
+    from models.framing import VARIANTS
+
+    path, _ = boneage_model
+    assert cli.main(["evaluate", "boneage", "--weights", str(path), "--data", str(rsna), "--split", "test",
+                     "--variants", "--json", str(tmp_path / "v.json"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "v.json").read_text())
+    variants = report["metrics"]["variants"]
+    assert list(variants) == list(VARIANTS)
+    for figures in variants.values():
+        assert figures["n"] == report["metrics"]["n"] and figures["mae_months"] >= 0 and "sex_accuracy" in figures
+    assert "framing variants within" in report["headline"]
 
 
 def test_sex_classifier_trains_and_evaluates(rsna: Path, boneage_model: tuple[Path, dict], tmp_path: Path,

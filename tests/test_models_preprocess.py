@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from models.preprocess import Geometry, mask_burned_in_labels, to_model_input
 
@@ -41,3 +42,76 @@ def test_geometry_pad_keeps_aspect_and_stretch_fills() -> None:
     # padding: the left and right quarters are black (normalised black is negative), the middle is white
     assert padded[0, 0, 32, 2] < 0 < padded[0, 0, 32, 32]
     assert stretched[0, 0, 32, 2] > 0
+
+
+# --------------------------------------------------------------------------- crop to the body part
+def _hand_on_detector(height: int = 400, width: int = 300) -> np.ndarray:
+    """A bright 'hand' (soft tissue with denser 'bones') on a dark detector field, a burned-in marker apart."""
+    rng = np.random.default_rng(3)
+    image = rng.normal(0.08, 0.01, (height, width)).astype(np.float32)
+    image[120:380, 60:210] = 0.45                       # soft tissue
+    image[150:370, 90:110] = image[150:370, 150:170] = 0.8  # bones
+    image[20:40, 250:265] = 1.0                          # an "L" marker, small and separate
+    return image.clip(0, 1)
+
+
+def test_body_box_finds_the_part_and_leaves_the_marker_out() -> None:
+    from models.preprocess import body_box
+
+    top, left, bottom, right = body_box(_hand_on_detector())
+    assert 100 <= top <= 120 and 40 <= left <= 60 and 380 <= bottom <= 400 and 210 <= right <= 230
+    assert top > 40  # the marker at rows 20-40 is not in the box
+
+
+def test_body_box_keeps_the_whole_image_when_nothing_stands_out() -> None:
+    from models.preprocess import body_box
+
+    assert body_box(np.full((100, 80), 0.5, dtype=np.float32)) == (0, 0, 100, 80)
+    assert body_box(np.zeros((10, 10), dtype=np.float32)) == (0, 0, 10, 10)
+
+
+def test_crop_makes_loose_and_tight_framing_agree() -> None:
+    from models.preprocess import Geometry, to_unit_square
+
+    loose = _hand_on_detector()
+    tight = loose[100:400, 40:230].copy()  # cropped to the hand, as a PACS user might
+    padded = np.pad(loose, ((200, 200), (200, 200)), constant_values=0.08)  # zoomed out
+    geometry = Geometry(size=64, aspect="pad", crop_to_body=True)
+    reference = to_unit_square(loose, geometry)
+    for variant in (tight, padded):
+        assert float((to_unit_square(variant, geometry) - reference).abs().mean()) < 0.03
+    plain = Geometry(size=64, aspect="pad")
+    assert float((to_unit_square(padded, plain) - to_unit_square(loose, plain)).abs().mean()) > 0.05
+
+
+def test_heatmap_goes_back_into_the_crop_box() -> None:
+    from models.cam import to_image
+    from models.preprocess import Geometry, body_box
+
+    image = _hand_on_detector()
+    geometry = Geometry(size=32, aspect="pad", crop_to_body=True)
+    heatmap = to_image(np.ones((32, 32), dtype=np.float32), image, geometry)
+    top, left, bottom, right = body_box(image)
+    assert heatmap.shape == image.shape
+    assert heatmap[:top].max() == 0 and heatmap[:, right:].max() == 0
+    assert heatmap[top + 20:bottom - 20, left + 20:right - 20].min() > 0.5
+
+
+# --------------------------------------------------------------------------- framing variants
+def test_framing_variants_reframe_the_same_hand() -> None:
+    from models.framing import VARIANTS, make_variant
+
+    image = _hand_on_detector()
+    for name in VARIANTS:
+        out = make_variant(image, name)
+        assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1, name
+    tight = make_variant(image, "tight_crop_black")
+    assert tight.shape[0] < image.shape[0] and tight.shape[1] < image.shape[1]
+    assert tight[0, 0] == 0  # the background outside the silhouette is black
+    assert make_variant(image, "zoomed_out").shape == image.shape
+    assert make_variant(image, "rotated_plus_15").shape[1] > image.shape[1]  # the canvas grows to keep the corners
+    # MONOCHROME1 written and decoded by the daemon comes back as the same picture, bone bright.
+    back = make_variant(image, "monochrome1_dicom")
+    assert back.shape == image.shape and float(np.abs(back - image).mean()) < 0.02
+    with pytest.raises(ValueError, match="unknown framing variant"):
+        make_variant(image, "upside_down")

@@ -402,3 +402,24 @@ def test_heatmap_sc_accepts_already_decoded_image(sources: list[Dataset], findin
     np.testing.assert_array_equal(given.pixel_array, decoded_here.pixel_array)
     blank = build_heatmap_sc(sources[0], _hot_corner(), findings, 0, display_image=np.zeros((32, 32)))
     assert not np.array_equal(blank.pixel_array, decoded_here.pixel_array)
+
+
+def test_sr_keeps_both_anatomy_witnesses_and_flags_disagreement(sources: list[Dataset], findings: StudyResult) -> None:
+    from dataclasses import replace
+
+    from tests.bonebridge_process import sr_values
+
+    evidence = {"model_top1": "knee 0.91", "model_top2": "leg 0.06", "tags": "hand (BodyPartExamined=HAND)",
+                "decided_by": "model", "disagreement": "yes"}
+    values = sr_values(_read_sr(build_sr(sources, replace(findings, anatomy="knee", anatomy_evidence=evidence))))
+    assert values["Anatomy model first choice"] == "knee 0.91"
+    assert values["Anatomy model second choice"] == "leg 0.06"
+    assert values["Anatomy from DICOM tags"] == "hand (BodyPartExamined=HAND)"
+    assert values["Anatomy decided by"] == "model"
+    assert values["Anatomy model disagrees with DICOM tags"] == "Yes"
+    assert values["Finding Site"] == "Knee"  # the finding site follows the decided anatomy, coded in SNOMED CT
+
+    agreeing = replace(findings, anatomy_evidence={**evidence, "disagreement": "no"})
+    assert sr_values(_read_sr(build_sr(sources, agreeing)))["Anatomy model disagrees with DICOM tags"] == "No"
+    silent = sr_values(_read_sr(build_sr(sources, findings)))  # no evidence recorded: no such items
+    assert "Anatomy decided by" not in silent

@@ -257,6 +257,6 @@ def test_explain_with_shipped_config_on_chest(tmp_path: Path) -> None:
     config = load_config(default_config_path())
     path = Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm"
     text = explain_files_text(config, [path])
-    assert "anatomy: other (BodyPartExamined=CHEST)" in text
+    assert "anatomy: chest (BodyPartExamined=CHEST)" in text
     assert "other: MATCH" in text
     assert "decision: route 'other': a not-processed report goes to [pacs]" in text

@@ -1,0 +1,73 @@
+"""What the anatomy step adds per image: the shipped anatomy model against decoding the same DICOM image.
+
+Anatomy runs first on every study, so its cost lands on every study's latency. The reference is the work every
+study pays anyway and that nobody would call slow: reading and decoding the DICOM file (pydicom + the daemon's
+VOI/MONOCHROME1 handling), measured in the same run, interleaved. The input is pydicom-data's real CR of a lower
+leg (1760 x 1760, MONOCHROME1), as a four-image study: the daemon batches a study's images through the model.
+
+Run: ``.venv/bin/python bench/bench_anatomy.py [--repeats 5] [--images 4]``. Prints ms per image for both and the
+ratio (reference / anatomy: above 1 means the anatomy step costs less than decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--images", type=int, default=4, help="images per study (batched through the model)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    import data_store
+    import pydicom
+
+    from daemon.config import load_config
+    from daemon.decode import read_display_image
+    from models.inference import load_predictor
+
+    config = load_config(REPO / "config" / "bonebridge.yaml")
+    weights = config.models["anatomy"].weights
+    predictor = load_predictor(weights)
+    path = Path(data_store.__file__).parent / "data" / "RG3_UNCR.dcm"
+
+    def decode() -> list:
+        return [read_display_image(pydicom.dcmread(path)) for _ in range(args.images)]
+
+    images = decode()
+    predictor.class_probabilities(images)  # warm: first call allocates
+
+    reference, anatomy = [], []
+    for _ in range(args.repeats):
+        began = time.perf_counter()
+        decode()
+        reference.append((time.perf_counter() - began) * 1000 / args.images)
+        began = time.perf_counter()
+        predictor.class_probabilities(images)
+        anatomy.append((time.perf_counter() - began) * 1000 / args.images)
+    ref, ours = statistics.median(reference), statistics.median(anatomy)
+    ratio = ref / ours
+    if args.json:
+        print(json.dumps({"name": "anatomy-step", "reference": "decode-dicom", "unit": "ms/image",
+                          "higher_is_better": False, "reference_samples": reference, "bonebridge_samples": anatomy,
+                          "ratio": ratio}))
+    else:
+        print(f"anatomy-step  reference=decode-dicom  ref {ref:.1f} ms/image [{min(reference):.1f}..{max(reference):.1f}]"
+              f"  bonebridge {ours:.1f} ms/image [{min(anatomy):.1f}..{max(anatomy):.1f}]"
+              f"  ratio {ratio:.2f} (higher is better)  ({args.images}-image study, {predictor.geometry.size} px,"
+              f" torch threads {__import__('torch').get_num_threads()})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
