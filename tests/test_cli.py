@@ -25,6 +25,9 @@ def test_config_check_accepts_the_shipped_config_and_names_disabled_routes() -> 
     out = bonebridge("config", "check", str(REPO / "config" / "bonebridge.yaml"))
     assert out.returncode == 0, out.stderr
     assert "upper-extremity: DISABLED" in out.stdout  # no abnormality weights ship
+    classes = next(line for line in out.stdout.splitlines() if "the model's classes:" in line)
+    assert "hand" in classes and "knee" in classes  # the shipped anatomy model's classes, read from its card
+    assert "routes name finger, humerus: only the DICOM tags can give them" in out.stdout
 
 
 def test_config_check_reports_file_line_and_field(tmp_path: Path) -> None:
