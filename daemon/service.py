@@ -23,6 +23,7 @@ from celery.signals import worker_ready, worker_shutdown
 from daemon.anatomy_tags import anatomy_from_tags
 from daemon.assembler import StudyAssembler, StudyState
 from daemon.broker import EmbeddedRedis
+from daemon.children import die_with_parent
 from daemon.config import Config, load_config
 from daemon.listener import start_listener
 from daemon.metrics import INSTANCES_RECEIVED, STUDIES_QUEUED, start_metrics
@@ -128,7 +129,8 @@ class SupervisedWorker:
         self.restarts = 0
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, env=self.env)
+        self.process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, env=self.env,
+                                        preexec_fn=die_with_parent())
         self.pid_file.write_text(str(self.process.pid))
         LOGGER.info("worker started (pid %d)", self.process.pid)
 
