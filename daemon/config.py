@@ -207,6 +207,14 @@ class QueueConfig(_Strict):
     visibility_timeout_s: float = Field(600.0, gt=0)
     max_retries: int = Field(5, ge=0)
     retry_backoff_s: float = Field(5.0, ge=0)
+    #: Where the "not processed" report of a study that failed for good goes when no route matches its DICOM
+    #: tags (it failed before it could be routed on its image); routes' own send_to otherwise.
+    send_failures_to: list[str] = Field(default_factory=list)
+
+    @field_validator("send_failures_to", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return [] if value is None else _as_list(value)
 
 
 class Destination(_Strict):
@@ -429,6 +437,13 @@ def _cross_check(data: Any, base_dir: Path | None = None) -> list[tuple[Loc, str
         if unknown:
             problems.append(((("models", anatomy_model, "weights")),
                              f"the anatomy model's classes {unknown} are not anatomy names ({', '.join(ANATOMY_CLASSES)})"))
+
+    queue = data.get("queue")
+    failures = _as_list(queue.get("send_failures_to") or []) if isinstance(queue, dict) else []
+    if isinstance(failures, list):
+        for j, dest in enumerate(failures):
+            if isinstance(dest, str) and dest not in destinations:
+                problems.append((("queue", "send_failures_to", j), f"unknown destination '{dest}'{_known(destinations)}"))
 
     routes = data.get("routes")
     if not isinstance(routes, list):

@@ -136,6 +136,57 @@ class WorkerRuntime:
                     record["route"], record["seconds"])
         return self.write_record(record_path, record)
 
+    def report_failure(self, study_uid: str, generation: int, reason: str, attempts: int) -> dict:
+        """A study that failed for good still reaches the PACS: a "not processed" SR that names the failure.
+
+        Nothing here may depend on what failed, so no model runs: the headers that can still be read are routed
+        on their DICOM tags alone, and the SR goes to that route's destinations, else to
+        ``queue.send_failures_to``. The outcome record keeps ``status: failed`` (what the metrics count and an
+        alert watches) and says where the report went.
+        """
+        from daemon.anatomy_tags import anatomy_from_tags
+        from daemon.results import StudyResult, build_sr
+        from daemon.rules import decide_route, facts_from_dataset
+
+        record: dict = {"study_uid": study_uid, "generation": generation, "status": "failed",
+                        "reason": reason, "attempts": attempts, "destinations": {}}
+        headers = []
+        for path in sorted((self.data_dir / "incoming" / study_uid).glob("*.dcm")):
+            try:
+                headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+            except Exception as exc:  # a damaged file is the likely cause; report on the others
+                LOGGER.warning("study %s: %s unreadable: %s", study_uid, path.name, exc)
+        headers = [ds for ds in headers if "StudyInstanceUID" in ds and str(ds.StudyInstanceUID) == study_uid]
+        if not headers:
+            record["reason"] += "; no readable instance left to attach a report to"
+            return self.write_record(self.record_path(study_uid, generation), record)
+        anatomy, evidence = anatomy_from_tags(headers[0])
+        decision = decide_route(self.config, facts_from_dataset(headers[0], self.calling_ae(study_uid), anatomy,
+                                                                 f"DICOM tags ({evidence})"))
+        send_to = list(decision.route.send_to) if decision.route else list(self.config.queue.send_failures_to)
+        result = StudyResult(
+            study_uid=study_uid, route=decision.route.name if decision.route else "failed", anatomy=anatomy,
+            anatomy_source=f"DICOM tags ({evidence})", anatomy_probability=None,
+            not_processed_reason=f"analysis failed after {attempts} attempts: {reason}",
+            predecessor_sr=self.predecessors(study_uid, generation),
+        )
+        sr = build_sr(headers, result)
+        outbox = self.data_dir / "outbox" / study_uid / str(generation)
+        outbox.mkdir(parents=True, exist_ok=True)
+        path = outbox / f"{sr.SOPInstanceUID}.dcm"
+        sr.save_as(path, enforce_file_format=True)
+        record["sr"] = [str(sr.StudyInstanceUID), str(sr.SeriesInstanceUID), str(sr.SOPClassUID), str(sr.SOPInstanceUID)]
+        if not send_to:
+            LOGGER.error("study %s failed for good and no destination is set for its report "
+                         "(no route matches its tags; set queue.send_failures_to)", study_uid)
+        for dest in send_to:
+            try:
+                self.dispatcher.send(dest, [path], f"{study_uid}-{generation}-failed")
+                record["destinations"][dest] = "sent"
+            except DeadLettered as exc:
+                record["destinations"][dest] = f"dead-lettered: {exc}"
+        return self.write_record(self.record_path(study_uid, generation), record)
+
     @staticmethod
     def write_record(path: Path, record: dict) -> dict:
         """Write an outcome record atomically (tmp, fsync, rename): the assembler reads it from another process."""
@@ -167,11 +218,17 @@ def process_study(self, study_uid: str, generation: int) -> dict:
     except Exception as exc:
         queue = runtime.config.queue
         if self.request.retries >= queue.max_retries:
-            LOGGER.exception("study %s generation %d failed for good", study_uid, generation)
-            return runtime.write_record(runtime.record_path(study_uid, generation), {
-                "study_uid": study_uid, "generation": generation, "status": "failed",
-                "reason": f"{type(exc).__name__}: {exc}", "attempts": self.request.retries + 1,
-            })
+            LOGGER.exception("study %s generation %d failed for good; sending a not-processed report",
+                             study_uid, generation)
+            reason, attempts = f"{type(exc).__name__}: {exc}", self.request.retries + 1
+            try:
+                return runtime.report_failure(study_uid, generation, reason, attempts)
+            except Exception:  # the report itself failed: the record and the log line still say why
+                LOGGER.exception("study %s: the failure report could not be sent either", study_uid)
+                return runtime.write_record(runtime.record_path(study_uid, generation), {
+                    "study_uid": study_uid, "generation": generation, "status": "failed",
+                    "reason": reason, "attempts": attempts,
+                })
         countdown = queue.retry_backoff_s * (2 ** self.request.retries)
         LOGGER.warning("study %s generation %d: %s; retry %d in %.0f s", study_uid, generation, exc,
                        self.request.retries + 1, countdown)

@@ -359,3 +359,11 @@ def test_bare_when_and_yaml_booleans(tmp_path: Path) -> None:
     (issue,) = errors_of(bad).errors
     assert (issue.line, issue.field) == (8, "routes[0].when.calling_ae[0]")
     assert "quotes" in issue.message
+
+
+def test_failure_destinations_are_validated_with_their_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "queue:\n  send_failures_to: [pacs, archive]\n" + MINIMAL)
+    error = errors_of(path)
+    assert [(i.line, i.field) for i in error.errors] == [(2, "queue.send_failures_to[1]")]
+    assert "unknown destination 'archive'" in error.errors[0].message
+    assert load_config(write(tmp_path, "queue: {send_failures_to: pacs}\n" + MINIMAL, "ok.yaml")).queue.send_failures_to == ["pacs"]

@@ -143,6 +143,23 @@ def test_real_leg_cr_is_sorted_by_the_anatomy_model_and_not_processed(tmp_path: 
     assert "not processed" in json.dumps(values).lower()
 
 
+def test_study_failing_for_good_reaches_the_pacs_as_a_not_processed_report(tmp_path: Path, pacs) -> None:
+    """A spooled file damaged on disk makes every attempt fail: after the retries the PACS still gets an SR that
+    names the failure, in the study, and the outcome record says failed (what the metrics count)."""
+    config = write_config(tmp_path, pacs_port=pacs.dicom_port, quiet_period_s=3.0)
+    with BoneBridgeProcess(config) as proc:
+        hand = make_dx(tmp_path / "hand.dcm", body_part="HAND", age="010Y", size=128)
+        study_uid = str(hand.StudyInstanceUID)
+        assert storescu(proc.port, "BONEBRIDGE", [tmp_path / "hand.dcm"]).returncode == 0
+        (proc.data_dir / "incoming" / study_uid / "damaged.dcm").write_bytes(b"\0" * 64 + b"not DICOM")
+        found = _wait_for_sr(pacs, study_uid, timeout=90)
+        record = wait_for(lambda: (proc.results(study_uid) or [None])[0], 30, what="the outcome record")
+    text = json.dumps(sr_values(pacs.get_instance_dataset(found["SR"][0]["id"])))
+    assert "analysis failed after 4 attempts" in text and "InvalidDicomError" in text
+    assert record["status"] == "failed" and record["destinations"] == {"pacs": "sent"}
+    assert "failed for good" in proc.log_tail(400)
+
+
 def test_unknown_caller_is_rejected(tmp_path: Path, pacs, bonebridge) -> None:
     hand = make_dx(tmp_path / "x.dcm")
     result = storescu(bonebridge.port, "BONEBRIDGE", [tmp_path / "x.dcm"], calling_aet="STRANGER")
