@@ -315,6 +315,27 @@ class StudyAssembler:
                         self._save(st)
         return done
 
+    def requeue_unfinished(self) -> list[tuple[str, int]]:
+        """Enqueue again every queued study without a result: for when the broker lost what it held.
+
+        An embedded Redis fsyncs its append-only file once a second, so one that dies right after an enqueue can
+        come back without that message. The assembler's own state still says ``queued``, so it is the source of
+        truth: each such study is enqueued again (the task is idempotent, so a message that did survive costs a
+        no-op). Unlike :meth:`recover`, associations still open are left alone.
+        """
+        self.absorb_results()
+        with self._lock:
+            queued = [(st.study_uid, st.generation) for st in self._studies.values() if st.state == "queued"]
+        done = []
+        for study_uid, generation in queued:
+            try:
+                self._enqueue(study_uid, generation)
+                done.append((study_uid, generation))
+                LOGGER.warning("study %s: re-enqueued generation %d after the broker restarted", study_uid, generation)
+            except Exception:  # noqa: BLE001 - the next broker restart or serve restart tries again
+                LOGGER.exception("study %s: re-enqueue after the broker restart failed", study_uid)
+        return done
+
     def absorb_results(self) -> int:
         """Adopt the outcomes workers wrote to ``results/<study>/<generation>.json``.
 

@@ -118,12 +118,14 @@ class EmbeddedRedis:
         except (redis.RedisError, OSError):
             return False
 
-    def supervise(self) -> None:
-        """Restart redis if it died; called from the daemon's main loop."""
+    def supervise(self) -> bool:
+        """Restart redis if it died; called from the daemon's main loop. True when it was restarted."""
         if self.process is not None and self.process.poll() is not None:
             self.restarts += 1
             LOGGER.error("embedded Redis exited with %s; restarting (restart %d)", self.process.returncode, self.restarts)
             self.start()
+            return True
+        return False
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

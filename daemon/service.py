@@ -193,8 +193,9 @@ def serve(config_path: Path, workers: int = 1) -> int:
             time.sleep(0.5)
             if stop.requested:
                 break  # a worker that exits because of the same signal must not be restarted
-            if embedded is not None:
-                embedded.supervise()
+            if embedded is not None and embedded.supervise():
+                # Its last second of writes may be lost: the assembler's state says what must be queued.
+                listener.assembler.requeue_unfinished()
             for worker in pool:
                 worker.supervise()
     finally:
