@@ -12,7 +12,6 @@ exception that loses the study.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 

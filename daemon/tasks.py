@@ -107,30 +107,16 @@ class WorkerRuntime:
         datasets = [pydicom.dcmread(p) for p in files]
         analysis = self.analyser.analyse(datasets, self.calling_ae(study_uid), self.predecessors(study_uid, generation))
         _fault_injection_pause()
-        outbox = self.data_dir / "outbox" / study_uid / str(generation)
-        outbox.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for ds in analysis.outputs:
-            path = outbox / f"{ds.SOPInstanceUID}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            paths.append(path)
         record = {
             "study_uid": study_uid, "generation": generation, "route": analysis.result.route,
             "summary": analysis.summary(), "status": "sent", "destinations": {},
         }
-        sr = next((ds for ds in analysis.outputs if ds.Modality == "SR"), None)
-        if sr is not None:
-            record["sr"] = [str(sr.StudyInstanceUID), str(sr.SeriesInstanceUID), str(sr.SOPClassUID), str(sr.SOPInstanceUID)]
         if analysis.route is None:
             record["status"] = "not-processed"
             record["reason"] = analysis.result.not_processed_reason
-        for dest in analysis.route.send_to if analysis.route else []:
-            try:
-                self.dispatcher.send(dest, paths, f"{study_uid}-{generation}")
-                record["destinations"][dest] = "sent"
-            except DeadLettered as exc:
-                record["destinations"][dest] = f"dead-lettered: {exc}"
-                record["status"] = "dead-lettered"
+        send_to = list(analysis.route.send_to) if analysis.route else []
+        if self.deliver(record, analysis.outputs, send_to, f"{study_uid}-{generation}"):
+            record["status"] = "dead-lettered"
         record["seconds"] = round(time.time() - began, 3)
         LOGGER.info("study %s generation %d: %s (route %s) in %.2f s", study_uid, generation, record["status"],
                     record["route"], record["seconds"])
@@ -170,22 +156,36 @@ class WorkerRuntime:
             not_processed_reason=f"analysis failed after {attempts} attempts: {reason}",
             predecessor_sr=self.predecessors(study_uid, generation),
         )
-        sr = build_sr(headers, result)
-        outbox = self.data_dir / "outbox" / study_uid / str(generation)
-        outbox.mkdir(parents=True, exist_ok=True)
-        path = outbox / f"{sr.SOPInstanceUID}.dcm"
-        sr.save_as(path, enforce_file_format=True)
-        record["sr"] = [str(sr.StudyInstanceUID), str(sr.SeriesInstanceUID), str(sr.SOPClassUID), str(sr.SOPInstanceUID)]
         if not send_to:
             LOGGER.error("study %s failed for good and no destination is set for its report "
                          "(no route matches its tags; set queue.send_failures_to)", study_uid)
+        self.deliver(record, [build_sr(headers, result)], send_to, f"{study_uid}-{generation}-failed")
+        return self.write_record(self.record_path(study_uid, generation), record)
+
+    def deliver(self, record: dict, outputs: list, send_to: list[str], entry: str) -> bool:
+        """Write ``outputs`` to the study generation's outbox and send them to each destination.
+
+        Fills ``record["sr"]`` and ``record["destinations"]``; returns True when a destination dead-lettered them.
+        """
+        outbox = self.data_dir / "outbox" / record["study_uid"] / str(record["generation"])
+        outbox.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for ds in outputs:
+            path = outbox / f"{ds.SOPInstanceUID}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
+        sr = next((ds for ds in outputs if ds.Modality == "SR"), None)
+        if sr is not None:
+            record["sr"] = [str(sr.StudyInstanceUID), str(sr.SeriesInstanceUID), str(sr.SOPClassUID), str(sr.SOPInstanceUID)]
+        dead_lettered = False
         for dest in send_to:
             try:
-                self.dispatcher.send(dest, [path], f"{study_uid}-{generation}-failed")
+                self.dispatcher.send(dest, paths, entry)
                 record["destinations"][dest] = "sent"
             except DeadLettered as exc:
                 record["destinations"][dest] = f"dead-lettered: {exc}"
-        return self.write_record(self.record_path(study_uid, generation), record)
+                dead_lettered = True
+        return dead_lettered
 
     @staticmethod
     def write_record(path: Path, record: dict) -> dict:

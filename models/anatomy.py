@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from models.anatomy_vocabulary import in_vocabulary_order
+from models.anatomy_vocabulary import canonical_name, in_vocabulary_order
 from models.checkpoint import ModelCard, code_version, save_checkpoint
 from models.data import split_of
 from models.preprocess import Geometry
@@ -69,25 +68,9 @@ def examples_from_clusters(clusters_yaml: Path) -> AnatomyExamples:
     classes = in_vocabulary_order({name for _, _, name in entries})
     splits: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
     for key, path, name in entries:
-        label = classes.index(in_vocabulary_order([name])[0])
+        label = classes.index(canonical_name(name))
         splits[split_of(split_key(key))].append(Example(path, float(label), group=classes[label]))
     return AnatomyExamples(splits, classes)
-
-
-@torch.no_grad()
-def pooled_features(features: nn.Module, paths: list[Path], geometry: Geometry, batch_size: int = 32,
-                    progress: bool = True) -> np.ndarray:
-    """The backbone's global-average-pooled features (not normalised: the linear head sees exactly these)."""
-    from tqdm import tqdm
-
-    from models.preprocess import load_image, to_model_input
-
-    features.eval()
-    rows = []
-    for start in tqdm(range(0, len(paths), batch_size), desc="features", disable=not progress, leave=False):
-        x = to_model_input([load_image(p) for p in paths[start:start + batch_size]], geometry)
-        rows.append(features(x.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3)).float().numpy())
-    return np.concatenate(rows) if rows else np.zeros((0, 1), dtype=np.float32)
 
 
 def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
@@ -121,6 +104,7 @@ def train_linear_probe(clusters_yaml: Path, out: Path, geometry: Geometry, card:
     """Fit the probe on the train split, choose C on validation, save a ClassifierNet checkpoint with its card."""
     from models.checkpoint import build_network
     from models.classify import topk_accuracy
+    from models.cluster import pooled_features
 
     data = examples_from_clusters(clusters_yaml)
     model = build_network(card, pretrained=True).to(memory_format=torch.channels_last).eval()

@@ -95,7 +95,7 @@ def cluster_agreement(labels: np.ndarray, paths: list[Path], regions: dict[Path,
 
 def embedding_network(weights: Path | None, arch: str = "efficientnet_lite0",
                       size: int = 128) -> tuple[nn.Module, Geometry, str]:
-    """(feature extractor returning pooled vectors, its input geometry, a description for the YAML)."""
+    """(backbone returning a feature map, its input geometry, a description for the YAML)."""
     if weights is not None:
         from models.checkpoint import load_checkpoint
 
@@ -107,19 +107,25 @@ def embedding_network(weights: Path | None, arch: str = "efficientnet_lite0",
 
         features, geometry = build_backbone(arch, pretrained=True), Geometry(size=size, aspect="pad")
         what = f"{arch} ImageNet features" if arch != "tiny_cnn" else "tiny_cnn random features (tests only)"
-    net = nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
-    return net, geometry, what
+    return features.eval(), geometry, what
 
 
 @torch.no_grad()
-def embed(paths: list[Path], net: nn.Module, geometry: Geometry, batch_size: int = 32,
-          progress: bool = True) -> np.ndarray:
-    """L2-normalised pooled features, one row per image (normalised so k-means compares directions, not norms)."""
+def pooled_features(features: nn.Module, paths: list[Path], geometry: Geometry, batch_size: int = 32,
+                    progress: bool = True) -> np.ndarray:
+    """The backbone's global-average-pooled features, one row per image, exactly what a linear head sees."""
+    features.eval()
     rows = []
-    for start in tqdm(range(0, len(paths), batch_size), desc="embed", disable=not progress, leave=False):
-        images = [load_image(p) for p in paths[start:start + batch_size]]
-        rows.append(net(to_model_input(images, geometry)).float().numpy())
-    vectors = np.concatenate(rows) if rows else np.zeros((0, 1), dtype=np.float32)
+    for start in tqdm(range(0, len(paths), batch_size), desc="features", disable=not progress, leave=False):
+        x = to_model_input([load_image(p) for p in paths[start:start + batch_size]], geometry)
+        rows.append(features(x.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3)).float().numpy())
+    return np.concatenate(rows) if rows else np.zeros((0, 1), dtype=np.float32)
+
+
+def embed(paths: list[Path], features: nn.Module, geometry: Geometry, batch_size: int = 32,
+          progress: bool = True) -> np.ndarray:
+    """L2-normalised pooled features (normalised so k-means compares directions, not norms)."""
+    vectors = pooled_features(features, paths, geometry, batch_size, progress)
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-8)
 
 

@@ -19,10 +19,6 @@ from pathlib import Path
 FRACATLAS_FLAGS = ("hand", "leg", "hip", "shoulder")
 
 
-def _resolve(path: Path) -> Path:
-    return path.resolve()
-
-
 def layout_of(csv_path: str | Path) -> str:
     """``fracatlas``, ``rsna`` or ``generic``, from the CSV's columns (raises on anything else)."""
     with open(csv_path, newline="") as handle:
@@ -49,7 +45,7 @@ def read_region_labels(csv_path: str | Path) -> dict[Path, str]:
         for row in rows:
             flags = [flag for flag in FRACATLAS_FLAGS if str(row[flag]).strip() == "1"]
             region = "mixed" if str(row["mixed"]).strip() == "1" or len(flags) != 1 else flags[0]
-            out[_resolve(images / row["image_id"].strip())] = region
+            out[(images / row["image_id"].strip()).resolve()] = region
         return out
     if layout == "rsna":
         for row in rows:
@@ -57,11 +53,11 @@ def read_region_labels(csv_path: str | Path) -> dict[Path, str]:
             for suffix in (".png", ".jpg", ".jpeg", ".dcm"):
                 candidate = images / f"{stem}{suffix}"
                 if candidate.exists():
-                    out[_resolve(candidate)] = "hand"
+                    out[candidate.resolve()] = "hand"
                     break
         return out
     for row in rows:
-        out[_resolve(folder / row["path"].strip())] = row["label"].strip()
+        out[(folder / row["path"].strip()).resolve()] = row["label"].strip()
     return out
 
 
