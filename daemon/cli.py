@@ -39,13 +39,29 @@ def _load(args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from daemon.config import ConfigError
+    from daemon.demo_pacs import DemoPacsError
     from daemon.service import serve
 
     try:
-        return serve(_config_path(args), workers=args.workers)
+        return serve(_config_path(args), workers=args.workers, demo=args.demo)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    except DemoPacsError as exc:
+        print(f"bonebridge serve --demo: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Print the path of a real radiograph to send for a first try (pydicom-data's RG3, MIT licence)."""
+    try:
+        import data_store
+    except ImportError:
+        print("the sample radiograph ships in the PyPI package pydicom-data: pip install pydicom-data",
+              file=sys.stderr)
+        return 1
+    print(Path(data_store.__file__).parent / "data" / "RG3_UNCR.dcm")
+    return 0
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
@@ -120,7 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="listener + assembler + worker + embedded broker on this machine")
     _config_arg(p)
     p.add_argument("--workers", type=int, default=1, help="worker processes (each loads the models once)")
+    p.add_argument("--demo", action="store_true",
+                   help="also start a private Orthanc as the (local) destination and print its web page's address")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("sample", help="print the path of a real radiograph to send for a first try (a CR of a "
+                                      "lower leg from pydicom-data)")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("listen", help="only the DICOM listener and study assembler (needs broker: redis://...)")
     _config_arg(p)

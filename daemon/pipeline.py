@@ -21,7 +21,9 @@ from pydicom.dataset import Dataset
 from daemon.anatomy_tags import anatomy_from_tags
 from daemon.config import Config, Route
 from daemon.decode import DecodeError, read_display_image
-from daemon.results import ModelProvenance, StudyResult, build_heatmap_sc, build_sr, is_own_output
+from daemon.results import (
+    ImageProbability, ModelProvenance, StudyResult, build_heatmap_sc, build_sr, is_own_output,
+)
 from daemon.rules import RouteDecision, StudyFacts, decide_route, facts_from_dataset
 
 LOGGER = logging.getLogger(__name__)
@@ -186,6 +188,7 @@ class Analyser:
         findings: dict[str, float | str] = {}
         provenance: list[ModelProvenance] = list(base["models"])
         heatmaps: list[np.ndarray | None] = [None] * len(images)
+        image_probabilities: list[ImageProbability] = []
         sexes = [_sex(ds) for ds in decoded]
         for name in route.run:
             predictor = self.predictor(name)
@@ -193,10 +196,17 @@ class Analyser:
             preds = predictor.predict(images, sexes, with_heatmaps=True)
             provenance.append(ModelProvenance(name=card.name, version=card.version, sha256=card.sha256, task=card.task))
             findings.update(_study_findings(card, preds))
+            if card.task == "abnormality":
+                image_probabilities += [
+                    ImageProbability(str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                     float(pred.outputs["abnormality_probability"]))
+                    for ds, pred in zip(decoded, preds)
+                ]
             for i, pred in enumerate(preds):
                 if heatmaps[i] is None and pred.heatmap is not None:
                     heatmaps[i] = pred.heatmap
-        result = StudyResult(**{**base, "findings": findings, "models": provenance})
+        result = StudyResult(**{**base, "findings": findings, "models": provenance,
+                                "image_probabilities": image_probabilities})
         outputs = [build_sr(sources, result)]
         outputs += [
             build_heatmap_sc(ds, hm, result, i, display_image=img)
@@ -230,7 +240,8 @@ def _study_findings(card, preds) -> dict[str, float | str]:
     if card.task == "abnormality":
         from models.inference import study_abnormality
 
-        return study_abnormality(preds, card.threshold if card.threshold is not None else 0.5)
+        return study_abnormality(preds, card.threshold if card.threshold is not None else 0.5,
+                                 fracture_model="fracture" in card.classes)
     if card.task == "boneage":
         first = preds[0].outputs
         ages = [float(p.outputs["bone_age_months"]) for p in preds]

@@ -14,6 +14,9 @@ bone age                       LN 85151-9 "Bone age"                        NUM,
 abnormality probability        99BB ABN-PROB                                NUM, UCUM ``{probability}``
 abnormality threshold          99BB ABN-THRESH                              NUM, UCUM ``{probability}``
 abnormality decision           99BB ABN-DECISION                            SCT Abnormal / Normal
+fracture (fracture models)     SCT 125605004 "Fracture of bone"             SCT Present / Absent
+image abnormality probability  99BB ABN-PROB, one per image, with its        NUM, UCUM ``{probability}``
+                               source image (SELECTED FROM)
 predicted sex                  99BB SEX-PRED                                SCT Male / Female
 predicted sex probability      99BB SEX-PROB                                NUM, ``{probability}``
 sex mismatch                   99BB SEX-MISMATCH                            SCT Yes / No
@@ -35,6 +38,9 @@ Coding choices, and why:
   421060004, skull 89546000, abdomen 818981001); "other" has no code and appears only as text. The anatomy
   model's top two, the tags' answer and which decided are TEXT items (99BB ANATOMY-MODEL-1/-2, ANATOMY-TAGS,
   ANATOMY-DECIDED-BY); their disagreement is a CODE item (99BB ANATOMY-DISAGREE, SCT Yes/No).
+* A fracture model's decision is also coded as the finding SNOMED CT 125605004 "Fracture of bone" with the
+  value Present (52101004) or Absent (272519000): the disorder concept SNOMED CT files every fracture under
+  (the site is the group's finding site), so a query for fractures finds it; "Abnormal" alone does not say what.
 * Decision, sex and yes/no values are standard SNOMED CT qualifiers. The *concept names* for a model's
   abnormality probability, its threshold, a predicted sex, provenance and the not-processed reason have
   no standard code, so they use the private coding scheme ``99BB`` (PS3.16 8.2: designators starting
@@ -78,6 +84,7 @@ from highdicom.sr import (
     ObservationContext,
     ObserverContext,
     QualitativeEvaluation,
+    SourceImageForMeasurement,
     SourceImageForMeasurementGroup,
     TextContentItem,
     TrackingIdentifier,
@@ -87,6 +94,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from daemon.decode import read_display_image
+from daemon.heatmap_render import HEATMAP_FLOOR, render_heatmap
 from daemon.uids import derive_uid
 
 __all__ = [
@@ -122,9 +130,6 @@ _PRIVATE_KIND = 0x02  # CS "SR" / "SC"
 _PRIVATE_ROUTE = 0x03  # LO route name
 _MARKER_VALUE = "BoneBridge output"
 
-SC_MAX_SIDE = 1024
-HEATMAP_ALPHA = 0.4
-HEATMAP_COLORMAP = "turbo"
 
 # ------------------------------------------------------------------------------ codes
 LOCAL_SCHEME = "99BB"
@@ -184,6 +189,9 @@ ANATOMY_CODES: dict[str, CodedConcept] = {
 }
 """SNOMED CT finding sites for the anatomy names; "other" deliberately has none."""
 
+CODE_FRACTURE = CodedConcept("125605004", "SCT", "Fracture of bone")
+_PRESENCE_CODES = {"present": CodedConcept.from_code(codes.SCT.Present),
+                   "absent": CodedConcept.from_code(codes.SCT.Absent)}
 _DECISION_CODES = {
     "abnormal": CodedConcept.from_code(codes.SCT.Abnormal),
     "normal": CodedConcept.from_code(codes.SCT.Normal),
@@ -201,6 +209,7 @@ _KNOWN_FINDINGS = frozenset(
         "abnormality_probability",
         "abnormality_threshold",
         "abnormality_decision",
+        "fracture",
         "predicted_sex",
         "predicted_sex_probability",
         "sex_source",
@@ -229,6 +238,15 @@ class ModelProvenance:
 
 
 @dataclass
+class ImageProbability:
+    """One source image's abnormality probability, reported in the SR with a reference to that image."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    probability: float
+
+
+@dataclass
 class StudyResult:
     """Everything the worker learned about one study, as the result builders need it."""
 
@@ -241,6 +259,8 @@ class StudyResult:
     models: list[ModelProvenance] = field(default_factory=list)
     not_processed_reason: str | None = None
     predecessor_sr: list[tuple[str, str, str, str]] = field(default_factory=list)
+    #: Abnormality models: each image's own probability (the study's is their mean), reported per source image.
+    image_probabilities: list[ImageProbability] = field(default_factory=list)
     #: Both witnesses of the anatomy, whichever decided: ``model_top1``/``model_top2`` ("knee 0.93"), ``tags``
     #: ("hand (BodyPartExamined=HAND)"), ``decided_by`` (model, tags or none) and ``disagreement`` (yes/no).
     anatomy_evidence: dict[str, str] = field(default_factory=dict)
@@ -373,6 +393,14 @@ def _measurements(result: StudyResult) -> tuple[list[Measurement], list[Qualitat
             evaluations.append(QualitativeEvaluation(CODE_ABNORMALITY_DECISION, _DECISION_CODES[decision]))
         else:
             extra.append(_text(CODE_ABNORMALITY_DECISION, decision))
+    if str(findings.get("fracture", "")).lower() in _PRESENCE_CODES:
+        evaluations.append(QualitativeEvaluation(CODE_FRACTURE, _PRESENCE_CODES[str(findings["fracture"]).lower()]))
+    for image in result.image_probabilities:
+        measurements.append(Measurement(
+            name=CODE_ABNORMALITY_PROBABILITY, value=float(image.probability), unit=UNIT_PROBABILITY,
+            algorithm_id=_algorithm(_task_model(result, "abnormality_probability")),
+            referenced_images=[SourceImageForMeasurement(image.sop_class_uid, image.sop_instance_uid)],
+        ))
     if "predicted_sex" in findings:
         sex = str(findings["predicted_sex"]).strip().upper()[:1]
         if sex in _SEX_CODES:
@@ -581,78 +609,46 @@ def build_sr(sources: list[Dataset], result: StudyResult) -> Dataset:
 
 
 # ---------------------------------------------------------------------------- SC
-# 3x5 bitmap glyphs for the colour scale's labels (no font dependency).
-_GLYPHS = {
-    "H": ("101", "101", "111", "101", "101"),
-    "I": ("111", "010", "010", "010", "111"),
-    "G": ("111", "100", "101", "101", "111"),
-    "L": ("100", "100", "100", "100", "111"),
-    "O": ("111", "101", "101", "101", "111"),
-    "W": ("101", "101", "101", "111", "101"),
-}
+def _years_months(months: float) -> str:
+    whole = int(round(months))
+    return f"{whole // 12} y {whole % 12} mo"
 
 
-def _draw_text(canvas: np.ndarray, text: str, top: int, left: int, scale: int) -> None:
-    for index, char in enumerate(text):
-        glyph = np.array([[c == "1" for c in row] for row in _GLYPHS[char]], dtype=bool)
-        glyph = np.kron(glyph, np.ones((scale, scale), dtype=bool))
-        x = left + index * 4 * scale
-        region = canvas[top : top + glyph.shape[0], x : x + glyph.shape[1]]
-        region[glyph[: region.shape[0], : region.shape[1]]] = 255
+def heatmap_caption(result: StudyResult, source: Dataset) -> list[str]:
+    """The SC's caption: the finding in words, anatomy and its source, the models, what the colours mean.
 
-
-def _resize(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    from PIL import Image
-
-    if image.shape == (rows, cols):
-        return image.astype(np.float32, copy=False)
-    resized = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32)).resize(
-        (cols, rows), Image.Resampling.BILINEAR
-    )
-    return np.asarray(resized, dtype=np.float32)
-
-
-def render_heatmap(gray: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
-    """Blend ``heatmap`` (any size, [0, 1]) over ``gray`` and add a colour scale: uint8 RGB.
-
-    The long side is capped at :data:`SC_MAX_SIDE` (the SC is for looking at, not for measuring), the
-    heatmap is resized to the image and coloured with the turbo map at :data:`HEATMAP_ALPHA`; a strip on
-    the right holds a vertical scale from "LOW" (bottom) to "HIGH" (top) so no anatomy is covered.
+    Only findings and model names: no patient name or id (the viewer shows those from the header anyway).
     """
-    import matplotlib
-
-    heat = np.asarray(heatmap, dtype=np.float32).squeeze()
-    if heat.ndim != 2 or heat.size == 0:
-        raise ValueError(f"heatmap must be a 2-D array, got shape {np.shape(heatmap)}")
-    heat = np.clip(np.nan_to_num(heat, nan=0.0), 0.0, 1.0)
-
-    rows, cols = gray.shape
-    scale = min(1.0, SC_MAX_SIDE / max(rows, cols))
-    rows, cols = max(1, round(rows * scale)), max(1, round(cols * scale))
-    base = np.clip(_resize(gray, rows, cols), 0.0, 1.0)
-    heat = np.clip(_resize(heat, rows, cols), 0.0, 1.0)
-
-    colormap = matplotlib.colormaps[HEATMAP_COLORMAP]
-    colour = colormap(heat)[..., :3]
-    blended = (1.0 - HEATMAP_ALPHA) * base[..., None] + HEATMAP_ALPHA * colour
-    image = np.round(np.clip(blended, 0.0, 1.0) * 255).astype(np.uint8)
-
-    # Colour scale strip: wide enough for "HIGH" in 3x5 glyphs at the chosen pixel scale.
-    glyph_scale = max(1, round(max(rows, cols) / 400))
-    label_width = 4 * 4 * glyph_scale
-    margin = 2 * glyph_scale
-    strip = np.zeros((rows, label_width + 2 * margin, 3), dtype=np.uint8)
-    label_height = 5 * glyph_scale
-    bar_top = margin + label_height + margin
-    bar_bottom = rows - (margin + label_height + margin)
-    if bar_bottom - bar_top >= 4:
-        ramp = np.linspace(1.0, 0.0, bar_bottom - bar_top)
-        bar = np.round(colormap(ramp)[:, :3] * 255).astype(np.uint8)
-        bar_left, bar_right = margin + label_width // 4, margin + 3 * label_width // 4
-        strip[bar_top:bar_bottom, bar_left:bar_right] = bar[:, None, :]
-        _draw_text(strip, "HIGH", margin, margin, glyph_scale)
-        _draw_text(strip, "LOW", bar_bottom + margin, margin, glyph_scale)
-    return np.concatenate([image, strip], axis=1)
+    findings = result.findings
+    lines: list[str] = []
+    if "bone_age_months" in findings:
+        months = float(findings["bone_age_months"])
+        line = f"Bone age {_years_months(months)} ({months:.0f} months)"
+        if "predicted_sex" in findings:
+            source_of_sex = "from DICOM PatientSex" if findings.get("sex_source") == "dicom" else "predicted by the model"
+            line += f"; sex {findings['predicted_sex']} ({source_of_sex})"
+            if str(findings.get("sex_mismatch", "no")) == "yes":
+                line += "; the model's sex contradicts the DICOM header"
+        lines.append(line)
+    if "abnormality_probability" in findings:
+        threshold = float(findings.get("abnormality_threshold", 0.5))
+        probability = float(findings["abnormality_probability"])
+        what = "Fracture" if "fracture" in findings else "Abnormality"
+        decision = ("FRACTURE" if findings["fracture"] == "present" else "no fracture") if "fracture" in findings \
+            else str(findings.get("abnormality_decision", "")).upper()
+        line = f"{what} probability {probability:.2f} (study) - {decision} at threshold {threshold:.2f}"
+        this_image = next((i.probability for i in result.image_probabilities
+                           if i.sop_instance_uid == str(source.SOPInstanceUID)), None)
+        if this_image is not None:
+            line += f"; this image {this_image:.2f}"
+        lines.append(line)
+    if result.anatomy:
+        probability = f" {result.anatomy_probability:.2f}" if result.anatomy_probability is not None else ""
+        lines.append(f"Anatomy: {result.anatomy}{probability} ({result.anatomy_source})")
+    models = ", ".join(f"{m.name} {m.version}" for m in result.models if m.task != "anatomy")
+    lines.append(f"Model: {models or 'none'}. Colours: where the model found evidence (scale at right; grey below "
+                 f"{HEATMAP_FLOOR:.1f} is not drawn)")
+    return lines
 
 
 def sc_uids(source: Dataset, result: StudyResult, index: int) -> tuple[str, str]:
@@ -684,7 +680,7 @@ def build_heatmap_sc(
     gray = read_display_image(source) if display_image is None else np.asarray(display_image, dtype=np.float32)
     if gray.ndim != 2:
         raise ValueError(f"display_image must be a 2-D array, got shape {gray.shape}")
-    rgb = render_heatmap(gray, heatmap)
+    rgb = render_heatmap(gray, heatmap, heatmap_caption(result, source))
     series_uid, sop_uid = sc_uids(source, result, index)
     models = ", ".join(f"{m.name} {m.version} (sha256 {m.sha256[:12]})" for m in result.models) or "unknown model"
     software = _software_version()
@@ -719,6 +715,13 @@ def build_heatmap_sc(
     else:
         sc.PatientOrientation = ""
     sc.SeriesDescription = SC_SERIES_DESCRIPTION
+    # A paired body part needs its side: as ImageLaterality (General Image) when the source says it, which makes
+    # the series' Laterality (Type 2C) not allowed; else the source's own Laterality, as it was (dciodvfy checks).
+    side = str(source.get("ImageLaterality", "") or source.get("Laterality", "") or "").strip().upper()
+    if side in ("R", "L", "U", "B"):
+        sc.ImageLaterality = side
+    elif "Laterality" in source:
+        sc.Laterality = source.Laterality
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"

@@ -170,13 +170,27 @@ def _broker(config: Config) -> tuple[str, EmbeddedRedis | None]:
     return redis_server.url, redis_server
 
 
-def serve(config_path: Path, workers: int = 1) -> int:
+def _start_demo_pacs(config: Config, run_dir: Path):
+    """``--demo``: Orthanc as the config's local destination; its web address logged and in ``run/demo-pacs.url``."""
+    from daemon.demo_pacs import DemoPacs, demo_destination
+
+    name, dest = demo_destination(config)
+    pacs = DemoPacs(Path(config.storage.data_dir) / "demo-pacs", dest.ae_title, int(dest.port)).start()
+    (run_dir / "demo-pacs.url").write_text(pacs.url + "\n")
+    LOGGER.info("demo mode: destination %r is a private Orthanc; open %s to see the studies and their results",
+                name, pacs.url)
+    print(f"Demo PACS (Orthanc, destination {name!r}): {pacs.url}", flush=True)
+    return pacs
+
+
+def serve(config_path: Path, workers: int = 1, demo: bool = False) -> int:
     config = load_config(config_path)
     log_route_status(config)
     data_dir = Path(config.storage.data_dir)
     run_dir = data_dir / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     stop = _Stop()
+    demo_pacs = None
     broker_url, embedded = _broker(config)
     (run_dir / "broker.url").write_text(broker_url)
     listener = Listener(config, broker_url)
@@ -185,6 +199,8 @@ def serve(config_path: Path, workers: int = 1) -> int:
         for i, worker in enumerate(pool):
             worker.pid_file = run_dir / f"worker-{i}.pid"
     try:
+        if demo:
+            demo_pacs = _start_demo_pacs(config, run_dir)
         for worker in pool:
             worker.start()
         listener.start()
@@ -204,6 +220,8 @@ def serve(config_path: Path, workers: int = 1) -> int:
             worker.stop()
         if embedded is not None:
             embedded.stop()
+        if demo_pacs is not None:
+            demo_pacs.stop()
     return 0
 
 

@@ -15,6 +15,7 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
     command -v storescu >/dev/null 2>&1 || missing+=(dcmtk)
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+    command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)  # independent DICOM validator for the tests
     python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
     if [ "${#missing[@]}" -gt 0 ]; then
         apt-get update -q

@@ -90,7 +90,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, task: str, male: torch.Tensor | 
     return np.clip(np.nan_to_num(np.asarray(maps, dtype=np.float32)), 0.0, 1.0)
 
 
-def to_original(square: np.ndarray, shape: tuple[int, int], geometry: Geometry) -> np.ndarray:
+def to_original(square: np.ndarray, shape: tuple[int, int], geometry: Geometry, rescale: bool = True) -> np.ndarray:
     """A SxS map on the network input -> HxW on the original image, inverting the stretch or pad of preprocessing.
 
     Mirrors :func:`models.preprocess.resize_to_square`: with ``pad`` the image occupies a centred ``new_h x new_w``
@@ -107,23 +107,24 @@ def to_original(square: np.ndarray, shape: tuple[int, int], geometry: Geometry) 
     tensor = torch.from_numpy(np.ascontiguousarray(region, dtype=np.float32))[None, None]
     out = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
     peak = float(out.max()) if out.size else 0.0
-    if peak > 0:
+    if rescale and peak > 0:
         out = out / peak  # the padding is gone: scale so the strongest evidence on the image reads 1
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def to_image(square: np.ndarray, image: np.ndarray, geometry: Geometry) -> np.ndarray:
+def to_image(square: np.ndarray, image: np.ndarray, geometry: Geometry, rescale: bool = True) -> np.ndarray:
     """A SxS map on the network input -> HxW over ``image``, undoing the body crop as well as the resize.
 
-    With ``geometry.crop_to_body`` the network saw only the body part's box: the map is laid back into that box
+    ``rescale`` scales the map so its maximum reads 1 (Grad-CAM's relative evidence); a learnt probability map
+    keeps its values. With ``geometry.crop_to_body`` the network saw only the body part's box: the map is laid back into that box
     and the background outside it reads 0 (the network never saw it, so it holds no evidence).
     """
     height, width = image.shape[:2]
     if not geometry.crop_to_body:
-        return to_original(square, (height, width), geometry)
+        return to_original(square, (height, width), geometry, rescale)
     top, left, bottom, right = body_box(image)
     out = np.zeros((height, width), dtype=np.float32)
-    out[top:bottom, left:right] = to_original(square, (bottom - top, right - left), geometry)
+    out[top:bottom, left:right] = to_original(square, (bottom - top, right - left), geometry, rescale)
     return out
 
 

@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from models.networks import BoneAgeSexNet, ClassifierNet
+from models.networks import BoneAgeSexNet, ClassifierNet, FractureNet
 from models.preprocess import Geometry
 
 Task = Literal["boneage", "sex", "abnormality", "anatomy"]
@@ -50,6 +50,11 @@ class ModelCard(BaseModel):
     code_version: str = ""
     sha256: str = ""
     trained: bool = True
+    #: Abnormality only: the network also has a localisation head trained on fracture boxes (its map is the
+    #: heatmap), and how the image probability is scored: ``image`` (the classifier) or ``image_and_map`` (the mean
+    #: of the classifier's probability and the map's maximum), chosen on validation.
+    localisation_head: bool = False
+    score_rule: Literal["image", "image_and_map"] = "image"
 
     @property
     def geometry(self) -> Geometry:
@@ -91,6 +96,8 @@ def build_network(card: ModelCard, pretrained: bool = False) -> nn.Module:
     """The network a card describes, with random or ImageNet weights (the checkpoint's are loaded after)."""
     if card.task == "boneage":
         return BoneAgeSexNet(card.architecture, pretrained=pretrained)
+    if card.task == "abnormality" and card.localisation_head:
+        return FractureNet(card.architecture, pretrained=pretrained)
     outputs = 1 if card.task in ("abnormality", "sex") else len(card.classes)
     return ClassifierNet(card.architecture, outputs, pretrained=pretrained)
 

@@ -250,7 +250,13 @@ def train_classifier(args: argparse.Namespace, geometry: Geometry, cfg: TrainCon
         spec = binary_spec(card, tune_threshold=False, augment=Augment(degrees=15))
     elif task == "abnormality":
         if data is None:
-            raise ValueError("train abnormality needs --data MURA_ROOT (the folder holding MURA-v1.1)")
+            raise ValueError("train abnormality needs --data FRACATLAS_DIR or MURA_ROOT (the folder holding MURA-v1.1)")
+        from models.fracatlas import is_fracatlas, read_fracatlas
+
+        if is_fracatlas(data):
+            from models.fracture import train_fracture
+
+            return train_fracture(read_fracatlas(data), data, geometry, cfg)
         splits = mura_examples(data)
         source = str(data)
         note = (f"MURA-v1.1 train: {len(splits['train'])} train / {len(splits['val'])} validation images "

@@ -13,7 +13,7 @@ from models.train import TrainConfig
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model from a public data-set layout")
     p.add_argument("task", choices=["boneage", "sex", "abnormality", "anatomy"])
-    p.add_argument("--data", type=Path, help="RSNA labels.csv (boneage/sex), MURA root (abnormality), class folders (anatomy)")
+    p.add_argument("--data", type=Path, help="RSNA labels.csv (boneage/sex), FracAtlas folder or MURA root (abnormality), class folders (anatomy)")
     p.add_argument("--images", type=Path, help="RSNA image folder when not beside labels.csv")
     p.add_argument("--clusters", type=Path, help="anatomy: a clusters YAML written by `bonebridge sort` and named by a person")
     p.add_argument("--finetune", action="store_true",
@@ -68,12 +68,13 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("task", choices=["boneage", "sex", "abnormality", "anatomy"])
     p.add_argument("--weights", type=Path, required=True, help="checkpoint (.pt) with its card beside it")
     p.add_argument("--data", type=Path,
-                   help="RSNA folder (DIR/labels.csv + DIR/images), MURA root, or class folders or a named "
-                        "clusters.yaml (anatomy)")
+                   help="RSNA folder (DIR/labels.csv + DIR/images), FracAtlas folder (DIR/dataset.csv + "
+                        "DIR/images, boxes from DIR/fractures.csv) or MURA root (abnormality), or class folders or "
+                        "a named clusters.yaml (anatomy)")
     p.add_argument("--labels", type=Path, help="RSNA labels.csv when it is not DIR/labels.csv")
     p.add_argument("--split", choices=["test", "val", "train", "all"], default=None,
                    help="id-hash split to evaluate (default all; `test` is the tenth training never saw); "
-                        "abnormality always uses MURA-v1.1 valid")
+                        "abnormality on MURA always uses MURA-v1.1 valid; on FracAtlas the default is test")
     mask = p.add_mutually_exclusive_group()
     mask.add_argument("--mask", dest="mask", action="store_true", default=None,
                       help="mask burned-in labels (default: as the model card says)")

@@ -6,6 +6,9 @@ loop's cache, so what is measured is what is deployed (preprocessing, sex handli
 - **boneage** (RSNA layout): MAE and RMSE in months, overall and per age band, bias, sex accuracy and AUROC;
   Bland-Altman and scatter plots. PatientSex is given from ``labels.csv``, as the DICOM header would give it.
 - **sex** (RSNA layout; a ``sex`` or a ``boneage`` checkpoint): accuracy, AUROC, ROC curve.
+- **abnormality** on a FracAtlas-layout folder (``dataset.csv`` + ``images/`` + optional ``fractures.csv``):
+  see :mod:`models.evaluate_fracture` (AUROC and whether the heatmap points at the radiologists' boxes; default
+  split ``test``, the id-block split training held out);
 - **abnormality** (MURA-v1.1 ``valid``, the public evaluation split): AUROC, sensitivity, specificity and Cohen's
   kappa at the card's threshold, per image and per study (mean of the study's image probabilities, as MURA
   scores), overall and per body region; ROC and calibration plots.
@@ -432,6 +435,9 @@ def evaluate(task: str, weights: Path, data: Path | None, *, labels: Path | None
     if task != "sex" and card.task != task:
         raise ValueError(f"{weights} is a {card.task} model, not {task}")
     notes = []
+    if task == "abnormality" and data is not None and _is_fracatlas(data):
+        return _evaluate_fracatlas(predictor, weights, data, split or "test", json_out, plots, batch_size, progress,
+                                   echo)
     if task in ("boneage", "sex"):
         split = split or "all"
         items, source = rsna_items(data, labels, split)
@@ -538,6 +544,38 @@ def evaluate(task: str, weights: Path, data: Path | None, *, labels: Path | None
         echo(f"wrote {path}")
     echo(f"{timing['seconds_per_image']:.4f} s/image inference on {timing['device']}")
     echo(headline)  # the last line: scripts and the README read the headline from here
+    return report
+
+
+def _is_fracatlas(data: Path) -> bool:
+    from models.fracatlas import is_fracatlas
+
+    return Path(data).is_dir() and is_fracatlas(data)
+
+
+def _evaluate_fracatlas(predictor: Predictor, weights: Path, data: Path, split: str, json_out: Path | None,
+                        plots: Path | None, batch_size: int, progress: bool, echo: Callable[[str], None]) -> dict:
+    """FracAtlas layout: detection and pointing (see :mod:`models.evaluate_fracture`); default split ``test``."""
+    from models.evaluate_fracture import evaluate_fracatlas
+
+    body, plot_paths, headline = evaluate_fracatlas(predictor, weights, data, split, json_out, plots, batch_size,
+                                                    progress)
+    card = predictor.card
+    report = {
+        "task": "abnormality", "headline": headline,
+        "model": {"weights": str(weights), "name": card.name, "version": card.version, "task": card.task,
+                  "architecture": card.architecture, "sha256": card.sha256, "code_version": card.code_version},
+        "preprocessing": predictor.geometry.to_dict(), **body,
+    }
+    if json_out:
+        json_out = Path(json_out)
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+        echo(f"wrote {json_out}")
+    for path in plot_paths:
+        echo(f"wrote {path}")
+    echo(f"{report['timing']['seconds_per_image_with_heatmap']:.4f} s/image with heatmap on {predictor.device}")
+    echo(headline)
     return report
 
 

@@ -139,6 +139,8 @@ class Predictor:
     def _predict_batch(self, images: list[np.ndarray], sexes: list[str | None], with_heatmaps: bool,
                        tta: bool) -> list[ImagePrediction]:
         x = to_model_input(images, self.geometry).to(self.device).contiguous(memory_format=torch.channels_last)
+        if self.card.localisation_head:
+            return self._fracture(x, images, with_heatmaps, tta)
         male_used = direction = None
         with torch.no_grad():
             if self.task == "boneage":
@@ -152,6 +154,33 @@ class Predictor:
             squares = grad_cam(self.model, x, self.task, male_used, direction)
             heatmaps = [to_image(sq, img, self.geometry) for sq, img in zip(squares, images)]
         return [ImagePrediction(out, hm) for out, hm in zip(outputs, heatmaps)]
+
+    def _fracture(self, x: torch.Tensor, images: list[np.ndarray], with_heatmaps: bool,
+                  tta: bool) -> list[ImagePrediction]:
+        """A box-supervised fracture model: its own map is the heatmap (absolute probability, not rescaled).
+
+        Grad-CAM is not used: the learnt map was trained to mark fractures, and read as a probability it stays
+        cool on a radiograph without one instead of being stretched until something glows. The image
+        probability follows the card's score rule (the classifier, or its mean with the map's maximum).
+        """
+        with torch.no_grad():
+            outs = [self.model.forward_maps(v) for v in self._views(x, tta)]
+            image_prob = torch.stack([torch.sigmoid(o[0].float()) for o in outs]).mean(0).cpu()
+            map_prob = torch.sigmoid(outs[0][1].float()).cpu()  # the unshifted view: it lies on the image
+        peak = map_prob.flatten(1).max(1).values
+        prob = image_prob if self.card.score_rule == "image" else (image_prob + peak) / 2
+        results = []
+        size = self.geometry.size
+        for i, image in enumerate(images):
+            outputs: dict[str, float | str] = {"abnormality_probability": float(prob[i]),
+                                               "localisation_peak_probability": float(peak[i])}
+            heatmap = None
+            if with_heatmaps:
+                square = torch.nn.functional.interpolate(map_prob[i][None, None], size=(size, size), mode="bilinear",
+                                                         align_corners=False)[0, 0].numpy()
+                heatmap = to_image(square, image, self.geometry, rescale=False)
+            results.append(ImagePrediction(outputs, heatmap))
+        return results
 
     def _boneage(self, x: torch.Tensor, sexes: list[str | None],
                  tta: bool) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
@@ -225,15 +254,23 @@ def load_predictor(weights: str | Path, device: str | None = None, mask_labels: 
     return Predictor(model, card, Path(weights), device=device, mask_labels=mask_labels, batch_size=batch_size)
 
 
-def study_abnormality(preds: Sequence[ImagePrediction], threshold: float | None = 0.5) -> dict[str, float | str]:
-    """A study's abnormality as MURA scores it: the mean of its images' probabilities against the threshold."""
+def study_abnormality(preds: Sequence[ImagePrediction], threshold: float | None = 0.5,
+                      fracture_model: bool = False) -> dict[str, float | str]:
+    """A study's abnormality as MURA scores it: the mean of its images' probabilities against the threshold.
+
+    A model trained on fractures (``fracture`` among its card's classes) also states ``fracture``: present or
+    absent, which the SR codes as SNOMED CT "Fracture of bone".
+    """
     probs = [float(p.outputs["abnormality_probability"]) for p in preds if "abnormality_probability" in p.outputs]
     if not probs:
         raise ValueError("no abnormality predictions for this study")
     threshold = 0.5 if threshold is None else float(threshold)
     probability = float(np.mean(probs))
-    return {
+    found: dict[str, float | str] = {
         "abnormality_probability": probability,
         "abnormality_decision": "abnormal" if probability >= threshold else "normal",
         "abnormality_threshold": threshold,
     }
+    if fracture_model:
+        found["fracture"] = "present" if probability >= threshold else "absent"
+    return found

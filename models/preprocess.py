@@ -220,23 +220,32 @@ class Augment:
     generator: torch.Generator | None = field(default=None, repr=False)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        n = batch.shape[0]
-        dev = batch.device
-        g = self.generator
+        return self.photometric(self.geometric(batch))
 
-        def uniform(low: float, high: float) -> torch.Tensor:
-            return (torch.rand(n, generator=g) * (high - low) + low).to(dev)
+    def _uniform(self, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
+        return (torch.rand(n, generator=self.generator) * (high - low) + low).to(device)
 
-        angle = uniform(-self.degrees, self.degrees) * torch.pi / 180
-        scale = uniform(*self.scale)
-        tx, ty = uniform(-self.translate, self.translate), uniform(-self.translate, self.translate)
+    def geometric(self, batch: torch.Tensor) -> torch.Tensor:
+        """Rotation, scale, shift and flip, the same for every channel of an image (an image and its box mask)."""
+        n, dev = batch.shape[0], batch.device
+        angle = self._uniform(n, -self.degrees, self.degrees, dev) * torch.pi / 180
+        scale = self._uniform(n, *self.scale, dev)
+        tx = self._uniform(n, -self.translate, self.translate, dev)
+        ty = self._uniform(n, -self.translate, self.translate, dev)
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-        flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0).to(dev) if self.hflip else torch.ones(n, device=dev)
+        if self.hflip:
+            flip = torch.where(self._uniform(n, 0, 1, dev) < 0.5, -1.0, 1.0).to(dev)
+        else:
+            flip = torch.ones(n, device=dev)
         theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
         grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
-        out = F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        gamma = torch.exp(uniform(-self.gamma, self.gamma)).view(n, 1, 1, 1)
-        out = out.clamp(0, 1) ** gamma
-        contrast = uniform(1 - self.contrast, 1 + self.contrast).view(n, 1, 1, 1)
+        return F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    def photometric(self, batch: torch.Tensor) -> torch.Tensor:
+        """Gamma and contrast jitter of the grey levels."""
+        n, dev = batch.shape[0], batch.device
+        gamma = torch.exp(self._uniform(n, -self.gamma, self.gamma, dev)).view(n, 1, 1, 1)
+        out = batch.clamp(0, 1) ** gamma
+        contrast = self._uniform(n, 1 - self.contrast, 1 + self.contrast, dev).view(n, 1, 1, 1)
         mean = out.mean(dim=(2, 3), keepdim=True)
         return ((out - mean) * contrast + mean).clamp(0, 1)

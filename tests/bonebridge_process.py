@@ -54,8 +54,9 @@ def write_config(workdir: Path, *, pacs_port: int, listen_port: int | None = Non
 class BoneBridgeProcess:
     """``bonebridge serve`` in a subprocess, its log in a file, stopped with SIGTERM."""
 
-    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
         self.config_path = config_path
+        self.args = list(args or [])
         self.config = yaml.safe_load(config_path.read_text())
         self.port = int(self.config["listener"]["port"])
         self.data_dir = Path(self.config["storage"]["data_dir"])
@@ -66,7 +67,7 @@ class BoneBridgeProcess:
     def start(self, timeout: float = 90.0) -> "BoneBridgeProcess":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "serve", "--config", str(self.config_path)],
+            [sys.executable, "-m", "daemon.cli", "serve", "--config", str(self.config_path), *self.args],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=self.env, start_new_session=True,
         )
         wait_for(lambda: self._answers(), timeout, interval=0.3, what=f"bonebridge echo on {self.port}\n{self.log_tail()}")

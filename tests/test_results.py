@@ -40,6 +40,7 @@ from daemon.results import (
     is_own_output,
     referenced_instances,
 )
+from daemon.heatmap_render import RESEARCH_NOTICE, picture_shape
 from tests.dicom_factory import make_study
 
 MODELS = [
@@ -280,26 +281,29 @@ def test_heatmap_sc_round_trip(sources: list[Dataset], findings: StudyResult) ->
     assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
     pixels = sc.pixel_array
     assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
-    assert pixels.shape[0] == sources[1].Rows
-    assert pixels.shape[1] > sources[1].Columns  # the colour scale strip is added at the right
-    # turbo: hot = red, cold = blue. The hot quadrant of the heatmap is redder than the cold one.
-    image = pixels[:, : sources[1].Columns].astype(int)
+    rows, cols = picture_shape(sources[1].Rows, sources[1].Columns)  # a 32 px source is enlarged to 512
+    assert rows == 512
+    assert pixels.shape[0] > rows  # the caption band is added below
+    assert pixels.shape[1] > cols  # the colour scale strip is added at the right
+    # turbo: hot = red; below the floor the radiograph stays grey (no red-blue difference at all).
+    image = pixels[:rows, :cols].astype(int)
     redness = image[..., 0] - image[..., 2]
-    assert redness[:12, :12].mean() > redness[20:, 20:].mean() + 40
+    assert redness[: rows * 3 // 8, : cols * 3 // 8].mean() > 40
+    assert np.abs(redness[rows * 5 // 8:, cols * 5 // 8:]).max() == 0
 
 
 def test_heatmap_sc_caps_long_side(tmp_path: Path, findings: StudyResult) -> None:
     (big,) = make_study(tmp_path / "big", count=1, size=1100, study_uid=findings.study_uid)
     sc = build_heatmap_sc(big, _hot_corner(), findings, 0)
-    assert max(sc.Rows, sc.Columns) <= 1024 + 64
-    assert sc.Rows == 1024
+    assert picture_shape(1100, 1100) == (1024, 1024)
+    assert sc.Columns <= 1024 + 96 and sc.Rows > 1024  # the radiograph at 1024, the caption below it
 
 
 def test_heatmap_sc_from_compressed_source(sources: list[Dataset], findings: StudyResult) -> None:
     source = sources[0]
     source.compress(RLELossless)
     sc = _roundtrip(build_heatmap_sc(source, _hot_corner(), findings, 0))
-    assert sc.pixel_array.shape[:2] == (source.Rows, sc.Columns)
+    assert sc.pixel_array.shape[:2] == (sc.Rows, sc.Columns) and sc.Rows > picture_shape(source.Rows, source.Columns)[0]
 
 
 def test_heatmap_sc_uids_are_stable(sources: list[Dataset], findings: StudyResult) -> None:
@@ -423,3 +427,58 @@ def test_sr_keeps_both_anatomy_witnesses_and_flags_disagreement(sources: list[Da
     assert sr_values(_read_sr(build_sr(sources, agreeing)))["Anatomy model disagrees with DICOM tags"] == "No"
     silent = sr_values(_read_sr(build_sr(sources, findings)))  # no evidence recorded: no such items
     assert "Anatomy decided by" not in silent
+
+
+def test_fracture_sr_codes_the_finding_and_each_image(tmp_path: Path, sources: list[Dataset],
+                                                      findings: StudyResult) -> None:
+    """A fracture model's SR: SNOMED CT "Fracture of bone" present/absent, and one probability per source image
+    that references its image; dcmtk renders the tree without a warning."""
+    from dataclasses import replace
+
+    from daemon.results import ImageProbability
+
+    per_image = [ImageProbability(str(ds.SOPClassUID), str(ds.SOPInstanceUID), p) for ds, p in zip(sources, (0.9, 0.72))]
+    fracture = replace(findings, findings={**findings.findings, "fracture": "present"}, image_probabilities=per_image)
+    sr = _read_sr(build_sr(sources, fracture))
+    group = sr.content.get_image_measurement_groups()[0]
+    evaluated = {_code_value(q.name): _code_value(q.value) for q in group.get_qualitative_evaluations()}
+    assert evaluated[("125605004", "SCT")] == ("52101004", "SCT")  # Fracture of bone: Present
+    referenced = {}
+    for m in group.get_measurements():
+        for item in m[0].get("ContentSequence", []):
+            if item.ValueType == "IMAGE":
+                referenced[str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)] = m.value
+    assert referenced == {str(ds.SOPInstanceUID): pytest.approx(p) for ds, p in zip(sources, (0.9, 0.72))}
+
+    absent = replace(fracture, findings={**fracture.findings, "fracture": "absent"})
+    group = _read_sr(build_sr(sources, absent)).content.get_image_measurement_groups()[0]
+    evaluated = {_code_value(q.name): _code_value(q.value) for q in group.get_qualitative_evaluations()}
+    assert evaluated[("125605004", "SCT")] == ("272519000", "SCT")
+    if shutil.which("dsrdump") is not None:
+        path = tmp_path / "fracture-sr.dcm"
+        build_sr(sources, fracture).save_as(path, enforce_file_format=True)
+        run = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0 and "W:" not in run.stderr and "E:" not in run.stderr, run.stderr
+        assert 'CODE:(,,"Fracture of bone")=(52101004,SCT,"Present")' in run.stdout
+
+
+def test_heatmap_caption_says_the_finding_in_words(sources: list[Dataset], findings: StudyResult) -> None:
+    from dataclasses import replace
+
+    from daemon.results import ImageProbability, heatmap_caption
+
+    lines = heatmap_caption(findings, sources[0])
+    assert lines[0] == "Bone age 10 y 3 mo (123 months); sex F (predicted by the model); the model's sex contradicts the DICOM header"
+    assert lines[1].startswith("Abnormality probability 0.81 (study) - ABNORMAL at threshold 0.50")
+    assert lines[2] == "Anatomy: hand 0.97 (model)"
+    assert "mura-densenet169 1.2.0" in lines[3] and "anatomy-effnet" not in lines[3]
+    assert not any(str(sources[0].PatientName) in line or str(sources[0].PatientID) in line for line in lines)
+    fracture = replace(findings, findings={"abnormality_probability": 0.2, "abnormality_threshold": 0.35,
+                                           "fracture": "absent"},
+                       image_probabilities=[ImageProbability("1.2", str(sources[0].SOPInstanceUID), 0.25)])
+    assert heatmap_caption(fracture, sources[0])[0] == (
+        "Fracture probability 0.20 (study) - no fracture at threshold 0.35; this image 0.25")
+    sc = build_heatmap_sc(sources[0], _hot_corner(), fracture, 0)
+    band = sc.pixel_array[picture_shape(sources[0].Rows, sources[0].Columns)[0]:]
+    assert band.max() >= 250 and ((band[..., 0] > 200) & (band[..., 2] < 50)).any()  # white text, amber notice
+    assert RESEARCH_NOTICE.startswith("RESEARCH USE ONLY")

@@ -1,0 +1,154 @@
+"""The fracture model's data, training, inference and evaluation on a small synthetic FracAtlas-layout folder.
+
+The folder is written the way FracAtlas publishes it (``dataset.csv`` with the data set's own columns,
+``images/``, ``fractures.csv``); each "radiograph" is a bright bar (a bone) on a dark field, broken by a dark gap
+inside the box on fractured images. A real-data test checks the reader against ``../shared/data/fracatlas`` and
+is skipped where that folder is absent.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.fracatlas import (
+    box_mask, case_split, image_and_mask_squares, is_fracatlas, pointing_hit, read_fracatlas, split_cases,
+)
+from models.preprocess import Augment, Geometry
+
+SHARED_FRACATLAS = Path(__file__).resolve().parents[2] / "shared" / "data" / "fracatlas"
+COLUMNS = "image_id,hand,leg,hip,shoulder,mixed,hardware,multiscan,fractured,fracture_count,frontal,lateral,oblique"
+
+
+def write_fracatlas(folder: Path, count: int = 90, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True)
+    rows, boxes = [], []
+    for i in range(count):
+        image_id = f"IMG{i * 7:07d}.jpg"  # 32 id blocks of 20, so every split gets some
+        pixels = np.full((120, 96), 20, dtype=np.uint8)
+        pixels[10:110, 40:56] = 200
+        fractured = i % 3 == 0
+        if fractured:
+            y = int(rng.integers(25, 85))
+            pixels[y:y + 4, 40:56] = 30
+            boxes.append((image_id, 36.0, y - 4.0, 24.0, 12.0))
+        Image.fromarray(pixels).save(folder / "images" / image_id, quality=95)
+        region = ("hand", "leg", "hip", "shoulder")[i % 4]
+        flags = {name: int(name == region) for name in ("hand", "leg", "hip", "shoulder")}
+        rows.append([image_id, flags["hand"], flags["leg"], flags["hip"], flags["shoulder"], 0, 0, 0, int(fractured),
+                     int(fractured), 1, 0, 0])
+    with open(folder / "dataset.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(COLUMNS.split(","))
+        writer.writerows(rows)
+    with open(folder / "fractures.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_id", "x", "y", "width", "height"])
+        writer.writerows(boxes)
+    return folder
+
+
+@pytest.fixture
+def fracatlas(tmp_path: Path) -> Path:
+    return write_fracatlas(tmp_path / "fracatlas")
+
+
+def test_reader_keeps_labels_regions_and_boxes(fracatlas: Path) -> None:
+    assert is_fracatlas(fracatlas) and not is_fracatlas(fracatlas / "images")
+    cases = read_fracatlas(fracatlas)
+    assert len(cases) == 90
+    assert sum(c.fractured for c in cases) == 30
+    assert all(len(c.boxes) == 1 for c in cases if c.fractured) and all(not c.boxes for c in cases if not c.fractured)
+    assert {c.region for c in cases} == {"hand", "leg", "hip", "shoulder"}
+
+
+def test_missing_image_is_named(fracatlas: Path) -> None:
+    (fracatlas / "images" / "IMG0000035.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="IMG0000035.jpg"):
+        read_fracatlas(fracatlas)
+
+
+def test_split_keeps_id_blocks_together(fracatlas: Path) -> None:
+    cases = read_fracatlas(fracatlas)
+    by_block: dict[int, set[str]] = {}
+    for case in cases:
+        by_block.setdefault(int(case.image_id[3:10]) // 20, set()).add(case_split(case))
+    assert all(len(splits) == 1 for splits in by_block.values())
+    assert sum(len(v) for v in split_cases(cases).values()) == len(cases)
+
+
+def test_mask_follows_the_image_through_padding() -> None:
+    image = np.zeros((100, 50), dtype=np.float32)
+    image[60:70, 10:20] = 1.0
+    square, mask = image_and_mask_squares(image, ((10.0, 60.0, 10.0, 10.0),), Geometry(size=50, aspect="pad"))
+    bright = (square[0, 0] > 0.5).nonzero()
+    marked = (mask[0, 0] > 0.5).nonzero()
+    assert torch.equal(bright.float().mean(0).round(), marked.float().mean(0).round())
+
+
+def test_augment_moves_image_and_mask_together() -> None:
+    mask = torch.zeros(4, 1, 64, 64)
+    mask[:, :, 20:30, 35:45] = 1
+    augment = Augment(degrees=15, hflip=True, generator=torch.Generator().manual_seed(3))
+    both = augment.geometric(torch.cat([mask, mask], 1))
+    assert torch.allclose(both[:, 0], both[:, 1])
+    assert not torch.allclose(both[:, 0], mask[:, 0])
+
+
+def test_pointing_strict_and_grown() -> None:
+    heat = np.zeros((100, 200), dtype=np.float32)
+    heat[50, 108] = 1.0
+    boxes = ((100.0, 40.0, 5.0, 20.0),)  # x 100-105, y 40-60: the peak is 3 px to the right of it
+    assert not pointing_hit(heat, boxes, 0.0)
+    assert pointing_hit(heat, boxes, 0.03)  # grown by 3 % of 200 = 6 px
+    assert box_mask((10, 10), ((2.0, 3.0, 2.0, 2.0),)).sum() == 4
+
+
+def test_train_predict_and_evaluate_on_fracatlas_layout(fracatlas: Path, tmp_path: Path) -> None:
+    """Two tiny steps only: this checks the plumbing (checkpoint, card, map heatmap, report), not learning."""
+    from models.cli import main
+    from models.inference import load_predictor
+    from models.preprocess import load_image
+
+    out = tmp_path / "run" / "fracture.pt"
+    assert main(["train", "abnormality", "--data", str(fracatlas), "--out", str(out), "--size", "64",
+                 "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "2", "--no-progress"]) == 0
+    card = json.loads(out.with_suffix(".card.json").read_text())
+    assert card["trained"] and card["localisation_head"] and card["classes"] == ["no fracture", "fracture"]
+    assert card["score_rule"] in ("image", "image_and_map") and 0.0 <= card["threshold"] <= 1.0
+    assert "blocks of 20 consecutive image ids" in card["training_data"] and "CC BY 4.0" in card["licence_note"]
+
+    predictor = load_predictor(out)
+    image = load_image(fracatlas / "images" / "IMG0000000.jpg")
+    pred = predictor.predict([image])[0]
+    assert pred.heatmap is not None and pred.heatmap.shape == image.shape
+    assert 0.0 <= float(pred.heatmap.min()) and float(pred.heatmap.max()) <= pred.outputs["localisation_peak_probability"] + 1e-4
+    assert 0.0 <= pred.outputs["abnormality_probability"] <= 1.0
+
+    report_path = tmp_path / "eval" / "report.json"
+    assert main(["evaluate", "abnormality", "--weights", str(out), "--data", str(fracatlas), "--split", "all",
+                 "--json", str(report_path), "--no-progress"]) == 0
+    report = json.loads(report_path.read_text())
+    for key in ("auroc", "pointing_hit_rate", "pointing_hit_rate_strict", "sensitivity", "specificity", "kappa"):
+        assert key in report
+    assert report["metrics"]["pointing_n"] == 30
+    assert set(report["metrics"]["by_region"]) == {"hand", "leg", "hip", "shoulder"}
+    assert report["heatmap"] == "learnt localisation map"
+    for name in ("fracture_roc.png", "fracture_calibration.png", "fracture_worst_misses.png"):
+        assert (report_path.parent / name).stat().st_size > 1000
+
+
+@pytest.mark.skipif(not SHARED_FRACATLAS.is_dir(), reason="needs ../shared/data/fracatlas (the real FracAtlas)")
+def test_real_fracatlas_reads_as_published() -> None:
+    cases = read_fracatlas(SHARED_FRACATLAS)
+    assert len(cases) == 3448 and sum(c.fractured for c in cases) == 614
+    assert sum(len(c.boxes) for c in cases) == 790
+    sizes = {name: len(items) for name, items in split_cases(cases).items()}
+    assert sizes == {"train": 2824, "val": 307, "test": 317}
