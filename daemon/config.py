@@ -322,9 +322,17 @@ class MetricsConfig(_Strict):
     port: int = Field(default=9108, ge=0, le=65535)
 
 
+class StatusConfig(_Strict):
+    """The read-only status web page (studies, routes, models, dead letters); ``port: 0`` turns it off."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=9109, ge=0, le=65535)
+
+
 class Config(_Strict):
     listener: ListenerConfig = Field(default_factory=ListenerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    status: StatusConfig = Field(default_factory=StatusConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     assembly: AssemblyConfig = Field(default_factory=AssemblyConfig)
     broker: str = "embedded"

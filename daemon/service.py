@@ -27,6 +27,7 @@ from daemon.children import die_with_parent
 from daemon.config import Config, load_config
 from daemon.listener import start_listener
 from daemon.metrics import INSTANCES_RECEIVED, STUDIES_QUEUED, start_metrics
+from daemon.status_page import start_status_page
 from daemon.rules import decide_route, facts_from_dataset
 from daemon.spool import InstanceEvent, Spool
 
@@ -71,6 +72,7 @@ class Listener:
                                         quiet_period_for=self._quiet_period if per_route else None)
         self.stop_event = threading.Event()
         self.server = None
+        self.status_server = None
 
     def _quiet_period(self, study: StudyState) -> float | None:
         """The quiet period of the route the study's header points to (read once per study generation).
@@ -105,6 +107,8 @@ class Listener:
                                      self.assembler.association_closed)
         self.assembler.run_poller(self.stop_event, interval_s=0.2)
         start_metrics(self.config.metrics.host, self.config.metrics.port, self.assembler, self.data_dir)
+        self.status_server = start_status_page(self.config.status.host, self.config.status.port, self.config,
+                                               self.data_dir)
         LOGGER.info("listening as %s on %s:%d", self.config.listener.ae_title, self.config.listener.host,
                     self.config.listener.port)
 
@@ -112,6 +116,8 @@ class Listener:
         self.stop_event.set()
         if self.server is not None:
             self.server.shutdown()
+        if self.status_server is not None:
+            self.status_server.shutdown()
 
 
 class SupervisedWorker:

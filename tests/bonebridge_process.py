@@ -36,6 +36,7 @@ def write_config(workdir: Path, *, pacs_port: int, listen_port: int | None = Non
         },
         "storage": {"data_dir": str(workdir / "var")},
         "metrics": {"host": LOCALHOST, "port": free_port()},
+        "status": {"host": LOCALHOST, "port": free_port()},
         "assembly": {"quiet_period_s": quiet_period_s},
         "broker": broker,
         "queue": {"visibility_timeout_s": visibility_timeout_s, "max_retries": 3, "retry_backoff_s": 1},

@@ -1,0 +1,114 @@
+"""The status page: its data through HTTP, from a data directory written in the daemon's own formats, and from
+a real ``serve`` that processed real studies (a routed one with a heatmap, a not-processed one).
+
+The data directory of the first tests is written with the assembler's :class:`StudyState` and the workers'
+record layout, then served by :func:`start_status_page` on a free port and read with ``urllib``: what a browser
+gets. A dead-letter entry is written as the dispatcher writes one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from daemon.assembler import InstanceRecord, StudyState
+from daemon.config import load_config
+from daemon.status_page import start_status_page
+from tests.bonebridge_process import REPO, BoneBridgeProcess, write_config
+from tests.dicom_factory import make_dx
+from tests.orthanc_fixture import free_port, storescu, wait_for
+
+
+def _get(url: str) -> tuple[int, bytes, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read(), response.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), ""
+
+
+def _write_study(data: Path, uid: str, *, status: str, route: str, age_s: float = 60, reason: str = "") -> None:
+    now = time.time() - age_s
+    state = StudyState(uid, state="done", first_received_at=now - 5, last_instance_at=now - 4, finished_at=now,
+                       calling_ae="XRAY_ROOM_1",
+                       instances={f"{uid}.1": InstanceRecord("x.dcm", f"{uid}.9", "1.2.840.10008.5.1.4.1.1.1.1",
+                                                             "XRAY_ROOM_1", now - 4)})
+    path = data / "studies" / f"{uid}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state.to_json()))
+    os.utime(path, (now, now))
+    record = {"study_uid": uid, "generation": 1, "route": route, "status": status, "destinations": {"pacs": "sent"},
+              "summary": {"route": route, "anatomy": "hand", "anatomy_source": "model bonebridge-anatomy 1.0.0",
+                          "findings": {"bone_age_months": 121.5} if status == "sent" else {},
+                          "not_processed_reason": reason or None}}
+    if reason:
+        record["reason"] = reason
+    (data / "results" / uid).mkdir(parents=True, exist_ok=True)
+    (data / "results" / uid / "1.json").write_text(json.dumps(record))
+
+
+@pytest.fixture
+def page(tmp_path: Path):
+    config = load_config(write_config(tmp_path, pacs_port=free_port()))
+    data = Path(config.storage.data_dir)
+    _write_study(data, "1.2.3.100", status="sent", route="pediatric-hand", age_s=30)
+    _write_study(data, "1.2.3.200", status="not-processed", route="other", reason="route 'other' reports ...")
+    _write_study(data, "1.2.3.300", status="sent", route="pediatric-hand", age_s=3 * 24 * 3600)  # too old
+    entry = data / "dead-letter" / "20261125T120000Z-1.2.3.400-1-abcd1234"
+    entry.mkdir(parents=True)
+    (entry / "reason.json").write_text(json.dumps({"destination": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                                                   "port": 4242, "error": "association rejected", "attempts": 6,
+                                                   "time": "2026-11-25T12:00:00Z", "files": []}))
+    port = free_port()
+    server = start_status_page("127.0.0.1", port, config, data)
+    yield f"http://127.0.0.1:{port}"
+    server.shutdown()
+
+
+def test_page_lists_the_last_day_newest_first_with_routes_models_and_dead_letters(page: str) -> None:
+    status, body, kind = _get(page + "/")
+    html = body.decode()
+    assert status == 200 and kind.startswith("text/html")
+    assert html.index("1.2.3.100") < html.index("1.2.3.200")  # newest first (30 s ago, then 60 s ago)
+    assert "1.2.3.300" not in html  # older than 24 hours
+    assert "pediatric-hand" in html and "not-processed" in html and "route &#39;other&#39; reports" in html
+    assert "XRAY_ROOM_1" in html and "BONEBRIDGE" in html and "STORESCU" in html
+    assert "association rejected" in html and "ORTHANC at 127.0.0.1:4242" in html
+    assert "bonebridge-anatomy" in html and "sha256" in html  # the models with their cards
+    assert 'http-equiv="refresh"' in html and "<script" not in html
+
+
+def test_search_finds_a_study_by_uid_at_any_age_and_detail_opens(page: str) -> None:
+    html = _get(page + "/?q=1.2.3.300")[1].decode()
+    assert "1.2.3.300" in html and "1.2.3.100" not in html
+    status, body, _ = _get(page + "/study/1.2.3.100")
+    assert status == 200 and b"bone age months" in body and b"121.5" in body and b"XRAY_ROOM_1" in body
+    assert _get(page + "/study/9.9.9")[0] == 404
+    assert _get(page + "/study/..%2F..%2Fetc%2Fpasswd")[0] == 404
+
+
+def test_real_serve_shows_a_routed_and_a_not_processed_study(tmp_path: Path, orthanc) -> None:
+    config = write_config(tmp_path, pacs_port=orthanc.dicom_port)
+    port = json.loads(json.dumps(__import__("yaml").safe_load(config.read_text())))["status"]["port"]
+    hand = make_dx(tmp_path / "hand.dcm", body_part="HAND", age="010Y", size=128)
+    chest = make_dx(tmp_path / "chest.dcm", body_part="CHEST", age="050Y", size=128)
+    with BoneBridgeProcess(config) as proc:
+        assert storescu(proc.port, "BONEBRIDGE", [tmp_path / "hand.dcm", tmp_path / "chest.dcm"]).returncode == 0
+        for uid in (str(hand.StudyInstanceUID), str(chest.StudyInstanceUID)):
+            wait_for(lambda: proc.results(uid), 120, interval=0.2, what=f"the outcome of {uid}")
+        base = f"http://127.0.0.1:{port}"
+        html = _get(base + "/")[1].decode()
+        detail = _get(base + f"/study/{hand.StudyInstanceUID}")[1].decode()
+        thumb = detail.split('<img src="', 1)[1].split('"', 1)[0] if "<img" in detail else ""
+        image = _get(base + thumb) if thumb else (0, b"", "")
+    assert str(hand.StudyInstanceUID) in html and str(chest.StudyInstanceUID) in html
+    assert "pediatric-hand" in html and "not-processed" in html and "STORESCU" in html
+    assert str(hand.PatientName) not in html and str(hand.PatientID) not in html
+    assert "bone age months" in detail
+    assert image[0] == 200 and image[2] == "image/png" and image[1][:8] == b"\x89PNG\r\n\x1a\n"
