@@ -31,7 +31,7 @@ from tqdm import tqdm
 from models.checkpoint import ModelCard, code_version, save_checkpoint
 from models.fracatlas import FractureCase, image_and_mask_squares, split_cases
 from models.preprocess import Augment, Geometry, load_image, normalise
-from models.train import TrainConfig, seed_everything
+from models.train import TrainConfig, resume_loop, save_loop, seed_everything
 
 LOGGER = logging.getLogger(__name__)
 
@@ -193,17 +193,7 @@ def train_fracture(cases: list[FractureCase], source: Path, geometry: Geometry, 
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps),
                                                     pct_start=0.15)
     state_path = cfg.out.with_suffix(".state.pt")
-    history: list[dict] = []
-    best: dict | None = None
-    start = 0
-    if cfg.resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, best, start = state["history"], state["best"], state["epoch"] + 1
-        generator.set_state(state["generator"])
-        LOGGER.info("resumed from %s at epoch %d", state_path, start)
+    history, best, start = resume_loop(state_path, cfg.resume, model, optimiser, scheduler, generator)
     for epoch in range(start, cfg.epochs):
         if best is not None and epoch - 1 - best["epoch"] >= cfg.patience:
             LOGGER.info("early stop: no improvement in %d epochs", cfg.patience)
@@ -243,8 +233,6 @@ def train_fracture(cases: list[FractureCase], source: Path, geometry: Geometry, 
                 "code_version": code_version(), "trained": True,
             })
             save_checkpoint(model, saved, cfg.out)
-        torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
-                    "scheduler": scheduler.state_dict(), "history": history, "best": best, "epoch": epoch,
-                    "generator": generator.get_state()}, state_path)
+        save_loop(state_path, model, optimiser, scheduler, generator, history, best, epoch)
     cfg.out.with_suffix(".history.json").write_text(json.dumps(history, indent=2))
     return cfg.out, best or {}

@@ -15,7 +15,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -129,6 +129,27 @@ def _is_boneage(model: nn.Module) -> bool:
     return isinstance(model, BoneAgeSexNet)
 
 
+def resume_loop(state_path: Path, resume: bool, model: nn.Module, optimiser: torch.optim.Optimizer, scheduler: Any,
+                generator: torch.Generator) -> tuple[list[dict], dict | None, int]:
+    """(history, best record, first epoch to run): from the per-epoch state file when resuming, else fresh."""
+    if not (resume and state_path.exists()):
+        return [], None, 0
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimiser.load_state_dict(state["optimiser"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    LOGGER.info("resumed from %s at epoch %d", state_path, state["epoch"] + 1)
+    return state["history"], state["best"], state["epoch"] + 1
+
+
+def save_loop(state_path: Path, model: nn.Module, optimiser: torch.optim.Optimizer, scheduler: Any,
+              generator: torch.Generator, history: list[dict], best: dict | None, epoch: int) -> None:
+    """Everything a stopped run needs to go on after ``epoch`` (written after every epoch)."""
+    torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
+                "history": history, "best": best, "epoch": epoch, "generator": generator.get_state()}, state_path)
+
+
 def train(
     spec: TaskSpec, train_examples: list[Example], val_examples: list[Example], cfg: TrainConfig,
     caches: tuple[torch.Tensor, torch.Tensor] | None = None, masked_train_cache: torch.Tensor | None = None,
@@ -156,17 +177,7 @@ def train(
     )
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda")
     state_path = cfg.out.with_suffix(".state.pt")
-    history: list[dict] = []
-    best: dict | None = None
-    start_epoch = 0
-    if cfg.resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
-        generator.set_state(state["generator"])
-        LOGGER.info("resumed from %s at epoch %d", state_path, start_epoch)
+    history, best, start_epoch = resume_loop(state_path, cfg.resume, model, optimiser, scheduler, generator)
 
     stale = 0 if best is None else start_epoch - 1 - best["epoch"]
     for epoch in range(start_epoch, cfg.epochs):
@@ -221,12 +232,6 @@ def train(
             save_checkpoint(model, card, cfg.out)
         else:
             stale += 1
-        torch.save(
-            {
-                "model": model.state_dict(), "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
-                "history": history, "best": best, "epoch": epoch, "generator": generator.get_state(),
-            },
-            state_path,
-        )
+        save_loop(state_path, model, optimiser, scheduler, generator, history, best, epoch)
     (cfg.out.with_suffix(".history.json")).write_text(json.dumps(history, indent=2))
     return cfg.out, best or {}
