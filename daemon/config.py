@@ -176,6 +176,54 @@ class Caller(_Strict):
         return _check_ae_title(value)
 
 
+class ListenerTls(_Strict):
+    """DICOM TLS on the listener: our certificate and key (PEM); callers' certificates checked when required."""
+
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+    @field_validator("certificate", "private_key", "ca_certificates", mode="before")
+    @classmethod
+    def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
+        return None if value is None else _resolve_path(value, info, allow_builtin=False)
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> "ListenerTls":
+        for name in ("certificate", "private_key", "ca_certificates"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates to check callers' certificates against")
+        return self
+
+
+class DestinationTls(_Strict):
+    """DICOM TLS to a destination: the CA that signed the PACS's certificate; ours when the PACS asks for one."""
+
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+    server_hostname: str | None = None  # verify the PACS's certificate names this host
+
+    @field_validator("certificate", "private_key", "ca_certificates", mode="before")
+    @classmethod
+    def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
+        return None if value is None else _resolve_path(value, info, allow_builtin=False)
+
+    @model_validator(mode="after")
+    def _pair(self) -> "DestinationTls":
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("give both certificate and private_key for a client certificate, or neither")
+        for name in ("certificate", "private_key", "ca_certificates"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+        return self
+
+
 class ListenerConfig(_Strict):
     ae_title: str = "BONEBRIDGE"
     host: str = "0.0.0.0"
@@ -183,6 +231,7 @@ class ListenerConfig(_Strict):
     allowed_callers: list[Caller] = Field(default_factory=list)
     max_pdu: int = Field(0, ge=0)  # 0 = unlimited
     network_timeout_s: float = Field(60.0, gt=0)
+    tls: ListenerTls | None = None  # DICOM TLS; null = plain TCP
 
     @field_validator("ae_title")
     @classmethod
@@ -224,6 +273,7 @@ class Destination(_Strict):
     calling_ae: str = "BONEBRIDGE"
     retries: int = Field(5, ge=0)
     backoff_s: float = Field(2.0, ge=0)
+    tls: DestinationTls | None = None  # DICOM TLS to this destination; null = plain TCP
 
     @field_validator("ae_title", "calling_ae")
     @classmethod

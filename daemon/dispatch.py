@@ -128,8 +128,15 @@ def _send_batch(dest: DestinationLike, paths: list[Path], pairs: list[tuple[str,
         except (AttributeError, OSError):
             pass
 
+    tls = getattr(dest, "tls", None)
+    tls_args = None
+    if tls is not None:
+        from daemon.tls import client_args
+
+        tls_args = client_args(tls)
     assoc = ae.associate(
-        dest.host, int(dest.port), ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)]
+        dest.host, int(dest.port), ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+        tls_args=tls_args,
     )
     if not assoc.is_established:
         if not connected:

@@ -66,7 +66,10 @@ def check_config_text(path: str | Path) -> tuple[bool, str]:
 
     lines = [f"{path}: OK"]
     listener = config.listener
-    lines.append(f"listener: {listener.ae_title} on {listener.host}:{listener.port}")
+    tls = listener.tls
+    tls_text = ("DICOM TLS" + (", client certificates required" if tls.require_client_certificate else "")) if tls \
+        else "plain TCP"
+    lines.append(f"listener: {listener.ae_title} on {listener.host}:{listener.port} ({tls_text})")
     if listener.allowed_callers:
         for caller in listener.allowed_callers:
             lines.append(f"  accepts {caller.ae_title} from {caller.host or 'any host'}")
@@ -76,7 +79,8 @@ def check_config_text(path: str | Path) -> tuple[bool, str]:
     lines.append(f"broker: {config.broker}")
     lines.append("destinations:")
     for name, dest in config.destinations.items():
-        lines.append(f"  {name}: {dest.ae_title} at {dest.host}:{dest.port} (calling as {dest.calling_ae})")
+        lines.append(f"  {name}: {dest.ae_title} at {dest.host}:{dest.port} (calling as {dest.calling_ae}"
+                     f"{', DICOM TLS' if dest.tls else ''})")
     models = config.model_status()
     lines.append("models:")
     for name, ref in config.models.items():

@@ -153,13 +153,16 @@ class ListenerAE(AE):
 
     evt_handlers: list[tuple[Any, ...]]
     bind_address: tuple[str, int]
+    ssl_context: Any = None
 
     def start_listening(self) -> ThreadedAssociationServer:
         """Start the non-blocking association server (port 0 picks a free port)."""
-        server = self.start_server(self.bind_address, block=False, evt_handlers=self.evt_handlers)
+        server = self.start_server(self.bind_address, block=False, evt_handlers=self.evt_handlers,
+                                   ssl_context=self.ssl_context)
         assert server is not None
         host, port = server.server_address[:2]
-        LOGGER.info("listening as %s on %s:%s", self.ae_title, host, port)
+        LOGGER.info("listening as %s on %s:%s%s", self.ae_title, host, port,
+                    " with DICOM TLS" if self.ssl_context is not None else "")
         return server
 
 
@@ -294,6 +297,11 @@ def build_ae(
     handlers = _Handlers(CallerPolicy(listener_config.allowed_callers), spool, on_instance, on_assoc_closed)
     ae.evt_handlers = handlers.as_list()
     ae.bind_address = (listener_config.host, int(listener_config.port))
+    tls = getattr(listener_config, "tls", None)
+    if tls is not None:
+        from daemon.tls import server_context
+
+        ae.ssl_context = server_context(tls)
     return ae
 
 
