@@ -1,0 +1,121 @@
+"""The fault matrix, part 1 and 2 of issue 10, with real processes: ``serve`` killed hard at the worst moments.
+
+Every test kills the whole ``serve`` process group with SIGKILL (the embedded Redis and the worker with it: no
+``finally`` runs), starts ``serve`` again on the same data directory, and then checks what the PACS (a real
+Orthanc) holds: every acknowledged instance is in the study's state, exactly one SR per study generation
+reached the PACS (no duplicates), every generation has an outcome record, and the restarted daemon answers
+C-ECHO. Studies are chests, which the shipped routes report as "not processed" without running a model, so the
+tests measure the transport, not the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.bonebridge_process import BoneBridgeProcess, write_config
+from tests.dicom_factory import make_study
+from tests.orthanc_fixture import echoscu, wait_for
+from tests.test_integration import _by_modality
+
+pytestmark = pytest.mark.integration
+
+
+def _kill_group(proc: BoneBridgeProcess) -> None:
+    assert proc.proc is not None
+    os.killpg(proc.proc.pid, signal.SIGKILL)
+    proc.proc.wait(timeout=30)
+
+
+def _state(proc: BoneBridgeProcess, study_uid: str) -> dict:
+    return json.loads((proc.data_dir / "studies" / f"{study_uid}.json").read_text())
+
+
+def _settled(pacs, proc: BoneBridgeProcess, study_uid: str, timeout: float = 120) -> tuple[dict, list[dict]]:
+    """Wait until the study is done and every generation's SR is in the PACS; returns (state, SRs)."""
+    def done():
+        state = _state(proc, study_uid)
+        if state["state"] != "done":
+            return None
+        srs = _by_modality(pacs, study_uid).get("SR", [])
+        return (state, srs) if len(srs) >= state["generation"] else None
+
+    state, _ = wait_for(done, timeout, interval=0.3, what=f"study {study_uid} done with its SRs")
+    time.sleep(3)  # a duplicate delivery would land by now
+    return state, _by_modality(pacs, study_uid).get("SR", [])
+
+
+def _assert_one_result_per_generation(pacs, proc: BoneBridgeProcess, study_uid: str, instances: int) -> None:
+    state, srs = _settled(pacs, proc, study_uid)
+    assert len(state["instances"]) == instances
+    assert len(srs) == state["generation"], [s.get("SOPInstanceUID") for s in srs]
+    assert len({s["SOPInstanceUID"] for s in srs}) == len(srs)
+    records = proc.results(study_uid)
+    assert sorted(r["generation"] for r in records) == list(range(1, state["generation"] + 1))
+    assert all(r["status"] in ("sent", "not-processed") or r["destinations"] == {"pacs": "sent"} for r in records)
+    assert echoscu(proc.port, "BONEBRIDGE").returncode == 0
+
+
+def test_serve_killed_mid_association_then_storescu_resends(tmp_path: Path, orthanc) -> None:
+    pacs = orthanc
+    """(1) SIGKILL of the process group while a 50-instance association is under way; restart; resend."""
+    files = [Path(ds.filename) for ds in make_study(tmp_path / "study", count=50, size=64, body_part="CHEST")]
+    study_uid = str(__import__("pydicom").dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    config = write_config(tmp_path, pacs_port=pacs.dicom_port, quiet_period_s=2.0)
+    first = BoneBridgeProcess(config).start()
+    sender = subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", "BONEBRIDGE", "127.0.0.1", str(first.port),
+                               *map(str, files)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    incoming = first.data_dir / "incoming" / study_uid
+    wait_for(lambda: incoming.is_dir() and len(list(incoming.glob("*.dcm"))) >= 10, 60, interval=0.01,
+             what="ten instances on disk")
+    _kill_group(first)
+    sender.wait(timeout=60)
+    acknowledged = len(list(incoming.glob("*.dcm")))
+    assert 10 <= acknowledged < 50 or sender.returncode != 0
+    with BoneBridgeProcess(config) as second:
+        resend = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "BONEBRIDGE", "127.0.0.1",
+                                 str(second.port), *map(str, files)], capture_output=True, text=True, timeout=120)
+        assert resend.returncode == 0, resend.stderr
+        _assert_one_result_per_generation(pacs, second, study_uid, 50)
+
+
+def test_serve_killed_in_the_quiet_period(tmp_path: Path, orthanc) -> None:
+    pacs = orthanc
+    """(2a) SIGKILL after the association ended, before the quiet period ran out: the restart finishes the study."""
+    files = [Path(ds.filename) for ds in make_study(tmp_path / "study", count=3, size=64, body_part="CHEST")]
+    study_uid = str(__import__("pydicom").dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    config = write_config(tmp_path, pacs_port=pacs.dicom_port, quiet_period_s=6.0)
+    first = BoneBridgeProcess(config).start()
+    assert subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "BONEBRIDGE", "127.0.0.1", str(first.port),
+                           *map(str, files)], capture_output=True, timeout=60).returncode == 0
+    assert _state(first, study_uid)["state"] == "receiving"
+    _kill_group(first)
+    with BoneBridgeProcess(config) as second:
+        _assert_one_result_per_generation(pacs, second, study_uid, 3)
+        assert _state(second, study_uid)["generation"] == 1
+
+
+def test_serve_killed_while_the_worker_runs(tmp_path: Path, orthanc) -> None:
+    pacs = orthanc
+    """(2b) SIGKILL while the worker is inside the study (after analysis, before sending): one SR after restart."""
+    marker = tmp_path / "paused.pid"
+    files = [Path(ds.filename) for ds in make_study(tmp_path / "study", count=2, size=64, body_part="CHEST")]
+    study_uid = str(__import__("pydicom").dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    config = write_config(tmp_path, pacs_port=pacs.dicom_port, quiet_period_s=1.0)
+    env = {"BONEBRIDGE_FAULT_PAUSE_S": "120", "BONEBRIDGE_FAULT_MARKER": str(marker)}
+    first = BoneBridgeProcess(config, env=env).start()
+    assert subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "BONEBRIDGE", "127.0.0.1", str(first.port),
+                           *map(str, files)], capture_output=True, timeout=60).returncode == 0
+    wait_for(marker.exists, 60, what="the worker to pause mid-study")
+    _kill_group(first)
+    assert "SR" not in _by_modality(pacs, study_uid)
+    with BoneBridgeProcess(config) as second:
+        _assert_one_result_per_generation(pacs, second, study_uid, 2)
+        assert _state(second, study_uid)["generation"] == 1
+        assert "re-queued" in second.log_tail(400) or "recover" in second.log_tail(400).lower()
