@@ -4,7 +4,8 @@ Each example goes through the daemon's own path (:class:`daemon.pipeline.Analyse
 ``config/bonebridge.yaml``: decode, anatomy, route, model, SR and SC), and the SC's pixels are saved as PNG:
 
 - ``sc_hand.png``: a full-resolution pediatric hand (``../shared/data/examples/hands-fullres/0.png``, wrapped as
-  an untagged DX of a 10-year-old) -> bone age;
+  a DX of a 10-year-old tagged HAND: on this image the anatomy model is unsure, 0.45 < 0.5, so the tags decide)
+  -> bone age;
 - ``sc_fracture.png``: a fractured radiograph from FracAtlas's held-out test split (wrapped as an untagged DX of
   an adult) -> fracture model, with the radiologists' box drawn on a copy beside it (``sc_fracture_box.png``);
 - ``sc_cr_monochrome1.png``: pydicom-data's real Fuji CR of a lower leg (MONOCHROME1) -> fracture model.
@@ -48,14 +49,14 @@ def main() -> int:
     work.mkdir(exist_ok=True)
     docs = REPO / "docs"
 
-    def as_dx(image: np.ndarray, name: str, age: str) -> pydicom.Dataset:
+    def as_dx(image: np.ndarray, name: str, age: str, body_part: str | None = None) -> pydicom.Dataset:
         pixels = np.round(image * 4095).astype(np.uint16)
-        make_dx(work / f"{name}.dcm", body_part=None, age=age, pixels=pixels)
+        make_dx(work / f"{name}.dcm", body_part=body_part, age=age, pixels=pixels)
         return pydicom.dcmread(work / f"{name}.dcm")
 
     if SHARED.is_dir():
         hand = load_image(SHARED / "examples" / "hands-fullres" / "0.png")
-        _save_sc(analyser.analyse([as_dx(hand, "hand", "010Y")]), docs / "sc_hand.png")
+        _save_sc(analyser.analyse([as_dx(hand, "hand", "010Y", body_part="HAND")]), docs / "sc_hand.png")
         cases = [c for c in read_fracatlas(SHARED / "fracatlas") if c.fractured and case_split(c) == "test"]
         case = max(cases, key=lambda c: max(w * h for _, _, w, h in c.boxes))  # the clearest box to look at
         image = load_image(case.path)

@@ -2,7 +2,7 @@
 
 - ``demo_pacs.png``: the README's quick start, ``bonebridge serve --demo`` after ``storescu`` of ``bonebridge
   sample``: the demo PACS's study page listing the SR and the heatmap series;
-- ``status_page.png`` and ``status_study.png``: the status page after a pediatric hand, a chest (not processed)
+- ``status_page.png`` and ``status_study.png``: the status page after a pediatric hand, a chest (a real CR, not processed)
   and the sample CR, and the CR's detail page.
 
 Ports are free ones and the data directory is temporary; everything started here is stopped at the end.
@@ -46,12 +46,14 @@ def main() -> int:
         config = write_config(work, pacs_port=free_port(), anatomy_model=True)
         status_port = json.loads(json.dumps(__import__("yaml").safe_load(config.read_text())))["status"]["port"]
         hand = make_dx(work / "hand.dcm", body_part="HAND", age="010Y", size=512)
-        make_dx(work / "chest.dcm", body_part="CHEST", age="050Y", size=256)
+        import data_store
+
+        chest = Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm"  # a real CR chest
         with BoneBridgeProcess(config, args=["--demo"]) as proc:
             url = (proc.data_dir / "run" / "demo-pacs.url").read_text().strip()
             rest = url.removesuffix("/app/explorer.html")
             storescu(proc.port, "BONEBRIDGE", [sample])
-            storescu(proc.port, "BONEBRIDGE", [work / "hand.dcm", work / "chest.dcm"])
+            storescu(proc.port, "BONEBRIDGE", [work / "hand.dcm", chest])
             for uid in (sample_uid, str(hand.StudyInstanceUID)):
                 wait_for(lambda: proc.results(uid), 180, interval=0.5, what=f"the outcome of {uid}")
             time.sleep(2)
@@ -60,7 +62,7 @@ def main() -> int:
             with urllib.request.urlopen(request, timeout=10) as response:
                 study_id = json.loads(response.read())[0]
             shoot(f"{url}#study?uuid={study_id}", docs / "demo_pacs.png")
-            shoot(f"http://127.0.0.1:{status_port}/", docs / "status_page.png", height=1600)
+            shoot(f"http://127.0.0.1:{status_port}/", docs / "status_page.png", height=2000)
             shoot(f"http://127.0.0.1:{status_port}/study/{sample_uid}", docs / "status_study.png", height=1100)
     return 0
 

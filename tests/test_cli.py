@@ -24,10 +24,10 @@ def bonebridge(*args: str) -> subprocess.CompletedProcess[str]:
 def test_config_check_accepts_the_shipped_config_and_names_disabled_routes() -> None:
     out = bonebridge("config", "check", str(REPO / "config" / "bonebridge.yaml"))
     assert out.returncode == 0, out.stderr
-    assert "upper-extremity: DISABLED" in out.stdout  # no abnormality weights ship
+    assert "fracture: enabled" in out.stdout and "3 of 3 enabled" in out.stdout  # the fracture model ships
     classes = next(line for line in out.stdout.splitlines() if "the model's classes:" in line)
     assert "hand" in classes and "knee" in classes  # the shipped anatomy model's classes, read from its card
-    assert "routes name finger, humerus: only the DICOM tags can give them" in out.stdout
+    assert "routes name femur, finger: only the DICOM tags can give them" in out.stdout
 
 
 def test_config_check_reports_file_line_and_field(tmp_path: Path) -> None:
@@ -47,7 +47,7 @@ def test_route_explain_names_the_route_and_why_not_the_others(tmp_path: Path) ->
     out = bonebridge("route", "explain", "--config", str(config), str(CHEST), str(tmp_path / "wrist.dcm"))
     assert out.returncode == 0, out.stderr
     assert "other" in out.stdout and "chest" in out.stdout.lower()
-    assert "upper-extremity" in out.stdout and "disabled" in out.stdout.lower()
+    assert "fracture" in out.stdout and "wrist" in out.stdout.lower()
 
 
 def test_predict_writes_a_not_processed_sr_for_a_chest(tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ def test_shipped_config_loads_with_expected_listener_and_routes() -> None:
     assert callers == {("ORTHANC", "127.0.0.1"), ("STORESCU", "127.0.0.1"), ("ECHOSCU", "127.0.0.1")}
     assert config.broker == "embedded"
     assert config.destinations["pacs"].port == 4242
-    assert [r.name for r in config.routes] == ["pediatric-hand", "upper-extremity", "other"]
+    assert [r.name for r in config.routes] == ["pediatric-hand", "fracture", "other"]
     # The packaged copy must not keep its data inside site-packages.
     assert config.storage.data_dir.is_absolute()
     assert not config.storage.data_dir.is_relative_to(default_config_path().parent)
@@ -81,9 +81,9 @@ def test_shipped_config_loads_with_expected_listener_and_routes() -> None:
 def test_shipped_config_route_status() -> None:
     config = load_config(default_config_path())
     status = config.route_status()
-    assert set(status) == {"pediatric-hand", "upper-extremity", "other"}
+    assert set(status) == {"pediatric-hand", "fracture", "other"}
     assert status["other"] is None
-    assert status["upper-extremity"] is not None and "abnormality" in status["upper-extremity"]
+    assert status["fracture"] is None  # the shipped fracture model is trained and has its card
     weights = config.models["boneage"].weights
     assert weights is not None
     card = weights.with_suffix(".card.json")

@@ -115,17 +115,20 @@ def test_orthanc_pushes_study(tmp_path: Path, pacs, bonebridge) -> None:
     pacs.store_to_modality("bonebridge", [uploaded["ID"]])
     found = _wait_for_sr(pacs, str(hand.StudyInstanceUID))
     values = sr_values(pacs.get_instance_dataset(found["SR"][0]["id"]))
-    # a wrist with no abnormality weights shipped: the upper-extremity route is disabled and says why
-    assert "disabled" in json.dumps(values).lower()
+    # an adult's wrist: the fracture model runs and the SR codes its decision as SNOMED CT "Fracture of bone"
+    assert values["BoneBridge route"] == "fracture"
+    assert values["Fracture of bone"] in ("Present", "Absent")
+    assert 0.0 <= values["Abnormality probability"] <= 1.0
 
 
 ANATOMY_READY = load_config(REPO / "config" / "bonebridge.yaml").model_status().get("anatomy") is None
 
 
 @pytest.mark.skipif(not ANATOMY_READY, reason="shipped anatomy weights not present")
-def test_real_leg_cr_is_sorted_by_the_anatomy_model_and_not_processed(tmp_path: Path, pacs) -> None:
+def test_real_leg_cr_is_sorted_by_the_anatomy_model_and_checked_for_fractures(tmp_path: Path, pacs) -> None:
     """The shipped config with its anatomy model on: a real CR of a lower leg, tagged only EXTREMITY in
-    BodyPartExamined, is sorted from its pixels, and its not-processed SR says what the model and the tags said."""
+    BodyPartExamined, is sorted from its pixels, goes to the fracture model, and its SR says what the model and the
+    tags said; its heatmap SC arrives with it."""
     import data_store
 
     config = write_config(tmp_path, pacs_port=pacs.dicom_port, anatomy_model=True)
@@ -134,13 +137,17 @@ def test_real_leg_cr_is_sorted_by_the_anatomy_model_and_not_processed(tmp_path: 
     with BoneBridgeProcess(config) as proc:
         assert storescu(proc.port, "BONEBRIDGE", [leg]).returncode == 0
         found = _wait_for_sr(pacs, study_uid)
+        captures = wait_for(lambda: [i for items in _by_modality(pacs, study_uid).values() for i in items
+                                     if i.get("SOPClassUID") == SECONDARY_CAPTURE], 30, what="the heatmap SC")
     values = sr_values(pacs.get_instance_dataset(found["SR"][0]["id"]))
+    assert len(captures) == 1
     assert values["Anatomy decided by"] == "model"
     assert values["Anatomy source"].startswith("model bonebridge-anatomy")
     assert values["Anatomy"] in {"knee", "leg", "ankle", "foot", "femur"}
     assert values["Anatomy from DICOM tags"].startswith("leg (StudyDescription=")
     assert values["Anatomy model disagrees with DICOM tags"] == "No"
-    assert "not processed" in json.dumps(values).lower()
+    assert values["BoneBridge route"] == "fracture" and values["Fracture of bone"] in ("Present", "Absent")
+    assert "not processed" not in json.dumps(values).lower()
 
 
 def test_study_failing_for_good_reaches_the_pacs_as_a_not_processed_report(tmp_path: Path, pacs) -> None:

@@ -1,4 +1,4 @@
-"""The bone-age and sex model that ships in models/weights/: its card, and its accuracy on real data."""
+"""The models that ship in models/weights/ (bone age and sex, fracture): their cards, and how they do on real data."""
 
 from __future__ import annotations
 
@@ -44,3 +44,48 @@ def test_shipped_model_on_held_out_rsna_images(shared_data: Path) -> None:
     assert mae < 0.5 * baseline, (mae, baseline)
     predicted_male = np.array([p.outputs["predicted_sex"] == "M" for p in preds])
     assert (predicted_male == np.array([e.male > 0.5 for e in test])).mean() > 0.6
+
+
+FRACTURE = WEIGHTS.parent / "fracture.pt"
+
+
+def test_shipped_fracture_card_says_what_it_was_trained_and_measured_on() -> None:
+    card = read_card(FRACTURE)
+    assert card.sha256 == sha256_file(FRACTURE) and card.trained
+    assert card.task == "abnormality" and card.localisation_head and card.classes == ["no fracture", "fracture"]
+    assert "CC BY 4.0" in card.licence_note and "not for clinical use" in card.intended_use.lower()
+    assert 0.0 < float(card.threshold) < 1.0 and "Youden" in card.training["threshold_rule"]
+    assert "blocks of 20 consecutive image ids" in card.training_data
+    for key in ("auroc", "pointing_hit_rate", "pointing_hit_rate_strict", "sensitivity", "specificity"):
+        assert 0.0 <= card.metrics[key] <= 1.0, key
+    assert "test" in card.metrics_split
+
+
+def test_shipped_fracture_model_gives_its_map_on_a_real_cr() -> None:
+    """pydicom-data's real CR of a lower leg through the daemon's decoder: a probability and a learnt map over it."""
+    import data_store
+    import pydicom
+
+    from daemon.decode import read_display_image
+    from models.inference import load_predictor
+
+    image = read_display_image(pydicom.dcmread(Path(data_store.__file__).parent / "data" / "RG3_UNCR.dcm"))
+    pred = load_predictor(FRACTURE).predict([image])[0]
+    assert 0.0 <= pred.outputs["abnormality_probability"] <= 1.0
+    assert pred.heatmap is not None and pred.heatmap.shape == image.shape
+    assert float(pred.heatmap.max()) <= pred.outputs["localisation_peak_probability"] + 1e-3
+
+
+def test_shipped_fracture_model_on_held_out_fracatlas(shared_data: Path) -> None:
+    """Needs ../shared/data (skipped without it): the id-block test split, never trained on or tuned on."""
+    from models.evaluate_fracture import fracatlas_cases, fracture_metrics, predict_cases
+    from models.inference import load_predictor
+
+    folder = shared_data / "fracatlas"
+    if not (folder / "dataset.csv").exists():
+        pytest.skip("fracatlas not in shared data")
+    cases, _ = fracatlas_cases(folder, "test")
+    predictor = load_predictor(FRACTURE)
+    rows, _ = predict_cases(predictor, cases, batch_size=16, progress=False)
+    metrics = fracture_metrics(rows, float(predictor.card.threshold))
+    assert metrics["auroc"] > 0.85 and metrics["pointing_hit_rate"] > 0.4, metrics
