@@ -68,6 +68,7 @@ class StudyState:
     queued_at: float | None = None
     finished_at: float | None = None
     failure_reason: str | None = None
+    accession_number: str = ""  # the first instance's, so the status page can find the study by it
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -127,7 +128,8 @@ class StudyAssembler:
         with self._lock:
             st = self._studies.get(ev.study_uid)
             if st is None:
-                st = StudyState(study_uid=ev.study_uid, calling_ae=ev.calling_ae or None, first_received_at=now)
+                st = StudyState(study_uid=ev.study_uid, calling_ae=ev.calling_ae or None, first_received_at=now,
+                                accession_number=ev.accession_number)
                 self._studies[ev.study_uid] = st
                 LOGGER.info("study %s: first instance from %s", ev.study_uid, ev.calling_ae)
             elif st.state != "receiving":

@@ -82,6 +82,7 @@ class InstanceEvent:
     calling_ae: str
     assoc_id: str
     own_output: bool = False  # one of BoneBridge's own SR/SC coming back: never re-processed
+    accession_number: str = ""  # for finding the study on the status page (not a patient identifier)
 
 
 class SpoolError(Exception):
@@ -267,6 +268,7 @@ class Spool:
             calling_ae=calling_ae,
             assoc_id=assoc_id,
             own_output=own,
+            accession_number=ident["AccessionNumber"],
         )
 
     # -- helpers --------------------------------------------------------------------------------
@@ -275,8 +277,9 @@ class Spool:
     def _read_identity(src: Path) -> dict[str, str]:
         """Read (only) the UIDs that place an instance; refuse what is not parseable or incomplete."""
         try:
-            ds = dcmread(src, stop_before_pixels=True, specific_tags=_IDENTIFYING_TAGS)
+            ds = dcmread(src, stop_before_pixels=True, specific_tags=[*_IDENTIFYING_TAGS, "AccessionNumber"])
             values = {kw: ds.get(kw) for kw in _IDENTIFYING_TAGS}
+            accession = str(ds.get("AccessionNumber", "") or "").strip()
         except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, NotImplementedError) as exc:
             raise SpoolError(STATUS_CANNOT_UNDERSTAND, f"data set is not parseable: {exc}") from exc
         except OSError as exc:
@@ -287,7 +290,7 @@ class Spool:
         bad = [f"{kw}={v!r}" for kw, v in values.items() if not is_valid_uid(str(v))]
         if bad:
             raise SpoolError(STATUS_CANNOT_UNDERSTAND, f"invalid UID(s): {', '.join(bad)}")
-        return {kw: str(v) for kw, v in values.items()}
+        return {**{kw: str(v) for kw, v in values.items()}, "AccessionNumber": accession}
 
     def _check_own_output(self, src: Path, sop_class: str) -> bool:
         """Ask the own-output predicate, reading the header only for classes we ever emit."""
@@ -353,4 +356,5 @@ def describe_spooled(path: Path, assoc_id: str = "") -> InstanceEvent:
         path=path,
         calling_ae=calling_ae.strip(),
         assoc_id=assoc_id,
+        accession_number=ident["AccessionNumber"],
     )

@@ -8,7 +8,8 @@ assembler's lock and never talks to the broker, so a slow page cannot hold up a 
 
 To stay fast with tens of thousands of studies on disk, the study list first filters by file modification time
 (one ``stat`` per study, no parsing) to the last 24 hours, sorts newest first and parses only the rows shown. No
-patient name or id is shown: the state and records do not hold them.
+patient name or id is shown: the state and records do not hold them (the accession number, which identifies an
+order and is how radiology IT looks a study up, is shown and searchable).
 
 HTML is rendered on the server with Jinja2 templates (``daemon/templates``), auto-escaped, refreshing itself every
 15 seconds; there is no JavaScript.
@@ -47,6 +48,7 @@ class StudyRow:
     calling_ae: str
     instances: int
     state: str
+    accession: str = ""
     route: str = ""
     anatomy: str = ""
     anatomy_source: str = ""
@@ -116,7 +118,7 @@ class StatusData:
             return None
         uid = state.get("study_uid", state_path.stem)
         row = StudyRow(uid, _when(state.get("first_received_at")), state.get("calling_ae") or "",
-                       len(state.get("instances", {})), state.get("state", ""))
+                       len(state.get("instances", {})), state.get("state", ""), state.get("accession_number") or "")
         record = self.latest_record(uid)
         if record:
             summary = record.get("summary") or {}
@@ -132,8 +134,31 @@ class StatusData:
             row.reason = state["failure_reason"]
         return row
 
+    def by_accession(self, accession: str) -> list[tuple[float, str]]:
+        """Studies whose accession number is ``accession``: each state file's text is checked before parsing."""
+        folder = self.data_dir / "studies"
+        needle = json.dumps(accession)
+        found: list[tuple[float, str]] = []
+        if not folder.is_dir() or not accession:
+            return found
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not entry.name.endswith(".json"):
+                    continue
+                try:
+                    text = Path(entry.path).read_text()
+                except OSError:
+                    continue
+                if needle in text and (json.loads(text).get("accession_number") or "") == accession:
+                    found.append((entry.stat().st_mtime, entry.path))
+        found.sort(reverse=True)
+        return found
+
     def studies(self, query: str = "") -> tuple[list[StudyRow], int]:
+        """The last day's studies, or those whose StudyInstanceUID contains ``query`` or whose accession is it."""
         files = self.recent_study_files(query)
+        if query.strip() and not files:
+            files = self.by_accession(query.strip())
         rows = [row for _, path in files[:MAX_ROWS] if (row := self.row(Path(path))) is not None]
         return rows, len(files)
 

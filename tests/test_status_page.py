@@ -36,7 +36,7 @@ def _get(url: str) -> tuple[int, bytes, str]:
 def _write_study(data: Path, uid: str, *, status: str, route: str, age_s: float = 60, reason: str = "") -> None:
     now = time.time() - age_s
     state = StudyState(uid, state="done", first_received_at=now - 5, last_instance_at=now - 4, finished_at=now,
-                       calling_ae="XRAY_ROOM_1",
+                       calling_ae="XRAY_ROOM_1", accession_number=f"ACC-{uid.rsplit('.', 1)[-1]}",
                        instances={f"{uid}.1": InstanceRecord("x.dcm", f"{uid}.9", "1.2.840.10008.5.1.4.1.1.1.1",
                                                              "XRAY_ROOM_1", now - 4)})
     path = data / "studies" / f"{uid}.json"
@@ -84,9 +84,12 @@ def test_page_lists_the_last_day_newest_first_with_routes_models_and_dead_letter
     assert 'http-equiv="refresh"' in html and "<script" not in html
 
 
-def test_search_finds_a_study_by_uid_at_any_age_and_detail_opens(page: str) -> None:
+def test_search_finds_a_study_by_uid_or_accession_at_any_age_and_detail_opens(page: str) -> None:
     html = _get(page + "/?q=1.2.3.300")[1].decode()
     assert "1.2.3.300" in html and "1.2.3.100" not in html
+    html = _get(page + "/?q=ACC-200")[1].decode()
+    assert "1.2.3.200" in html and "1.2.3.100" not in html and "1.2.3.300" not in html
+    assert "1.2.3." not in _get(page + "/?q=ACC-999")[1].decode().split("<h2>Dead letters")[0].split("Studies,")[1]
     status, body, _ = _get(page + "/study/1.2.3.100")
     assert status == 200 and b"bone age months" in body and b"121.5" in body and b"XRAY_ROOM_1" in body
     assert _get(page + "/study/9.9.9")[0] == 404
@@ -96,7 +99,7 @@ def test_search_finds_a_study_by_uid_at_any_age_and_detail_opens(page: str) -> N
 def test_real_serve_shows_a_routed_and_a_not_processed_study(tmp_path: Path, orthanc) -> None:
     config = write_config(tmp_path, pacs_port=orthanc.dicom_port)
     port = json.loads(json.dumps(__import__("yaml").safe_load(config.read_text())))["status"]["port"]
-    hand = make_dx(tmp_path / "hand.dcm", body_part="HAND", age="010Y", size=128)
+    hand = make_dx(tmp_path / "hand.dcm", body_part="HAND", age="010Y", size=128, accession_number="RAD-0042")
     chest = make_dx(tmp_path / "chest.dcm", body_part="CHEST", age="050Y", size=128)
     with BoneBridgeProcess(config) as proc:
         assert storescu(proc.port, "BONEBRIDGE", [tmp_path / "hand.dcm", tmp_path / "chest.dcm"]).returncode == 0
@@ -107,8 +110,27 @@ def test_real_serve_shows_a_routed_and_a_not_processed_study(tmp_path: Path, ort
         detail = _get(base + f"/study/{hand.StudyInstanceUID}")[1].decode()
         thumb = detail.split('<img src="', 1)[1].split('"', 1)[0] if "<img" in detail else ""
         image = _get(base + thumb) if thumb else (0, b"", "")
+        found = _get(base + "/?q=RAD-0042")[1].decode()
     assert str(hand.StudyInstanceUID) in html and str(chest.StudyInstanceUID) in html
     assert "pediatric-hand" in html and "not-processed" in html and "STORESCU" in html
     assert str(hand.PatientName) not in html and str(hand.PatientID) not in html
     assert "bone age months" in detail
+    assert str(hand.StudyInstanceUID) in found and str(chest.StudyInstanceUID) not in found
     assert image[0] == 200 and image[2] == "image/png" and image[1][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_real_serve_shows_a_dead_lettered_study_and_its_reason(tmp_path: Path) -> None:
+    """The PACS is down and there are no retries: the study's row says dead-lettered and the entry has its reason."""
+    config = write_config(tmp_path, pacs_port=free_port(), dest_retries=0)
+    port = __import__("yaml").safe_load(config.read_text())["status"]["port"]
+    chest = make_dx(tmp_path / "chest.dcm", body_part="CHEST", age="050Y", size=64)
+    with BoneBridgeProcess(config) as proc:
+        assert storescu(proc.port, "BONEBRIDGE", [tmp_path / "chest.dcm"]).returncode == 0
+        uid = str(chest.StudyInstanceUID)
+        wait_for(lambda: proc.results(uid), 120, interval=0.2, what="the outcome record")
+        html = _get(f"http://127.0.0.1:{port}/")[1].decode()
+    assert proc.results(uid)[0]["status"] == "dead-lettered"
+    row = html.split(uid, 1)[0].rsplit("<tr>", 1)[1]
+    assert "dead-lettered" in row
+    dead = html.split("<h2>Dead letters (1)</h2>", 1)[1].split("</table>", 1)[0]
+    assert uid in dead and "ORTHANC at 127.0.0.1" in dead
