@@ -119,3 +119,27 @@ def test_serve_killed_while_the_worker_runs(tmp_path: Path, orthanc) -> None:
         _assert_one_result_per_generation(pacs, second, study_uid, 2)
         assert _state(second, study_uid)["generation"] == 1
         assert "re-queued" in second.log_tail(400) or "recover" in second.log_tail(400).lower()
+
+
+def test_eight_parallel_associations_and_one_study_over_two_at_once(tmp_path: Path, orthanc) -> None:
+    """(6) Eight storescu processes at once, one study each, and one more study split over two simultaneous
+    associations: every study ends with all its instances and exactly one SR (one generation)."""
+    import pydicom
+
+    pacs = orthanc
+    studies = [[Path(ds.filename) for ds in make_study(tmp_path / f"s{i}", count=3, size=64, body_part="CHEST")]
+               for i in range(8)]
+    split = [Path(ds.filename) for ds in make_study(tmp_path / "split", count=10, size=64, body_part="CHEST")]
+    config = write_config(tmp_path, pacs_port=pacs.dicom_port, quiet_period_s=2.0)
+    with BoneBridgeProcess(config) as proc:
+        batches = [*studies, split[::2], split[1::2]]
+        senders = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", "BONEBRIDGE", "127.0.0.1",
+                                     str(proc.port), *map(str, files)], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE) for files in batches]
+        assert [s.wait(timeout=120) for s in senders] == [0] * len(senders)
+        for files in [*studies, split]:
+            uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+            state, srs = _settled(pacs, proc, uid)
+            assert len(state["instances"]) == len(files) and state["generation"] == 1
+            assert len(srs) == 1, uid
+        assert echoscu(proc.port, "BONEBRIDGE").returncode == 0
