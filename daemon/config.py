@@ -176,6 +176,14 @@ class Caller(_Strict):
         return _check_ae_title(value)
 
 
+def _tls_files_exist(section: Any, names: tuple[str, ...] = ("certificate", "private_key", "ca_certificates")) -> None:
+    """Every TLS file a section names must be readable now, not at the first association."""
+    for name in names:
+        path = getattr(section, name)
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{name}: {path} is not a readable file")
+
+
 class ListenerTls(_Strict):
     """DICOM TLS on the listener: our certificate and key (PEM); callers' certificates checked when required."""
 
@@ -191,10 +199,7 @@ class ListenerTls(_Strict):
 
     @model_validator(mode="after")
     def _files_exist(self) -> "ListenerTls":
-        for name in ("certificate", "private_key", "ca_certificates"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise ValueError(f"{name}: {path} is not a readable file")
+        _tls_files_exist(self)
         if self.require_client_certificate and self.ca_certificates is None:
             raise ValueError("require_client_certificate needs ca_certificates to check callers' certificates against")
         return self
@@ -217,10 +222,7 @@ class DestinationTls(_Strict):
     def _pair(self) -> "DestinationTls":
         if (self.certificate is None) != (self.private_key is None):
             raise ValueError("give both certificate and private_key for a client certificate, or neither")
-        for name in ("certificate", "private_key", "ca_certificates"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise ValueError(f"{name}: {path} is not a readable file")
+        _tls_files_exist(self)
         return self
 
 

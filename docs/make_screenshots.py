@@ -19,6 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -44,7 +46,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         config = write_config(work, pacs_port=free_port(), anatomy_model=True)
-        status_port = json.loads(json.dumps(__import__("yaml").safe_load(config.read_text())))["status"]["port"]
+        status_port = yaml.safe_load(config.read_text())["status"]["port"]
         hand = make_dx(work / "hand.dcm", body_part="HAND", age="010Y", size=512)
         import data_store
 

@@ -521,8 +521,7 @@ def evaluate(task: str, weights: Path, data: Path | None, *, labels: Path | None
         "headline": headline,
         # The headline figures at the top level, where scripts and the issue's acceptance checks read them.
         **({"mae": metrics["mae_months"], "sex_accuracy": metrics["sex_accuracy"]} if task == "boneage" else {}),
-        "model": {"weights": str(weights), "name": card.name, "version": card.version, "task": card.task,
-                  "architecture": card.architecture, "sha256": card.sha256, "code_version": card.code_version},
+        "model": _model_entry(weights, card),
         "data": source,
         "split": split,
         "preprocessing": {**predictor.geometry.to_dict(), "tta": tta},
@@ -532,10 +531,7 @@ def evaluate(task: str, weights: Path, data: Path | None, *, labels: Path | None
         "notes": notes,
         "per_image": rows,
     }
-    if json_out:
-        json_out = Path(json_out)
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    _write_report(report, json_out)
     for note in notes:
         echo(f"note: {note}")
     if json_out:
@@ -545,6 +541,22 @@ def evaluate(task: str, weights: Path, data: Path | None, *, labels: Path | None
     echo(f"{timing['seconds_per_image']:.4f} s/image inference on {timing['device']}")
     echo(headline)  # the last line: scripts and the README read the headline from here
     return report
+
+
+def _model_entry(weights: Path, card: Any) -> dict[str, str]:
+    """Which checkpoint a report measured."""
+    return {"weights": str(weights), "name": card.name, "version": card.version, "task": card.task,
+            "architecture": card.architecture, "sha256": card.sha256, "code_version": card.code_version}
+
+
+def _write_report(report: dict, json_out: Path | None) -> bool:
+    """Write the report as standard JSON (NaN as null); False when no path was given."""
+    if not json_out:
+        return False
+    json_out = Path(json_out)
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    return True
 
 
 def _is_fracatlas(data: Path) -> bool:
@@ -558,19 +570,14 @@ def _evaluate_fracatlas(predictor: Predictor, weights: Path, data: Path, split: 
     """FracAtlas layout: detection and pointing (see :mod:`models.evaluate_fracture`); default split ``test``."""
     from models.evaluate_fracture import evaluate_fracatlas
 
-    body, plot_paths, headline = evaluate_fracatlas(predictor, weights, data, split, json_out, plots, batch_size,
-                                                    progress)
+    body, plot_paths, headline = evaluate_fracatlas(predictor, data, split, plots, batch_size, progress)
     card = predictor.card
     report = {
         "task": "abnormality", "headline": headline,
-        "model": {"weights": str(weights), "name": card.name, "version": card.version, "task": card.task,
-                  "architecture": card.architecture, "sha256": card.sha256, "code_version": card.code_version},
+        "model": _model_entry(weights, card),
         "preprocessing": predictor.geometry.to_dict(), **body,
     }
-    if json_out:
-        json_out = Path(json_out)
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    if _write_report(report, json_out):
         echo(f"wrote {json_out}")
     for path in plot_paths:
         echo(f"wrote {path}")

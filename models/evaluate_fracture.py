@@ -143,8 +143,8 @@ def worst_misses_sheet(cases: list[FractureCase], rows: list[dict[str, Any]], pa
     return path
 
 
-def evaluate_fracatlas(predictor: Predictor, weights: Path, data: Path, split: str, json_out: Path | None,
-                       plots: Path | None, batch_size: int, progress: bool) -> tuple[dict[str, Any], list[Path], str]:
+def evaluate_fracatlas(predictor: Predictor, data: Path, split: str, plots: Path | None, batch_size: int,
+                       progress: bool) -> tuple[dict[str, Any], list[Path], str]:
     """The report (top-level ``auroc``, ``pointing_hit_rate``, ``pointing_hit_rate_strict``), plots and headline."""
     from models.evaluate import plot_calibration, plot_roc
 

@@ -17,6 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from tests.bonebridge_process import BoneBridgeProcess, write_config
@@ -25,6 +26,17 @@ from tests.orthanc_fixture import echoscu, wait_for
 from tests.test_integration import _by_modality
 
 pytestmark = pytest.mark.integration
+
+
+def _chest_study(folder: Path, count: int) -> tuple[list[Path], str]:
+    """``count`` instances of one chest study (routed to a not-processed report: no model runs); (files, uid)."""
+    files = [Path(ds.filename) for ds in make_study(folder, count=count, size=64, body_part="CHEST")]
+    return files, str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def _storescu(port: int, files: list[Path]) -> list[str]:
+    """dcmtk's storescu command sending ``files`` in one association."""
+    return ["storescu", "-aet", "STORESCU", "-aec", "BONEBRIDGE", "127.0.0.1", str(port), *map(str, files)]
 
 
 def _kill_group(proc: BoneBridgeProcess) -> None:
@@ -63,14 +75,12 @@ def _assert_one_result_per_generation(pacs, proc: BoneBridgeProcess, study_uid: 
 
 
 def test_serve_killed_mid_association_then_storescu_resends(tmp_path: Path, orthanc) -> None:
-    pacs = orthanc
     """(1) SIGKILL of the process group while a 50-instance association is under way; restart; resend."""
-    files = [Path(ds.filename) for ds in make_study(tmp_path / "study", count=50, size=64, body_part="CHEST")]
-    study_uid = str(__import__("pydicom").dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    pacs = orthanc
+    files, study_uid = _chest_study(tmp_path / "study", 50)
     config = write_config(tmp_path, pacs_port=pacs.dicom_port, quiet_period_s=2.0)
     first = BoneBridgeProcess(config).start()
-    sender = subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", "BONEBRIDGE", "127.0.0.1", str(first.port),
-                               *map(str, files)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sender = subprocess.Popen(_storescu(first.port, files), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     incoming = first.data_dir / "incoming" / study_uid
     wait_for(lambda: incoming.is_dir() and len(list(incoming.glob("*.dcm"))) >= 10, 60, interval=0.01,
              what="ten instances on disk")
@@ -79,21 +89,18 @@ def test_serve_killed_mid_association_then_storescu_resends(tmp_path: Path, orth
     acknowledged = len(list(incoming.glob("*.dcm")))
     assert 10 <= acknowledged < 50 or sender.returncode != 0
     with BoneBridgeProcess(config) as second:
-        resend = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "BONEBRIDGE", "127.0.0.1",
-                                 str(second.port), *map(str, files)], capture_output=True, text=True, timeout=120)
+        resend = subprocess.run(_storescu(second.port, files), capture_output=True, text=True, timeout=120)
         assert resend.returncode == 0, resend.stderr
         _assert_one_result_per_generation(pacs, second, study_uid, 50)
 
 
 def test_serve_killed_in_the_quiet_period(tmp_path: Path, orthanc) -> None:
-    pacs = orthanc
     """(2a) SIGKILL after the association ended, before the quiet period ran out: the restart finishes the study."""
-    files = [Path(ds.filename) for ds in make_study(tmp_path / "study", count=3, size=64, body_part="CHEST")]
-    study_uid = str(__import__("pydicom").dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    pacs = orthanc
+    files, study_uid = _chest_study(tmp_path / "study", 3)
     config = write_config(tmp_path, pacs_port=pacs.dicom_port, quiet_period_s=6.0)
     first = BoneBridgeProcess(config).start()
-    assert subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "BONEBRIDGE", "127.0.0.1", str(first.port),
-                           *map(str, files)], capture_output=True, timeout=60).returncode == 0
+    assert subprocess.run(_storescu(first.port, files), capture_output=True, timeout=60).returncode == 0
     assert _state(first, study_uid)["state"] == "receiving"
     _kill_group(first)
     with BoneBridgeProcess(config) as second:
@@ -102,16 +109,14 @@ def test_serve_killed_in_the_quiet_period(tmp_path: Path, orthanc) -> None:
 
 
 def test_serve_killed_while_the_worker_runs(tmp_path: Path, orthanc) -> None:
-    pacs = orthanc
     """(2b) SIGKILL while the worker is inside the study (after analysis, before sending): one SR after restart."""
+    pacs = orthanc
     marker = tmp_path / "paused.pid"
-    files = [Path(ds.filename) for ds in make_study(tmp_path / "study", count=2, size=64, body_part="CHEST")]
-    study_uid = str(__import__("pydicom").dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    files, study_uid = _chest_study(tmp_path / "study", 2)
     config = write_config(tmp_path, pacs_port=pacs.dicom_port, quiet_period_s=1.0)
     env = {"BONEBRIDGE_FAULT_PAUSE_S": "120", "BONEBRIDGE_FAULT_MARKER": str(marker)}
     first = BoneBridgeProcess(config, env=env).start()
-    assert subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "BONEBRIDGE", "127.0.0.1", str(first.port),
-                           *map(str, files)], capture_output=True, timeout=60).returncode == 0
+    assert subprocess.run(_storescu(first.port, files), capture_output=True, timeout=60).returncode == 0
     wait_for(marker.exists, 60, what="the worker to pause mid-study")
     _kill_group(first)
     assert "SR" not in _by_modality(pacs, study_uid)
@@ -124,21 +129,16 @@ def test_serve_killed_while_the_worker_runs(tmp_path: Path, orthanc) -> None:
 def test_eight_parallel_associations_and_one_study_over_two_at_once(tmp_path: Path, orthanc) -> None:
     """(6) Eight storescu processes at once, one study each, and one more study split over two simultaneous
     associations: every study ends with all its instances and exactly one SR (one generation)."""
-    import pydicom
-
     pacs = orthanc
-    studies = [[Path(ds.filename) for ds in make_study(tmp_path / f"s{i}", count=3, size=64, body_part="CHEST")]
-               for i in range(8)]
-    split = [Path(ds.filename) for ds in make_study(tmp_path / "split", count=10, size=64, body_part="CHEST")]
+    studies = [_chest_study(tmp_path / f"s{i}", 3) for i in range(8)]
+    split, split_uid = _chest_study(tmp_path / "split", 10)
     config = write_config(tmp_path, pacs_port=pacs.dicom_port, quiet_period_s=2.0)
     with BoneBridgeProcess(config) as proc:
-        batches = [*studies, split[::2], split[1::2]]
-        senders = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", "BONEBRIDGE", "127.0.0.1",
-                                     str(proc.port), *map(str, files)], stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE) for files in batches]
+        batches = [*(files for files, _ in studies), split[::2], split[1::2]]
+        senders = [subprocess.Popen(_storescu(proc.port, files), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                   for files in batches]
         assert [s.wait(timeout=120) for s in senders] == [0] * len(senders)
-        for files in [*studies, split]:
-            uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        for files, uid in [*studies, (split, split_uid)]:
             state, srs = _settled(pacs, proc, uid)
             assert len(state["instances"]) == len(files) and state["generation"] == 1
             assert len(srs) == 1, uid

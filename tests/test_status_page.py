@@ -16,11 +16,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from daemon.assembler import InstanceRecord, StudyState
 from daemon.config import load_config
 from daemon.status_page import start_status_page
-from tests.bonebridge_process import REPO, BoneBridgeProcess, write_config
+from tests.bonebridge_process import BoneBridgeProcess, write_config
 from tests.dicom_factory import make_dx
 from tests.orthanc_fixture import free_port, storescu, wait_for
 
@@ -98,7 +99,7 @@ def test_search_finds_a_study_by_uid_or_accession_at_any_age_and_detail_opens(pa
 
 def test_real_serve_shows_a_routed_and_a_not_processed_study(tmp_path: Path, orthanc) -> None:
     config = write_config(tmp_path, pacs_port=orthanc.dicom_port)
-    port = json.loads(json.dumps(__import__("yaml").safe_load(config.read_text())))["status"]["port"]
+    port = yaml.safe_load(config.read_text())["status"]["port"]
     hand = make_dx(tmp_path / "hand.dcm", body_part="HAND", age="010Y", size=128, accession_number="RAD-0042")
     chest = make_dx(tmp_path / "chest.dcm", body_part="CHEST", age="050Y", size=128)
     with BoneBridgeProcess(config) as proc:
@@ -122,7 +123,7 @@ def test_real_serve_shows_a_routed_and_a_not_processed_study(tmp_path: Path, ort
 def test_real_serve_shows_a_dead_lettered_study_and_its_reason(tmp_path: Path) -> None:
     """The PACS is down and there are no retries: the study's row says dead-lettered and the entry has its reason."""
     config = write_config(tmp_path, pacs_port=free_port(), dest_retries=0)
-    port = __import__("yaml").safe_load(config.read_text())["status"]["port"]
+    port = yaml.safe_load(config.read_text())["status"]["port"]
     chest = make_dx(tmp_path / "chest.dcm", body_part="CHEST", age="050Y", size=64)
     with BoneBridgeProcess(config) as proc:
         assert storescu(proc.port, "BONEBRIDGE", [tmp_path / "chest.dcm"]).returncode == 0

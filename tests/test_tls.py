@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from daemon.config import ConfigError, DestinationTls, ListenerTls, load_config
 from daemon.dispatch import send_datasets
@@ -105,8 +106,6 @@ def test_results_reach_a_tls_pacs_with_our_client_certificate(tmp_path: Path, pk
 
 
 def test_config_checks_tls_files(tmp_path: Path, pki: Path) -> None:
-    import yaml
-
     path = write_config(tmp_path, pacs_port=free_port())
     data = yaml.safe_load(path.read_text())
     data["listener"]["tls"] = {"certificate": str(pki / "server.crt"), "private_key": str(pki / "server.key"),
