@@ -16,6 +16,12 @@ State lives in ``data_dir/studies/<study_uid>.json``, each write atomic (tmp + f
 quiet period (the crash closed their associations), studies that were queued are enqueued again
 (tasks are idempotent), and instances found in the spool but missing from the state (a crash between
 the file rename and the state write) are adopted.
+
+Because of that adoption, an instance added to a study that is already receiving does not have to reach the
+state file before its C-STORE response: the spooled file itself is the durable record. Such changes are written
+by the poller (every few hundred milliseconds) and always before the study is enqueued, which takes two fsyncs
+and a rename off every instance's critical path. Changes a restart could not rebuild from the spool (a finished
+study re-opened as a new generation) are written at once.
 """
 
 from __future__ import annotations
@@ -115,6 +121,7 @@ class StudyAssembler:
         self._lock = threading.RLock()
         self._studies: dict[str, StudyState] = {}
         self._by_assoc: dict[str, set[str]] = {}
+        self._unsaved: set[str] = set()  # studies whose state file lags behind memory (see the module docstring)
         self._load()
 
     # -- listener side --------------------------------------------------------------------------
@@ -127,6 +134,7 @@ class StudyAssembler:
         now = self._clock()
         with self._lock:
             st = self._studies.get(ev.study_uid)
+            reopened = False
             if st is None:
                 st = StudyState(study_uid=ev.study_uid, calling_ae=ev.calling_ae or None, first_received_at=now,
                                 accession_number=ev.accession_number)
@@ -151,6 +159,7 @@ class StudyAssembler:
                 st.state = "receiving"
                 st.queued_at = st.finished_at = None
                 st.failure_reason = None
+                reopened = True
             st.instances[ev.sop_instance_uid] = InstanceRecord(
                 path=str(ev.path),
                 series_uid=ev.series_uid,
@@ -162,7 +171,10 @@ class StudyAssembler:
             if ev.assoc_id and ev.assoc_id not in st.open_associations:
                 st.open_associations.append(ev.assoc_id)
                 self._by_assoc.setdefault(ev.assoc_id, set()).add(ev.study_uid)
-            self._save(st)
+            if reopened:
+                self._save(st)
+            else:
+                self._unsaved.add(st.study_uid)
 
     def association_closed(self, assoc_id: str) -> None:
         """An association ended (released, aborted, or its connection dropped). Idempotent."""
@@ -171,7 +183,15 @@ class StudyAssembler:
                 st = self._studies.get(study_uid)
                 if st is not None and assoc_id in st.open_associations:
                     st.open_associations.remove(assoc_id)
-                    self._save(st)
+                    self._unsaved.add(study_uid)
+
+    def save_pending(self) -> int:
+        """Write every state file that lags behind memory; returns how many. The poller calls it."""
+        with self._lock:
+            pending = [self._studies[uid] for uid in sorted(self._unsaved) if uid in self._studies]
+            for st in pending:
+                self._save(st)
+            return len(pending)
 
     # -- completion -----------------------------------------------------------------------------
 
@@ -184,6 +204,7 @@ class StudyAssembler:
         """
         now = self._clock() if now is None else now
         ready: list[tuple[str, int]] = []
+        self.save_pending()
         with self._lock:
             for st in self._studies.values():
                 if (
@@ -386,6 +407,7 @@ class StudyAssembler:
 
     def _save(self, st: StudyState) -> None:
         """Atomic replace: a reader (or a crash) sees the old or the new state, never half."""
+        self._unsaved.discard(st.study_uid)
         path = self._state_path(st.study_uid)
         tmp = self.studies_dir / f".{st.study_uid}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:

@@ -125,7 +125,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
         print(item)
     if not results:
         print("dead-letter folder is empty")
-    return 0
+    return 0 if all(item.ok for item in results) else 1  # scripts and cron jobs see a failed replay
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -243,6 +243,9 @@ class ListenerConfig(_Strict):
 
 class StorageConfig(_Strict):
     data_dir: Path = Path("./var")
+    # Below this much free space on data_dir's filesystem new instances are refused (0xA700) before anything is
+    # written, so results, state files and the instances already acknowledged still have room; 0 switches it off.
+    min_free_mb: int = Field(512, ge=0)
 
     @field_validator("data_dir", mode="before")
     @classmethod

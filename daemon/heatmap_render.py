@@ -53,10 +53,27 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 def blend_above_floor(base: np.ndarray, heat: np.ndarray, floor: float = HEATMAP_FLOOR,
                       alpha: float = HEATMAP_ALPHA) -> np.ndarray:
-    """RGB float in [0, 1]: ``base`` grey, coloured by ``heat`` only where heat exceeds ``floor``."""
-    colour = matplotlib.colormaps[HEATMAP_COLORMAP](heat)[..., :3]
-    weight = alpha * np.clip((heat - floor) / max(1e-6, 1.0 - floor), 0.0, 1.0)[..., None]
-    return (1.0 - weight) * base[..., None] + weight * colour
+    """uint8 RGB: ``base`` (grey, [0, 1]) coloured by ``heat`` ([0, 1]) only where heat exceeds ``floor``.
+
+    Only the pixels above the floor are coloured and blended (a learnt fracture map is above it on a small part of
+    the image), the rest is the grey copied into three channels: a third of the time of blending every pixel.
+    """
+    grey = (np.clip(base, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    above = heat > floor
+    if above.mean() > 0.5:  # a dense map (Grad-CAM): selecting pixels would cost more than it saves
+        return _blend(grey, np.asarray(heat, dtype=np.float32), floor, alpha)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    if above.any():
+        rgb[above] = _blend(grey[above], heat[above].astype(np.float32), floor, alpha)
+    return rgb
+
+
+def _blend(grey: np.ndarray, heat: np.ndarray, floor: float, alpha: float) -> np.ndarray:
+    """uint8 RGB of uint8 ``grey`` pixels tinted by the colour of ``heat`` in proportion to how far above ``floor``."""
+    colour = matplotlib.colormaps[HEATMAP_COLORMAP](heat, bytes=True)[..., :3].astype(np.float32)
+    weight = (alpha * np.clip((heat - floor) / max(1e-6, 1.0 - floor), 0.0, 1.0))[..., None]
+    under = grey.astype(np.float32)[..., None]
+    return (under + weight * (colour - under) + 0.5).astype(np.uint8)
 
 
 def _scale_strip(rows: int, font_size: int, floor: float) -> np.ndarray:
@@ -114,7 +131,7 @@ def render_heatmap(gray: np.ndarray, heatmap: np.ndarray, caption: list[str] | N
     rows, cols = picture_shape(*gray.shape)
     base = np.clip(_resize(gray, rows, cols), 0.0, 1.0)
     heat = np.clip(_resize(heat, rows, cols), 0.0, 1.0)
-    image = np.round(np.clip(blend_above_floor(base, heat, floor), 0.0, 1.0) * 255).astype(np.uint8)
+    image = blend_above_floor(base, heat, floor)
     font_size = max(10, round(max(rows, cols) / 60))
     picture = np.concatenate([image, _scale_strip(rows, font_size, floor)], axis=1)
     if caption is None:

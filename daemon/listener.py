@@ -50,6 +50,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from daemon import receive_file
+from daemon.socket_recv import wake_on_data
 from daemon.spool import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, InstanceEvent, Spool, SpoolError
 
 LOGGER = logging.getLogger(__name__)
@@ -109,6 +111,7 @@ class _AssocState:
 
     assoc_id: str
     closed: bool = False
+    requested: bool = False  # an A-ASSOCIATE-RQ arrived (accepted or rejected, the log says which)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -175,11 +178,13 @@ class _Handlers:
         spool: Spool,
         on_instance: Callable[[InstanceEvent], None],
         on_assoc_closed: Callable[[str], None],
+        network_timeout_s: float | None = None,
     ) -> None:
         self.policy = policy
         self.spool = spool
         self.on_instance = on_instance
         self.on_assoc_closed = on_assoc_closed
+        self.network_timeout_s = network_timeout_s
 
     @staticmethod
     def state(assoc: Any) -> _AssocState:
@@ -190,22 +195,32 @@ class _Handlers:
         return st
 
     def conn_open(self, event: Event) -> None:
-        """Give the association its id and switch off Nagle: C-STORE is request/response."""
+        """Give the association its id, receive its data sets into the spool, switch off Nagle, time out reads.
+
+        Sockets from ``accept()`` block for ever: without a timeout a peer that sends half a PDU and goes silent
+        would hold a thread and an association slot until it closes. With it, pynetdicom treats the timed-out
+        read as a closed connection.
+        """
         event.assoc._bonebridge = _AssocState(uuid.uuid4().hex)
+        receive_file.receive_into(event.assoc.dul, self.spool.receive_target)
+        wake_on_data(event.assoc.dul)
         try:
             sock = event.assoc.dul.socket.socket
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.network_timeout_s:
+                    sock.settimeout(self.network_timeout_s)
         except (AttributeError, OSError) as exc:
-            LOGGER.debug("could not set TCP_NODELAY: %s", exc)
+            LOGGER.debug("could not set TCP_NODELAY or the read timeout: %s", exc)
 
     def requested(self, event: Event) -> None:
         """Reject callers that are not in ``allowed_callers``."""
+        self.state(event.assoc).requested = True
         requestor = event.assoc.requestor
         title = str(requestor.primitive.calling_ae_title or "").strip()
         address = str(requestor.address)
         if self.policy.allows(title, address):
-            LOGGER.info("association request from %s at %s accepted", title, address)
+            LOGGER.info("association request from %r at %s accepted", title, address)
             return
         LOGGER.warning(
             "rejecting association from calling AE %r at %s: calling AE title not recognised",
@@ -224,7 +239,7 @@ class _Handlers:
             instance = self.spool.store_event(event, calling_ae=calling, assoc_id=st.assoc_id)
         except SpoolError as exc:
             LOGGER.error(
-                "refusing instance %s from %s (status 0x%04X): %s",
+                "refusing instance %r from %r (status 0x%04X): %s",
                 event.request.AffectedSOPInstanceUID,
                 calling,
                 exc.status,
@@ -249,13 +264,36 @@ class _Handlers:
             self._announce_closed(st)
         return STATUS_SUCCESS
 
+    def accepted(self, event: Event) -> None:
+        """Log the presentation contexts refused in an accepted association: why a modality cannot send."""
+        title = str(event.assoc.requestor.ae_title or "").strip()
+        for cx in event.assoc.rejected_contexts:
+            LOGGER.warning(
+                "association from %r at %s: refused presentation context %s (%s) with transfer syntax(es) %s: %s",
+                title, event.assoc.requestor.address, cx.abstract_syntax, cx.abstract_syntax.name,
+                ", ".join(str(ts) for ts in cx.transfer_syntax), cx.status,
+            )
+
     def closed(self, event: Event) -> None:
-        """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: announce the close once."""
+        """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: announce the close once, free what the association held.
+
+        A connection closed before any A-ASSOCIATE-RQ (a port scan, garbage, a PDU out of sequence) gets a log
+        line, and the acceptor thread waiting for that request is woken at once rather than after ARTIM, so a burst
+        of bare connections cannot hold every association slot.
+        """
         st = self.state(event.assoc)
+        discarded = receive_file.discard_unclaimed(event.assoc.dul)
+        if discarded:
+            LOGGER.warning("association %s ended inside a data set: %d partial file(s) removed, nothing acknowledged",
+                           st.assoc_id, discarded)
         with st.lock:
             if st.closed:
                 return
             st.closed = True
+        if not st.requested and event.event == evt.EVT_CONN_CLOSE:
+            LOGGER.warning("connection from %s closed without a valid association request (nothing, garbage or a "
+                           "PDU out of sequence was received)", event.assoc.requestor.address)
+            event.assoc.dul.to_user_queue.put(None)  # what pynetdicom's acceptor gets when ARTIM expires
         self._announce_closed(st)
 
     def _announce_closed(self, st: _AssocState) -> None:
@@ -268,6 +306,7 @@ class _Handlers:
         return [
             (evt.EVT_CONN_OPEN, self.conn_open),
             (evt.EVT_REQUESTED, self.requested),
+            (evt.EVT_ACCEPTED, self.accepted),
             (evt.EVT_C_STORE, self.store),
             (evt.EVT_RELEASED, self.closed),
             (evt.EVT_ABORTED, self.closed),
@@ -283,10 +322,11 @@ def build_ae(
 ) -> ListenerAE:
     """Build the listener AE; ``ae.evt_handlers`` are the handlers to start its server with.
 
-    Side effect: sets pynetdicom's process-wide ``STORE_RECV_CHUNKED_DATASET`` so that received
-    data sets stream to a file instead of memory.
+    Side effects, process-wide: sets pynetdicom's ``STORE_RECV_CHUNKED_DATASET`` so that received data sets
+    stream to a file instead of memory, and installs :mod:`daemon.receive_file` so that file is the spool's own.
     """
     _config.STORE_RECV_CHUNKED_DATASET = True
+    receive_file.install()
     ae = ListenerAE(ae_title=listener_config.ae_title)
     ae.maximum_pdu_size = int(listener_config.max_pdu)
     ae.network_timeout = float(listener_config.network_timeout_s)
@@ -294,7 +334,10 @@ def build_ae(
     ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
-    handlers = _Handlers(CallerPolicy(listener_config.allowed_callers), spool, on_instance, on_assoc_closed)
+    # ARTIM (PS3.8 9.1.5): how long to wait for the A-ASSOCIATE-RQ after a connection, and for A-RELEASE-RP
+    ae.acse_timeout = float(listener_config.network_timeout_s)
+    handlers = _Handlers(CallerPolicy(listener_config.allowed_callers), spool, on_instance, on_assoc_closed,
+                         float(listener_config.network_timeout_s))
     ae.evt_handlers = handlers.as_list()
     ae.bind_address = (listener_config.host, int(listener_config.port))
     tls = getattr(listener_config, "tls", None)

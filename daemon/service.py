@@ -26,6 +26,7 @@ from daemon.broker import EmbeddedRedis
 from daemon.children import die_with_parent
 from daemon.config import Config, load_config
 from daemon.listener import start_listener
+from daemon.logformat import SafeFormatter
 from daemon.metrics import INSTANCES_RECEIVED, STUDIES_QUEUED, start_metrics
 from daemon.status_page import start_status_page
 from daemon.rules import decide_route, facts_from_dataset
@@ -35,11 +36,10 @@ LOGGER = logging.getLogger(__name__)
 
 
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """One line per record on stderr; control characters a peer sent are escaped (:mod:`daemon.logformat`)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
@@ -60,7 +60,7 @@ class Listener:
         configure_app(config, broker_url)
         self.config = config
         self.data_dir = Path(config.storage.data_dir)
-        self.spool = Spool(self.data_dir)
+        self.spool = Spool(self.data_dir, min_free_bytes=config.storage.min_free_mb * 2**20)
         removed = self.spool.clean_tmp()
         if removed:
             LOGGER.warning("removed %d partial files left by an earlier crash (never acknowledged)", removed)
@@ -116,6 +116,7 @@ class Listener:
         self.stop_event.set()
         if self.server is not None:
             self.server.shutdown()
+        self.assembler.save_pending()
         if self.status_server is not None:
             self.status_server.shutdown()
 

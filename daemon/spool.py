@@ -10,10 +10,18 @@ temporary file into a durable one:
 
 1. read only the identifying tags (``specific_tags``, ``stop_before_pixels``) and validate them:
    the UIDs become path components, so anything that is not a DICOM UID is refused;
-2. write the File Meta (pynetdicom's, plus *Source Application Entity Title*) and copy the encoded
-   data set in chunks to ``data_dir/tmp/<uuid>``; fsync it;
+2. fsync the file pynetdicom wrote, which :mod:`daemon.receive_file` placed in ``data_dir/tmp/`` (same
+   filesystem, so no byte is written twice; the kernel's writeback started while it streamed in), and keep the
+   calling AE title beside it as the extended attribute ``user.bonebridge.calling_ae`` rather than rewriting
+   the file;
 3. ``os.replace`` it into ``data_dir/incoming/<StudyInstanceUID>/<SOPInstanceUID>.dcm`` and fsync
    the directory, so that the rename itself survives a power cut.
+
+A data set that arrived some other way (pynetdicom's own temporary file elsewhere, or in memory) is copied
+into ``data_dir/tmp/`` with its File Meta plus *Source Application Entity Title*, then steps 2 and 3 follow.
+Below ``min_free_bytes`` of free space new instances are refused with 0xA700 before anything is written, and
+a disk that fills part-way through an instance gets 0xA700 and no partial file; both recover by themselves once
+space is freed.
 
 Only then does the listener report success. Our own outputs (SR / Secondary Capture that a PACS
 routes back to us) are stored under ``data_dir/returned/`` instead, so that neither the assembler nor
@@ -38,6 +46,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom.dsutils import split_dataset
+
+from daemon.receive_file import ReceiveFile, ReceiveTarget, free_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from pynetdicom.events import Event
@@ -68,6 +78,9 @@ OWN_OUTPUT_SOP_CLASSES = frozenset(
 )
 
 _IDENTIFYING_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
+
+#: The extended attribute holding the calling AE title of a spooled instance (the file itself stays as received).
+CALLING_AE_XATTR = "user.bonebridge.calling_ae"
 
 
 @dataclass(frozen=True)
@@ -140,8 +153,10 @@ class Spool:
         self,
         data_dir: str | Path,
         is_own_output: Callable[[Dataset], bool] | None | bool = True,
+        min_free_bytes: int = 0,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.min_free_bytes = int(min_free_bytes)
         self.incoming_dir = self.data_dir / "incoming"
         self.returned_dir = self.data_dir / "returned"
         self.tmp_dir = self.data_dir / "tmp"
@@ -170,6 +185,11 @@ class Spool:
             LOGGER.info("removed %d unacknowledged partial file(s) from %s", removed, self.tmp_dir)
         return removed
 
+    @property
+    def receive_target(self) -> ReceiveTarget:
+        """Where :mod:`daemon.receive_file` should stream data sets for this spool."""
+        return ReceiveTarget(self.tmp_dir, self.min_free_bytes)
+
     def instance_path(self, study_uid: str, sop_instance_uid: str) -> Path:
         """Where the instance with these UIDs lives once received."""
         return self.incoming_dir / study_uid / f"{sop_instance_uid}.dcm"
@@ -184,6 +204,15 @@ class Spool:
         and it is written from there; both paths end in the same durable rename.
         """
         req = event.request
+        received = getattr(req, "_dataset_file", None)
+        if isinstance(received, ReceiveFile):
+            return self.store_received(
+                received,
+                calling_ae,
+                assoc_id,
+                expected_sop_class=str(req.AffectedSOPClassUID),
+                expected_sop_instance=str(req.AffectedSOPInstanceUID),
+            )
         try:
             src: Path | None = event.dataset_path
         except AttributeError:
@@ -191,6 +220,7 @@ class Spool:
         if src is None:
             # Not chunked: spill pynetdicom's in-memory copy to a temporary file first.
             spill = self.tmp_dir / f"{uuid.uuid4().hex}.recv"
+            self._check_free_space()
             try:
                 with open(spill, "wb") as f:
                     f.write(event.encoded_dataset(include_meta=True))
@@ -228,9 +258,71 @@ class Spool:
         Class / Instance UIDs; a data set that contradicts its own request is refused (0xA900).
         Raises :class:`SpoolError` with the status to answer.
         """
+        ident = self._identify(src, expected_sop_class, expected_sop_instance)
+        own = self._check_own_output(src, ident["SOPClassUID"])
+        self._check_free_space()
+        tmp = self.tmp_dir / uuid.uuid4().hex
+        try:
+            self._write_durably(src, tmp, calling_ae)
+            return self._place(tmp, ident, own, calling_ae, assoc_id)
+        except OSError as exc:
+            raise SpoolError(STATUS_OUT_OF_RESOURCES, f"cannot write to the spool: {exc}") from exc
+        finally:
+            _discard(tmp)
+
+    def store_received(
+        self,
+        received: ReceiveFile,
+        calling_ae: str,
+        assoc_id: str,
+        *,
+        expected_sop_class: str | None = None,
+        expected_sop_instance: str | None = None,
+    ) -> InstanceEvent:
+        """Make the file :mod:`daemon.receive_file` streamed into ``tmp/`` durable and rename it into place.
+
+        Nothing is copied: the file keeps pynetdicom's File Meta, and the calling AE goes into an extended
+        attribute. Raises :class:`SpoolError` with the status to answer (the partial file is then removed).
+        """
+        path = Path(received.name)
+        if not received.claim():
+            raise SpoolError(STATUS_OUT_OF_RESOURCES, "the association ended while the data set was handled")
+        try:
+            if received.refused is not None:
+                raise SpoolError(STATUS_OUT_OF_RESOURCES, f"refused before writing: {received.refused}")
+            if received.error is not None:
+                raise SpoolError(STATUS_OUT_OF_RESOURCES, f"cannot write to the spool: {received.error}")
+            ident = self._identify(path, expected_sop_class, expected_sop_instance)
+            own = self._check_own_output(path, ident["SOPClassUID"])
+            try:
+                _set_calling_ae(path, calling_ae)
+                received.sync()
+                return self._place(path, ident, own, calling_ae, assoc_id)
+            except OSError as exc:
+                raise SpoolError(STATUS_OUT_OF_RESOURCES, f"cannot write to the spool: {exc}") from exc
+        finally:
+            _discard(path)  # a no-op once renamed into place
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _check_free_space(self) -> None:
+        """Refuse (0xA700) before writing when the spool's filesystem is under its free-space floor."""
+        if self.min_free_bytes <= 0:
+            return
+        try:
+            free = free_bytes(self.tmp_dir)
+        except OSError as exc:
+            raise SpoolError(STATUS_OUT_OF_RESOURCES, f"cannot stat the spool: {exc}") from exc
+        if free < self.min_free_bytes:
+            raise SpoolError(STATUS_OUT_OF_RESOURCES,
+                             f"refused before writing: {free // 2**20} MiB free in {self.tmp_dir}, under the "
+                             f"floor of {self.min_free_bytes // 2**20} MiB (storage.min_free_mb)")
+
+    def _identify(self, src: Path, expected_sop_class: str | None,
+                  expected_sop_instance: str | None) -> dict[str, str]:
+        """The identifying UIDs of *src*, checked against the C-STORE request (0xA900 if they contradict it)."""
         ident = self._read_identity(src)
         sop_class, sop_instance = ident["SOPClassUID"], ident["SOPInstanceUID"]
-        study, series = ident["StudyInstanceUID"], ident["SeriesInstanceUID"]
         if expected_sop_instance and expected_sop_instance != sop_instance:
             raise SpoolError(
                 STATUS_DATASET_MISMATCH,
@@ -242,36 +334,27 @@ class Spool:
                 STATUS_DATASET_MISMATCH,
                 f"SOPClassUID {sop_class} in the data set differs from the request's {expected_sop_class}",
             )
+        return ident
 
-        own = self._check_own_output(src, sop_class)
-        base = self.returned_dir if own else self.incoming_dir
-        dest_dir = base / study
+    def _place(self, tmp: Path, ident: dict[str, str], own: bool, calling_ae: str, assoc_id: str) -> InstanceEvent:
+        """Rename the fsynced *tmp* into its study's folder and make the rename durable (raises ``OSError``)."""
+        study, sop_instance = ident["StudyInstanceUID"], ident["SOPInstanceUID"]
+        dest_dir = (self.returned_dir if own else self.incoming_dir) / study
         dest = dest_dir / f"{sop_instance}.dcm"
-        tmp = self.tmp_dir / uuid.uuid4().hex
-        try:
-            self._write_durably(src, tmp, calling_ae)
-            _mkdir_durable(dest_dir)
-            os.replace(tmp, dest)
-            fsync_dir(dest_dir)
-        except OSError as exc:
-            _discard(tmp)
-            raise SpoolError(STATUS_OUT_OF_RESOURCES, f"cannot write {dest}: {exc}") from exc
-        except BaseException:
-            _discard(tmp)
-            raise
+        _mkdir_durable(dest_dir)
+        os.replace(tmp, dest)
+        fsync_dir(dest_dir)
         return InstanceEvent(
             study_uid=study,
-            series_uid=series,
+            series_uid=ident["SeriesInstanceUID"],
             sop_instance_uid=sop_instance,
-            sop_class_uid=sop_class,
+            sop_class_uid=ident["SOPClassUID"],
             path=dest,
             calling_ae=calling_ae,
             assoc_id=assoc_id,
             own_output=own,
             accession_number=ident["AccessionNumber"],
         )
-
-    # -- helpers --------------------------------------------------------------------------------
 
     @staticmethod
     def _read_identity(src: Path) -> dict[str, str]:
@@ -282,6 +365,8 @@ class Spool:
             accession = str(ds.get("AccessionNumber", "") or "").strip()
         except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, NotImplementedError) as exc:
             raise SpoolError(STATUS_CANNOT_UNDERSTAND, f"data set is not parseable: {exc}") from exc
+        except RecursionError as exc:  # thousands of nested sequences: malformed, not a lack of resources
+            raise SpoolError(STATUS_CANNOT_UNDERSTAND, "data set is not parseable: sequences nested too deeply") from exc
         except OSError as exc:
             raise SpoolError(STATUS_OUT_OF_RESOURCES, f"cannot read the received data set: {exc}") from exc
         missing = [kw for kw, v in values.items() if v in (None, "")]
@@ -332,6 +417,30 @@ def _discard(path: Path) -> None:
         pass
 
 
+def _set_calling_ae(path: Path, calling_ae: str) -> None:
+    """Keep the calling AE title with the file without rewriting it (silently skipped where unsupported)."""
+    if not calling_ae or not hasattr(os, "setxattr"):
+        return
+    try:
+        os.setxattr(path, CALLING_AE_XATTR, calling_ae.strip()[:16].encode("ascii", "replace"))
+    except OSError as exc:
+        LOGGER.debug("no extended attributes on %s (%s): calling AE not kept with the file", path, exc)
+
+
+def _calling_ae_of(path: Path) -> str:
+    """The calling AE of a spooled file: its extended attribute, else the File Meta's *Source AE Title*."""
+    if hasattr(os, "getxattr"):
+        try:
+            return os.getxattr(path, CALLING_AE_XATTR).decode("ascii", "replace").strip()
+        except OSError:
+            pass
+    try:
+        meta, _ = split_dataset(path)
+        return str(meta.get("SourceApplicationEntityTitle", "") or "").strip()
+    except Exception:  # noqa: BLE001 - the identity read already proved the file parseable
+        return ""
+
+
 def _copy(fin: BinaryIO, fout: BinaryIO) -> None:
     shutil.copyfileobj(fin, fout, CHUNK_SIZE)
 
@@ -339,15 +448,11 @@ def _copy(fin: BinaryIO, fout: BinaryIO) -> None:
 def describe_spooled(path: Path, assoc_id: str = "") -> InstanceEvent:
     """Rebuild the :class:`InstanceEvent` of a file already in the spool (used by crash recovery).
 
-    The calling AE comes from the *Source Application Entity Title* the spool wrote into the
-    File Meta. Raises :class:`SpoolError` if the file is not a usable instance.
+    The calling AE comes from the extended attribute the spool set (or, for a file the spool copied, the
+    *Source Application Entity Title* it wrote into the File Meta). Raises :class:`SpoolError` if the file is not a usable instance.
     """
     ident = Spool._read_identity(path)
-    try:
-        meta, _ = split_dataset(path)
-        calling_ae = str(meta.get("SourceApplicationEntityTitle", "") or "")
-    except Exception:  # noqa: BLE001 - the identity read above already proved the file parseable
-        calling_ae = ""
+    calling_ae = _calling_ae_of(path)
     return InstanceEvent(
         study_uid=ident["StudyInstanceUID"],
         series_uid=ident["SeriesInstanceUID"],

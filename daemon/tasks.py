@@ -106,6 +106,7 @@ class WorkerRuntime:
         LOGGER.info("processing study %s generation %d (%d instances)", study_uid, generation, len(files))
         datasets = [pydicom.dcmread(p) for p in files]
         analysis = self.analyser.analyse(datasets, self.calling_ae(study_uid), self.predecessors(study_uid, generation))
+        analysed = time.time()
         _fault_injection_pause()
         record = {
             "study_uid": study_uid, "generation": generation, "route": analysis.result.route,
@@ -117,7 +118,10 @@ class WorkerRuntime:
         send_to = list(analysis.route.send_to) if analysis.route else []
         if self.deliver(record, analysis.outputs, send_to, f"{study_uid}-{generation}"):
             record["status"] = "dead-lettered"
-        record["seconds"] = round(time.time() - began, 3)
+        finished = time.time()
+        record["seconds"] = round(finished - began, 3)
+        # when each stage ended (epoch seconds): bench/bench_latency.py splits a study's latency with these
+        record["timing"] = {"started_at": began, "analysed_at": analysed, "finished_at": finished}
         LOGGER.info("study %s generation %d: %s (route %s) in %.2f s", study_uid, generation, record["status"],
                     record["route"], record["seconds"])
         return self.write_record(record_path, record)

@@ -304,3 +304,45 @@ def test_a_route_can_set_its_own_quiet_period(tmp_path) -> None:
     clock[0] = 11.0
     asm.poll()
     assert queued == ["1.2.5", "1.2.6"]  # the global 10 s for the other
+
+
+def test_state_file_follows_memory_at_the_next_tick_and_a_crash_before_it_loses_nothing(tmp_path: Path) -> None:
+    """Instances of a receiving study reach the state file at the next poll, not before their C-STORE response;
+    a crash in between is repaired by adopting the spooled files, with their calling AE."""
+    spool = Spool(tmp_path, is_own_output=False)
+    clock, queue = Clock(), Queue()
+    asm = StudyAssembler(tmp_path, QUIET, queue, clock=clock)
+    first = make_dx(tmp_path / "1.dcm")
+    second = make_dx(tmp_path / "2.dcm", study_uid=first.StudyInstanceUID)
+    asm.instance_received(spool.store_file(tmp_path / "1.dcm", "MOD1", "a1"))
+    asm.poll()
+    state_path = tmp_path / "studies" / f"{first.StudyInstanceUID}.json"
+    assert set(json.loads(state_path.read_text())["instances"]) == {first.SOPInstanceUID}
+
+    asm.instance_received(spool.store_file(tmp_path / "2.dcm", "MOD1", "a1"))
+    assert set(json.loads(state_path.read_text())["instances"]) == {first.SOPInstanceUID}  # lags until the tick
+
+    restarted = StudyAssembler(tmp_path, QUIET, Queue(), clock=clock)  # the crash: memory lost
+    restarted.recover()
+    st = restarted.get(first.StudyInstanceUID)
+    assert st is not None and set(st.instances) == {first.SOPInstanceUID, second.SOPInstanceUID}
+    assert st.instances[second.SOPInstanceUID].calling_ae == "MOD1"
+
+    asm.save_pending()
+    assert set(json.loads(state_path.read_text())["instances"]) == {first.SOPInstanceUID, second.SOPInstanceUID}
+
+
+def test_reopening_a_finished_study_is_written_at_once(env, tmp_path: Path) -> None:
+    """A late instance that re-opens a finished study is on disk before its C-STORE response: a restart could not
+    tell a re-sent instance of a failed study from an old one."""
+    asm, clock, queue = env
+    study = generate_uid()
+    sop = generate_uid()
+    asm.instance_received(event(study, sop=sop))
+    asm.association_closed("a1")
+    clock.t += QUIET
+    assert asm.poll() == [(study, 1)]
+    asm.mark_failed(study, 1, "boom")
+    asm.instance_received(event(study, assoc="a2", sop=sop))
+    state = json.loads((tmp_path / "studies" / f"{study}.json").read_text())
+    assert state["generation"] == 2 and state["state"] == "receiving"

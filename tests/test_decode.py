@@ -331,3 +331,20 @@ def test_explicit_little_endian_is_default_when_meta_missing_syntax(dx12: Datase
     del dx12.file_meta.TransferSyntaxUID
     assert read_display_image(dx12).shape == (48, 64)
     assert dx12.file_meta.get("TransferSyntaxUID") in (None, ExplicitVRLittleEndian)
+
+
+@pytest.mark.parametrize("center, width", [(2048.0, 4096.0), (1000.0, 300.0), (-50.5, 2.0), (30000.0, 70000.0)])
+def test_linear_window_fast_path_matches_pydicom(center: float, width: float) -> None:
+    """The float32 one-pass LINEAR window gives pydicom's apply_voi_lut output scaled to [0, 1]."""
+    from pydicom.pixels import apply_voi_lut
+
+    from daemon.decode import linear_window
+
+    values = np.random.default_rng(1).integers(-2000, 66000, size=(64, 80)).astype(np.float64)
+    ds = Dataset()
+    ds.WindowCenter, ds.WindowWidth, ds.PixelRepresentation, ds.BitsStored = center, width, 1, 16
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    reference = apply_voi_lut(values, ds, index=0)
+    ends = apply_voi_lut(np.array([center - 1e7, center + 1e7]), ds, index=0)
+    expected = (reference - ends.min()) / (ends.max() - ends.min())
+    np.testing.assert_allclose(linear_window(values, center, width), expected, atol=2e-6)

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
+import yaml
 
-from tests.bonebridge_process import BoneBridgeProcess, write_config
+from tests.bonebridge_process import REPO, BoneBridgeProcess, write_config
 from tests.dicom_factory import make_study
-from tests.orthanc_fixture import echoscu, wait_for
+from tests.orthanc_fixture import OrthancServer, echoscu, wait_for
 from tests.test_integration import _by_modality
 
 pytestmark = pytest.mark.integration
@@ -142,4 +145,69 @@ def test_eight_parallel_associations_and_one_study_over_two_at_once(tmp_path: Pa
             state, srs = _settled(pacs, proc, uid)
             assert len(state["instances"]) == len(files) and state["generation"] == 1
             assert len(srs) == 1, uid
+        assert echoscu(proc.port, "BONEBRIDGE").returncode == 0
+
+
+def test_disk_full_refuses_under_the_floor_and_recovers_by_itself(tmp_path: Path, orthanc) -> None:
+    """(5) ``data_dir`` on a real 64 MiB filesystem with a 24 MiB floor: instances are answered 0xA700 once under it,
+    before anything is written, with a log line saying why; C-ECHO still answers; once space is freed the same
+    sender succeeds, and the study (only acknowledged instances) gets exactly one SR."""
+    from tests.small_filesystem import fill, small_filesystem
+    from tests.test_receive_file import _send
+
+    pacs = orthanc
+    with small_filesystem(tmp_path / "small", 64) as mount:
+        config = write_config(tmp_path, pacs_port=pacs.dicom_port, quiet_period_s=2.0)
+        config_data = yaml.safe_load(config.read_text())
+        config_data["storage"] = {"data_dir": str(mount / "var"), "min_free_mb": 24}
+        config.write_text(yaml.safe_dump(config_data, sort_keys=False))
+        files = [Path(ds.filename) for ds in make_study(tmp_path / "big", count=4, size=2048, body_part="CHEST")]
+        study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        with BoneBridgeProcess(config) as proc:
+            # leave about 32 MiB: two 8 MiB instances fit above the floor, the third does not
+            filler = fill(mount / "filler", max(0, shutil.disk_usage(mount).free // 2**20 - 32))
+            statuses = _send(proc.port, files[:3])
+            assert statuses == [0x0000, 0x0000, 0xA700]
+            assert "under the floor" in proc.log_tail(200)
+            assert list((proc.data_dir / "tmp").iterdir()) == []
+            assert echoscu(proc.port, "BONEBRIDGE").returncode == 0
+
+            filler.unlink()
+            sent = subprocess.run(_storescu(proc.port, files[2:]), capture_output=True, text=True, timeout=120)
+            assert sent.returncode == 0, sent.stderr
+            _assert_one_result_per_generation(pacs, proc, study_uid, 4)
+
+
+def test_pacs_down_past_the_retries_then_bonebridge_retry_delivers_once(tmp_path: Path) -> None:
+    """(4) The PACS is down through every retry: the study is dead-lettered (its outcome says so). ``bonebridge
+    retry`` fails loudly (exit 1) while the PACS is still down, then, with the PACS up, delivers the SR exactly
+    once and empties the entry; a second ``retry`` finds nothing to send."""
+    pacs = OrthancServer(tmp_path / "pacs")  # not started yet: the PACS is down
+    config = write_config(tmp_path, pacs_port=pacs.dicom_port, dest_retries=1, dest_backoff_s=0.2)
+    files, study_uid = _chest_study(tmp_path / "study", 2)
+
+    def retry() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "daemon.cli", "retry", "--config", str(config)],
+                              capture_output=True, text=True, timeout=120, cwd=REPO)
+
+    with BoneBridgeProcess(config) as proc:
+        assert subprocess.run(_storescu(proc.port, files), capture_output=True).returncode == 0
+        records = wait_for(lambda: proc.results(study_uid), 120, interval=0.3, what="the outcome record")
+        assert records[0]["status"] == "dead-lettered"
+        dead_letter = proc.data_dir / "dead-letter"
+        assert len(list(dead_letter.iterdir())) == 1
+
+        still_down = retry()
+        assert still_down.returncode == 1, still_down.stdout + still_down.stderr
+        assert len(list(dead_letter.iterdir())) == 1
+
+        with pacs:  # __enter__ starts it
+            delivered = retry()
+            assert delivered.returncode == 0, delivered.stdout + delivered.stderr
+            assert list(dead_letter.iterdir()) == []
+            assert len(_by_modality(pacs, study_uid).get("SR", [])) == 1
+
+            again = retry()
+            assert again.returncode == 0 and "dead-letter folder is empty" in again.stdout
+            assert len(_by_modality(pacs, study_uid).get("SR", [])) == 1
         assert echoscu(proc.port, "BONEBRIDGE").returncode == 0
