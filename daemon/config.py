@@ -184,18 +184,22 @@ def _tls_files_exist(section: Any, names: tuple[str, ...] = ("certificate", "pri
             raise ValueError(f"{name}: {path} is not a readable file")
 
 
-class ListenerTls(_Strict):
+class _TlsFiles(_Strict):
+    """What both TLS sections share: certificate, key and CA paths resolved like every other path of the config."""
+
+    @field_validator("certificate", "private_key", "ca_certificates", mode="before", check_fields=False)
+    @classmethod
+    def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
+        return None if value is None else _resolve_path(value, info, allow_builtin=False)
+
+
+class ListenerTls(_TlsFiles):
     """DICOM TLS on the listener: our certificate and key (PEM); callers' certificates checked when required."""
 
     certificate: Path
     private_key: Path
     ca_certificates: Path | None = None
     require_client_certificate: bool = False
-
-    @field_validator("certificate", "private_key", "ca_certificates", mode="before")
-    @classmethod
-    def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
-        return None if value is None else _resolve_path(value, info, allow_builtin=False)
 
     @model_validator(mode="after")
     def _files_exist(self) -> "ListenerTls":
@@ -205,18 +209,13 @@ class ListenerTls(_Strict):
         return self
 
 
-class DestinationTls(_Strict):
+class DestinationTls(_TlsFiles):
     """DICOM TLS to a destination: the CA that signed the PACS's certificate; ours when the PACS asks for one."""
 
     ca_certificates: Path | None = None
     certificate: Path | None = None
     private_key: Path | None = None
     server_hostname: str | None = None  # verify the PACS's certificate names this host
-
-    @field_validator("certificate", "private_key", "ca_certificates", mode="before")
-    @classmethod
-    def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
-        return None if value is None else _resolve_path(value, info, allow_builtin=False)
 
     @model_validator(mode="after")
     def _pair(self) -> "DestinationTls":

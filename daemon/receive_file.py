@@ -77,6 +77,17 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def under_floor(directory: Path, min_free_bytes: int) -> str | None:
+    """Why nothing may be written to *directory* now (its filesystem is under the floor), or None (raises OSError)."""
+    if min_free_bytes <= 0:
+        return None
+    free = free_bytes(directory)
+    if free >= min_free_bytes:
+        return None
+    return (f"{free // 2**20} MiB free in {directory}, under the floor of {min_free_bytes // 2**20} MiB "
+            f"(storage.min_free_mb)")
+
+
 @dataclass(frozen=True)
 class ReceiveTarget:
     """Where an association's data sets go, and how much free space must remain there."""
@@ -104,10 +115,8 @@ class ReceiveFile:
         self._written = 0
         self._writeback_from = 0
         try:
-            free = free_bytes(target.directory)
-            if free < target.min_free_bytes:
-                self.refused = (f"{free // 2**20} MiB free in {target.directory}, under the floor of "
-                                f"{target.min_free_bytes // 2**20} MiB (storage.min_free_mb)")
+            self.refused = under_floor(target.directory, target.min_free_bytes)
+            if self.refused is not None:
                 return
             self._fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         except OSError as exc:

@@ -47,7 +47,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom.dsutils import split_dataset
 
-from daemon.receive_file import ReceiveFile, ReceiveTarget, free_bytes
+from daemon.receive_file import ReceiveFile, ReceiveTarget, under_floor
 
 if TYPE_CHECKING:  # pragma: no cover
     from pynetdicom.events import Event
@@ -291,15 +291,14 @@ class Spool:
             if received.refused is not None:
                 raise SpoolError(STATUS_OUT_OF_RESOURCES, f"refused before writing: {received.refused}")
             if received.error is not None:
-                raise SpoolError(STATUS_OUT_OF_RESOURCES, f"cannot write to the spool: {received.error}")
+                raise received.error
             ident = self._identify(path, expected_sop_class, expected_sop_instance)
             own = self._check_own_output(path, ident["SOPClassUID"])
-            try:
-                _set_calling_ae(path, calling_ae)
-                received.sync()
-                return self._place(path, ident, own, calling_ae, assoc_id)
-            except OSError as exc:
-                raise SpoolError(STATUS_OUT_OF_RESOURCES, f"cannot write to the spool: {exc}") from exc
+            _set_calling_ae(path, calling_ae)
+            received.sync()
+            return self._place(path, ident, own, calling_ae, assoc_id)
+        except OSError as exc:
+            raise SpoolError(STATUS_OUT_OF_RESOURCES, f"cannot write to the spool: {exc}") from exc
         finally:
             _discard(path)  # a no-op once renamed into place
 
@@ -307,16 +306,12 @@ class Spool:
 
     def _check_free_space(self) -> None:
         """Refuse (0xA700) before writing when the spool's filesystem is under its free-space floor."""
-        if self.min_free_bytes <= 0:
-            return
         try:
-            free = free_bytes(self.tmp_dir)
+            refused = under_floor(self.tmp_dir, self.min_free_bytes)
         except OSError as exc:
             raise SpoolError(STATUS_OUT_OF_RESOURCES, f"cannot stat the spool: {exc}") from exc
-        if free < self.min_free_bytes:
-            raise SpoolError(STATUS_OUT_OF_RESOURCES,
-                             f"refused before writing: {free // 2**20} MiB free in {self.tmp_dir}, under the "
-                             f"floor of {self.min_free_bytes // 2**20} MiB (storage.min_free_mb)")
+        if refused is not None:
+            raise SpoolError(STATUS_OUT_OF_RESOURCES, f"refused before writing: {refused}")
 
     def _identify(self, src: Path, expected_sop_class: str | None,
                   expected_sop_instance: str | None) -> dict[str, str]:

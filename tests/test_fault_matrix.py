@@ -87,12 +87,12 @@ def test_serve_killed_mid_association_then_storescu_resends(tmp_path: Path, orth
     pacs = orthanc
     files, study_uid = _chest_study(tmp_path / "study", 50)
     config = write_config(tmp_path, pacs_port=pacs.dicom_port, quiet_period_s=2.0)
-    first = BoneBridgeProcess(config).start()
-    sender = subprocess.Popen(_storescu(first.port, files), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    incoming = first.data_dir / "incoming" / study_uid
-    wait_for(lambda: incoming.is_dir() and len(list(incoming.glob("*.dcm"))) >= 10, 60, interval=0.01,
-             what="ten instances on disk")
-    _kill_group(first)
+    with BoneBridgeProcess(config) as first:  # the with stops it should the test fail before the kill
+        sender = subprocess.Popen(_storescu(first.port, files), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        incoming = first.data_dir / "incoming" / study_uid
+        wait_for(lambda: incoming.is_dir() and len(list(incoming.glob("*.dcm"))) >= 10, 60, interval=0.01,
+                 what="ten instances on disk")
+        _kill_group(first)
     sender.wait(timeout=60)
     acknowledged = len(list(incoming.glob("*.dcm")))
     assert 10 <= acknowledged < 50 or sender.returncode != 0
@@ -107,11 +107,11 @@ def test_serve_killed_in_the_quiet_period(tmp_path: Path, orthanc) -> None:
     pacs = orthanc
     files, study_uid = _chest_study(tmp_path / "study", 3)
     config = write_config(tmp_path, pacs_port=pacs.dicom_port, quiet_period_s=6.0)
-    first = BoneBridgeProcess(config).start()
-    assert subprocess.run(_storescu(first.port, files), capture_output=True, timeout=60).returncode == 0
-    wait_for(lambda: _state(first, study_uid)["state"] == "receiving", 5, interval=0.05,
-             what="the study's state written at the assembler's tick, still in its quiet period")
-    _kill_group(first)
+    with BoneBridgeProcess(config) as first:
+        assert subprocess.run(_storescu(first.port, files), capture_output=True, timeout=60).returncode == 0
+        wait_for(lambda: _state(first, study_uid)["state"] == "receiving", 5, interval=0.05,
+                 what="the study's state written at the assembler's tick, still in its quiet period")
+        _kill_group(first)
     with BoneBridgeProcess(config) as second:
         _assert_one_result_per_generation(pacs, second, study_uid, 3)
         assert _state(second, study_uid)["generation"] == 1
@@ -124,10 +124,10 @@ def test_serve_killed_while_the_worker_runs(tmp_path: Path, orthanc) -> None:
     files, study_uid = _chest_study(tmp_path / "study", 2)
     config = write_config(tmp_path, pacs_port=pacs.dicom_port, quiet_period_s=1.0)
     env = {"BONEBRIDGE_FAULT_PAUSE_S": "120", "BONEBRIDGE_FAULT_MARKER": str(marker)}
-    first = BoneBridgeProcess(config, env=env).start()
-    assert subprocess.run(_storescu(first.port, files), capture_output=True, timeout=60).returncode == 0
-    wait_for(marker.exists, 60, what="the worker to pause mid-study")
-    _kill_group(first)
+    with BoneBridgeProcess(config, env=env) as first:
+        assert subprocess.run(_storescu(first.port, files), capture_output=True, timeout=60).returncode == 0
+        wait_for(marker.exists, 60, what="the worker to pause mid-study")
+        _kill_group(first)
     assert "SR" not in _by_modality(pacs, study_uid)
     with BoneBridgeProcess(config) as second:
         _assert_one_result_per_generation(pacs, second, study_uid, 2)
