@@ -15,6 +15,7 @@ apart. Run: ``.venv/bin/python bench/bench_analysis.py [--repeats 7]``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -27,6 +28,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+
+from daemon.openmp_policy import prefer_sleeping_threads  # noqa: E402
+
+prefer_sleeping_threads()  # as the worker does (bonebridge's CLI), before torch loads; OMP_WAIT_POLICY=ACTIVE to compare
 
 from common import print_environment, summarise  # noqa: E402
 
@@ -91,7 +96,8 @@ def main() -> int:
         "SR (per study)": lambda: build_sr([ds], analysis.result),
     }
     per_image_cpu = 0.0
-    print(f"{ds.Rows} x {ds.Columns} radiograph, route {analysis.result.route}, median of {args.repeats}")
+    print(f"{ds.Rows} x {ds.Columns} radiograph, route {analysis.result.route}, median of {args.repeats}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     for name, func in stages.items():
         cpu, wall = timed(func, args.repeats)
         if name != "SR (per study)":

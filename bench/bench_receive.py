@@ -10,13 +10,16 @@ in its study assembler. Three cases (issue 9):
 - ``receive-dx-4-assoc``: 4 storescu processes at once, 25 DX of 8 MB each, one study each.
 
 The summary line gives throughput in MB/s (ratio = BoneBridge / storescp, higher is better) and, after it, the
-time ratio the issue's goal is written in (BoneBridge's time / storescp's time, at most 1.0 wanted).
+time ratio the issue's goal is written in (BoneBridge's time / storescp's time, at most 1.0 wanted), the resident
+memory of serve and its children, and the CPU (user + system) each side spent per instance: on a small machine
+that the sender shares, CPU per instance is what the receive rate follows.
 Run: ``.venv/bin/python bench/bench_receive.py [--cases receive-dx-8mb] [--rounds 3] [--scale 0.5] [--json]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -89,6 +92,30 @@ def send(port: int, aec: str, batches: list[list[Path]]) -> float:
     return elapsed
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_s(pgid: int) -> float:
+    """User + system CPU seconds so far of every process in process group *pgid* (serve, its Redis, its worker)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                total += process_cpu_s(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+CPU_PER_FILE: dict[str, list[float]] = {"storescp": [], "bonebridge": []}  # ms of CPU per instance, per run
+
+
 def bench_storescp(work: Path, batches: list[list[Path]]) -> float:
     port = free_port()
     out_dir = work / "storescp"
@@ -97,7 +124,10 @@ def bench_storescp(work: Path, batches: list[list[Path]]) -> float:
     try:
         wait_for(lambda: subprocess.run(["echoscu", "-aec", "STORESCP", "127.0.0.1", str(port)],
                                         capture_output=True).returncode == 0, 20, what="storescp")
-        return send(port, "STORESCP", batches)
+        before = process_cpu_s(proc.pid)
+        elapsed = send(port, "STORESCP", batches)
+        CPU_PER_FILE["storescp"].append((process_cpu_s(proc.pid) - before) * 1000 / sum(map(len, batches)))
+        return elapsed
     finally:
         proc.terminate()
         proc.wait()
@@ -126,8 +156,9 @@ def bench_bonebridge(work: Path, batches: list[list[Path]]) -> float:
     config = write_config(work, pacs_port=free_port(), quiet_period_s=3600)
     with BoneBridgeProcess(config) as proc:
         assert proc.proc is not None
-        before = group_rss_mb(proc.proc.pid)
+        before, cpu_before = group_rss_mb(proc.proc.pid), group_cpu_s(proc.proc.pid)
         elapsed = send(proc.port, "BONEBRIDGE", batches)
+        CPU_PER_FILE["bonebridge"].append((group_cpu_s(proc.proc.pid) - cpu_before) * 1000 / sum(map(len, batches)))
         MEMORY.append((before, group_rss_mb(proc.proc.pid)))
         received = list((proc.data_dir / "incoming").rglob("*.dcm"))
         expected = sum(len(files) for files in batches)
@@ -152,6 +183,8 @@ def main() -> int:
             megabytes = sum(p.stat().st_size for files in batches for p in files) / 1e6
             ours, ref = [], []
             MEMORY.clear()
+            for runs in CPU_PER_FILE.values():
+                runs.clear()
             for _ in range(args.rounds):  # interleaved, so drift in machine load hits both alike
                 ref.append(bench_storescp(work, batches))
                 ours.append(bench_bonebridge(work, batches))
@@ -161,7 +194,9 @@ def main() -> int:
                            f"BoneBridge/storescp {statistics.median(ours) / statistics.median(ref):.2f} "
                            f"(goal <= 1.0); resident memory of serve and its children "
                            f"{statistics.median(b for b, _ in MEMORY):.0f} MB before, "
-                           f"{statistics.median(a for _, a in MEMORY):.0f} MB after")
+                           f"{statistics.median(a for _, a in MEMORY):.0f} MB after; CPU per instance "
+                           f"{statistics.median(CPU_PER_FILE['bonebridge']):.1f} ms (serve and its children) against "
+                           f"storescp's {statistics.median(CPU_PER_FILE['storescp']):.1f} ms")
     return 0
 
 

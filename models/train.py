@@ -53,6 +53,7 @@ class TrainConfig:
     device: str | None = None
     resume: bool = True
     progress: bool = True
+    init_weights: Path | None = None  # start from a trained checkpoint of the same task (fresh optimiser and schedule)
 
 
 @dataclass

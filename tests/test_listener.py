@@ -270,3 +270,25 @@ def test_tcp_nodelay_is_set(tmp_path: Path) -> None:
         assoc.release()
         server.shutdown()
     assert flags and all(flags)
+
+
+@pytest.mark.parametrize(("pynetdicom_level", "expected"), [(logging.WARNING, "none"), (logging.INFO, "standard")])
+def test_pynetdicom_logging_handlers_are_bound_only_when_they_would_print(
+        tmp_path: Path, pynetdicom_level: int, expected: str) -> None:
+    """Its standard handlers log at INFO/DEBUG only; bound under a WARNING logger they cost an event per PDU."""
+    from pynetdicom import _config
+
+    from daemon.listener import build_ae
+
+    logger = logging.getLogger("pynetdicom")
+    saved_level, saved_setting = logger.level, _config.LOG_HANDLER_LEVEL
+    try:
+        logger.setLevel(pynetdicom_level)
+        _config.LOG_HANDLER_LEVEL = "standard"
+        cfg = SimpleNamespace(ae_title="BONEBRIDGE", host="127.0.0.1", port=0, allowed_callers=[], max_pdu=0,
+                              network_timeout_s=10)
+        build_ae(cfg, Spool(tmp_path / "var", is_own_output=False), lambda ev: None, lambda assoc_id: None)
+        assert _config.LOG_HANDLER_LEVEL == expected
+    finally:
+        logger.setLevel(saved_level)
+        _config.LOG_HANDLER_LEVEL = saved_setting

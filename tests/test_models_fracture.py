@@ -144,6 +144,16 @@ def test_train_predict_and_evaluate_on_fracatlas_layout(fracatlas: Path, tmp_pat
     for name in ("fracture_roc.png", "fracture_calibration.png", "fracture_worst_misses.png"):
         assert (report_path.parent / name).stat().st_size > 1000
 
+    # a run cut short goes on from its weights, with a fresh schedule; another geometry is refused
+    more = tmp_path / "more" / "fracture.pt"
+    common = ["--data", str(fracatlas), "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "1",
+              "--no-progress", "--init-weights", str(out)]
+    assert main(["train", "abnormality", "--out", str(more), "--size", "64", *common]) == 0
+    continued = json.loads(more.with_suffix(".card.json").read_text())
+    assert continued["training"]["initialised_from"].startswith("fracture.pt (sha256 ")
+    with pytest.raises(ValueError, match="geometry"):
+        main(["train", "abnormality", "--out", str(tmp_path / "other" / "f.pt"), "--size", "96", *common])
+
 
 @pytest.mark.skipif(not SHARED_FRACATLAS.is_dir(), reason="needs ../shared/data/fracatlas (the real FracAtlas)")
 def test_real_fracatlas_reads_as_published() -> None:
