@@ -26,7 +26,7 @@ from daemon.broker import EmbeddedRedis
 from daemon.children import die_with_parent
 from daemon.config import Config, load_config
 from daemon.listener import start_listener
-from daemon.logformat import SafeFormatter
+from daemon.logformat import FloodGuard, SafeFormatter
 from daemon.metrics import INSTANCES_RECEIVED, STUDIES_QUEUED, start_metrics
 from daemon.status_page import start_status_page
 from daemon.rules import decide_route, facts_from_dataset
@@ -39,6 +39,7 @@ def setup_logging(level: str = "INFO") -> None:
     """One line per record on stderr; control characters a peer sent are escaped (:mod:`daemon.logformat`)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"))
+    handler.addFilter(FloodGuard())
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
