@@ -23,7 +23,7 @@ import torch
 
 from models.anatomy import split_key
 from models.data import split_of
-from models.preprocess import Geometry, body_box, crop_box, mask_burned_in_labels, resize_to_square
+from models.preprocess import Geometry, body_box, crop_box, resize_to_square, to_unit_square
 
 REGIONS = ("hand", "leg", "hip", "shoulder")
 Box = tuple[float, float, float, float]  # x, y, width, height in image pixels
@@ -97,14 +97,15 @@ def box_mask(shape: tuple[int, int], boxes: tuple[Box, ...]) -> np.ndarray:
 
 
 def image_and_mask_squares(image: np.ndarray, boxes: tuple[Box, ...], geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
-    """The image as the network sees it (1x1xSxS) and its box mask through exactly the same crop and resize."""
+    """The image as the network sees it (1x1xSxS) and its box mask through exactly the same crop and resize.
+
+    The image goes through :func:`models.preprocess.to_unit_square`, the inference path itself, so training can
+    never see an image prepared differently from what the daemon sends the model.
+    """
     mask = box_mask(image.shape[:2], boxes)
     if geometry.crop_to_body:
-        box = body_box(image)
-        image, mask = crop_box(image, box), crop_box(mask, box)
-    if geometry.mask_labels:
-        image = mask_burned_in_labels(image)
-    return resize_to_square(image, geometry.size, geometry.aspect), resize_to_square(mask, geometry.size, geometry.aspect)
+        mask = crop_box(mask, body_box(image))
+    return to_unit_square(image, geometry), resize_to_square(mask, geometry.size, geometry.aspect)
 
 
 def grown_box_mask(shape: tuple[int, int], boxes: tuple[Box, ...], grow_fraction: float) -> np.ndarray:
