@@ -101,16 +101,21 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def group_cpu_s(pgid: int) -> float:
-    """User + system CPU seconds so far of every process in process group *pgid* (serve, its Redis, its worker)."""
-    total = 0.0
+def group_pids(pgid: int) -> list[int]:
+    """The processes of process group *pgid* (serve, its Redis and its worker)."""
+    pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == pgid:
-                total += process_cpu_s(int(stat.parent.name))
+                pids.append(int(stat.parent.name))
         except (OSError, ValueError):
             continue
-    return total
+    return pids
+
+
+def group_cpu_s(pgid: int) -> float:
+    """User + system CPU seconds so far of every process in process group *pgid*."""
+    return sum(process_cpu_s(pid) for pid in group_pids(pgid))
 
 
 CPU_PER_FILE: dict[str, list[float]] = {"storescp": [], "bonebridge": []}  # ms of CPU per instance, per run
@@ -135,14 +140,11 @@ def bench_storescp(work: Path, batches: list[list[Path]]) -> float:
 
 
 def group_rss_mb(pgid: int) -> float:
-    """Resident memory of every process in process group *pgid* (serve, its Redis and its worker), in MB."""
+    """Resident memory of every process in process group *pgid*, in MB."""
     total_kb = 0
-    for status in Path("/proc").glob("[0-9]*/status"):
+    for pid in group_pids(pgid):
         try:
-            stat = (status.parent / "stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
-                continue
-            total_kb += next(int(line.split()[1]) for line in status.read_text().splitlines()
+            total_kb += next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                              if line.startswith("VmRSS:"))
         except (OSError, ValueError, StopIteration):
             continue

@@ -86,7 +86,7 @@ class Predictor:
                  mask_labels: bool | None = None, batch_size: int = 16) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         size = card.geometry.size
-        model = fold_for_inference(model, torch.zeros(1, 3, size, size).normal_(generator=torch.Generator().manual_seed(0)))
+        model = fold_for_inference(model, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)))
         # channels-last as in training: oneDNN's (depthwise) convolutions run faster on CPU too.
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.card = card
