@@ -51,7 +51,8 @@ from pydicom.uid import (
 )
 
 from daemon import pdata_fast_path, receive_file
-from daemon.socket_recv import wake_on_data
+from daemon.reactor_wakeup import wake_association
+from daemon.socket_recv import release_send_wakeup, wake_on_data
 from daemon.spool import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, InstanceEvent, Spool, SpoolError
 
 LOGGER = logging.getLogger(__name__)
@@ -204,6 +205,7 @@ class _Handlers:
         event.assoc._bonebridge = _AssocState(uuid.uuid4().hex)
         receive_file.receive_into(event.assoc.dul, self.spool.receive_target)
         wake_on_data(event.assoc.dul)
+        wake_association(event.assoc)
         pdata_fast_path.install(event.assoc.dul)
         try:
             sock = event.assoc.dul.socket.socket
@@ -283,6 +285,7 @@ class _Handlers:
         of bare connections cannot hold every association slot.
         """
         st = self.state(event.assoc)
+        release_send_wakeup(event.assoc.dul)
         discarded = receive_file.discard_unclaimed(event.assoc.dul)
         if discarded:
             LOGGER.warning("association %s ended inside a data set: %d partial file(s) removed, nothing acknowledged",

@@ -28,6 +28,7 @@ it): :func:`install` leaves any other DUL class alone.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import struct
 from typing import Any
@@ -36,7 +37,7 @@ from pynetdicom import evt
 from pynetdicom.dul import DULServiceProvider
 
 from daemon.receive_file import ReceiveFile
-from daemon.socket_recv import MAX_PDU_LENGTH, read_exactly
+from daemon.socket_recv import MAX_PDU_LENGTH, PREALLOCATE_MAX, read_exactly_into
 
 LOGGER = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ _PDU_HEADER = struct.Struct(">BBL")
 _ITEM_LENGTH = struct.Struct(">L")
 #: Message control header bits (PS3.8 E.2): bit 0 set = command, bit 1 set = last fragment.
 _COMMAND_OR_LAST = 0b11
+#: At most this many PDUs per turn of the reactor (dcmtk's 128 KiB PDUs: 4 MiB) before it checks its timers.
+PDUS_PER_CALL = 32
+_TAKEN = object()
 
 
 def middle_dataset_fragments(items: memoryview) -> list[memoryview] | None:
@@ -70,41 +74,80 @@ def middle_dataset_fragments(items: memoryview) -> list[memoryview] | None:
 
 
 class FastPDataDUL(DULServiceProvider):
-    """pynetdicom's DUL, reading the middle P-DATA-TF PDUs of a streamed C-STORE data set itself."""
+    """pynetdicom's DUL, reading the middle P-DATA-TF PDUs of a streamed C-STORE data set itself.
+
+    One call of :meth:`_read_pdu_data` takes up to :data:`PDUS_PER_CALL` consecutive middle PDUs that have
+    already arrived, into one buffer reused for the whole association, before it gives the reactor its turn
+    again (to check its timers, the kill flag and what it has to send): the reactor's loop, a ``select`` and a
+    fresh buffer per PDU were a measurable part of the DUL thread's time for an 8 MB data set's 64 PDUs.
+    """
+
+    _pdu_buffer: bytearray | None = None
 
     def _read_pdu_data(self) -> None:
         target = self._streaming_target()
         if target is None:
             return super()._read_pdu_data()
+        taken = 0
+        while True:
+            outcome = self._take_middle_pdu(target)
+            if outcome is not _TAKEN:
+                return outcome() if callable(outcome) else None
+            taken += 1
+            if taken >= PDUS_PER_CALL or self._kill_thread or not self._more_waiting():
+                return None
+            if self._streaming_target() is not target:
+                return None
+
+    def _more_waiting(self) -> bool:
+        """True when the next PDU's bytes are already on the socket (the next read will not wait)."""
+        sock = self.socket.socket  # type: ignore[union-attr]
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return False  # the reactor finds out about the connection its own way
+        return bool(readable)
+
+    def _take_middle_pdu(self, target: ReceiveFile) -> Any:
+        """Read the next PDU if it is a P-DATA-TF and write it out if it holds only middle data-set fragments.
+
+        Returns ``_TAKEN`` for a PDU written to *target*; otherwise what is left to do: pynetdicom's own read of
+        a PDU this has not consumed (a callable), or None once the PDU or the connection was handled here.
+        """
         sock = self.socket.socket  # type: ignore[union-attr]
         try:
             header = sock.recv(_PDU_HEADER.size, socket.MSG_PEEK)
         except OSError:
-            return super()._read_pdu_data()  # it reports the broken connection its own way
+            return super()._read_pdu_data  # it reports the broken connection its own way
         if len(header) < _PDU_HEADER.size:
-            return super()._read_pdu_data()
+            return super()._read_pdu_data
         pdu_type, _, length = _PDU_HEADER.unpack(header)
         if pdu_type != P_DATA_TF or length > MAX_PDU_LENGTH:
-            return super()._read_pdu_data()
+            return super()._read_pdu_data
+        size = _PDU_HEADER.size + length
+        if self._pdu_buffer is None or len(self._pdu_buffer) < min(size, PREALLOCATE_MAX):
+            self._pdu_buffer = bytearray(min(size, PREALLOCATE_MAX))
         try:
-            pdu = read_exactly(sock, _PDU_HEADER.size + length)
+            got = read_exactly_into(sock, self._pdu_buffer, size)
         except OSError as exc:
             LOGGER.warning("connection closed in the middle of a P-DATA PDU: %s", exc)
             self.event_queue.put("Evt17")  # transport connection closed
             return None
-        if len(pdu) != _PDU_HEADER.size + length:
-            LOGGER.warning("connection closed in the middle of a P-DATA PDU (%d of %d bytes)", len(pdu),
-                           _PDU_HEADER.size + length)
+        if got != size:
+            LOGGER.warning("connection closed in the middle of a P-DATA PDU (%d of %d bytes)", got, size)
             self.event_queue.put("Evt17")
             return None
-        with memoryview(pdu) as view:
+        with memoryview(self._pdu_buffer) as whole, whole[:size] as view:
             fragments = middle_dataset_fragments(view[_PDU_HEADER.size:])
             if fragments is None:
-                return self._decode_as_pynetdicom(pdu)
+                self._decode_as_pynetdicom(bytes(view))  # a copy: the buffer is reused, pynetdicom keeps what it decodes
+                return None
             for fragment in fragments:
                 target.write(fragment)
+            for fragment in fragments:
+                fragment.release()
             fragments.clear()
-        return None
+        return _TAKEN
 
     def _streaming_target(self) -> ReceiveFile | None:
         """The spool file of the C-STORE being received, when the fast path may write to it; else None."""
@@ -123,7 +166,7 @@ class FastPDataDUL(DULServiceProvider):
             return None
         return target
 
-    def _decode_as_pynetdicom(self, pdu: bytearray) -> None:
+    def _decode_as_pynetdicom(self, pdu: bytes | bytearray) -> None:
         """What pynetdicom's ``_read_pdu_data`` does with a PDU it has read: decode it and queue its event."""
         try:
             decoded, event = self._decode_pdu(pdu)

@@ -22,7 +22,7 @@ from daemon.anatomy_tags import anatomy_from_tags
 from daemon.config import Config, Route
 from daemon.decode import DecodeError, read_display_image
 from daemon.results import (
-    ImageProbability, ModelProvenance, StudyResult, build_heatmap_sc, build_sr, is_own_output,
+    ImageProbability, MapPeak, ModelProvenance, StudyResult, build_heatmap_sc, build_sr, is_own_output,
 )
 from daemon.rules import RouteDecision, StudyFacts, decide_route, facts_from_dataset
 
@@ -199,7 +199,7 @@ class Analyser:
             if card.task == "abnormality":
                 image_probabilities += [
                     ImageProbability(str(ds.SOPClassUID), str(ds.SOPInstanceUID),
-                                     float(pred.outputs["abnormality_probability"]))
+                                     float(pred.outputs["abnormality_probability"]), map_peak=_map_peak(pred.outputs))
                     for ds, pred in zip(decoded, preds)
                 ]
             for i, pred in enumerate(preds):
@@ -228,6 +228,15 @@ def _not_processed_reason(decision: RouteDecision, route: Route | None, facts: S
     if not images:
         return "no image could be decoded: " + "; ".join(skipped)
     return None
+
+
+def _map_peak(outputs: dict[str, float | str]) -> MapPeak | None:
+    """The learnt map's peak of one image's prediction, if its model has such a map."""
+    try:
+        return MapPeak(column=float(outputs["localisation_peak_column"]), row=float(outputs["localisation_peak_row"]),
+                       probability=float(outputs["localisation_peak_probability"]))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _sex(ds: Dataset) -> str | None:

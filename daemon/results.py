@@ -17,6 +17,9 @@ abnormality decision           99BB ABN-DECISION                            SCT 
 fracture (fracture models)     SCT 125605004 "Fracture of bone"             SCT Present / Absent
 image abnormality probability  99BB ABN-PROB, one per image, with its        NUM, UCUM ``{probability}``
                                source image (SELECTED FROM)
+fracture map peak (one TID     SCOORD POINT on the source image, finding    NUM, UCUM ``{probability}``
+1410 group per image at or     type SCT "Fracture of bone", with 99BB
+above the threshold)           MAP-PEAK-PROB
 predicted sex                  99BB SEX-PRED                                SCT Male / Female
 predicted sex probability      99BB SEX-PROB                                NUM, ``{probability}``
 sex mismatch                   99BB SEX-MISMATCH                            SCT Yes / No
@@ -78,14 +81,18 @@ from highdicom.sr import (
     ComprehensiveSR,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
+    GraphicTypeValues,
+    ImageRegion,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     SourceImageForMeasurement,
     SourceImageForMeasurementGroup,
+    SourceImageForRegion,
     TextContentItem,
     TrackingIdentifier,
 )
@@ -105,6 +112,7 @@ __all__ = [
     "SR_SERIES_DESCRIPTION",
     "SR_SERIES_NUMBER",
     "PRIVATE_CREATOR",
+    "MapPeak",
     "ModelProvenance",
     "StudyResult",
     "build_heatmap_sc",
@@ -148,6 +156,7 @@ CODE_PREDICTED_SEX_PROBABILITY = _local("SEX-PROB", "Predicted sex probability")
 CODE_SEX_SOURCE = _local("SEX-SOURCE", "Sex source")
 CODE_SEX_MISMATCH = _local("SEX-MISMATCH", "Predicted sex differs from DICOM sex")
 CODE_ANATOMY = _local("ANATOMY", "Anatomy")
+CODE_MAP_PEAK_PROBABILITY = _local("MAP-PEAK-PROB", "Localisation map peak probability")
 CODE_ANATOMY_SOURCE = _local("ANATOMY-SOURCE", "Anatomy source")
 CODE_ANATOMY_PROBABILITY = _local("ANATOMY-PROB", "Anatomy probability")
 CODE_ANATOMY_MODEL_TOP1 = _local("ANATOMY-MODEL-1", "Anatomy model first choice")
@@ -237,13 +246,27 @@ class ModelProvenance:
     task: str
 
 
+@dataclass(frozen=True)
+class MapPeak:
+    """Where a learnt localisation map is highest on one image (SCOORD image coordinates) and its value there."""
+
+    column: float
+    row: float
+    probability: float
+
+
 @dataclass
 class ImageProbability:
-    """One source image's abnormality probability, reported in the SR with a reference to that image."""
+    """One source image's abnormality probability, reported in the SR with a reference to that image.
+
+    ``map_peak`` is the peak of the model's learnt map, when the model has one: for an image whose own
+    probability reaches the threshold the SR names it as an image region (a SCOORD point).
+    """
 
     sop_class_uid: str
     sop_instance_uid: str
     probability: float
+    map_peak: MapPeak | None = None
 
 
 @dataclass
@@ -508,6 +531,42 @@ def _library_entries(headers: list[Dataset]) -> list[Dataset]:
     return usable
 
 
+def _map_peak_groups(result: StudyResult, finding_site: CodedConcept | None) -> list[PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """One TID 1410 planar-ROI group per image the model calls fractured on its own: where its map points.
+
+    The region is a SCOORD POINT at the map's peak on the source image, the finding type SNOMED CT "Fracture of
+    bone" (or "Abnormal" for a model not trained on fractures), with the map's probability there. Images below
+    the threshold get none: a point on an image the model calls normal would only invite a search for nothing.
+    """
+    threshold = _as_float(result.findings.get("abnormality_threshold", 0.5))
+    threshold = 0.5 if threshold is None else threshold
+    fracture_model = "fracture" in result.findings
+    groups = []
+    for index, image in enumerate(result.image_probabilities, start=1):
+        peak = image.map_peak
+        if peak is None or image.probability < threshold:
+            continue
+        region = ImageRegion(
+            graphic_type=GraphicTypeValues.POINT,
+            graphic_data=np.array([[peak.column, peak.row]], dtype=float),
+            source_image=SourceImageForRegion(image.sop_class_uid, image.sop_instance_uid),
+        )
+        groups.append(PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(
+                uid=derive_uid(result.study_uid, result.route, image.sop_instance_uid, "map-peak"),
+                identifier=f"BoneBridge map peak, image {index}",
+            ),
+            referenced_region=region,
+            finding_type=CODE_FRACTURE if fracture_model else _DECISION_CODES["abnormal"],
+            finding_sites=[FindingSite(anatomic_location=finding_site)] if finding_site else None,
+            algorithm_id=_algorithm(_task_model(result, "abnormality_probability")),
+            measurements=[Measurement(name=CODE_MAP_PEAK_PROBABILITY, value=float(peak.probability),
+                                      unit=UNIT_PROBABILITY,
+                                      algorithm_id=_algorithm(_task_model(result, "abnormality_probability")))],
+        ))
+    return groups
+
+
 def build_sr(sources: list[Dataset], result: StudyResult) -> Dataset:
     """Build the study's TID 1500 Measurement Report (Comprehensive SR) in a new series of its study.
 
@@ -575,10 +634,11 @@ def build_sr(sources: list[Dataset], result: StudyResult) -> Dataset:
     # TID 1500 has no slot for these; Comprehensive SR allows TEXT/CODE items in the group container.
     group[0].ContentSequence.extend(extra + _context_items(result))
 
+    regions = [] if result.not_processed_reason is not None else _map_peak_groups(result, finding_site)
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=CODE_RADIOGRAPHY,
-        imaging_measurements=[group],
+        imaging_measurements=[group, *regions],
         referenced_images=_library_entries(headers) or None,
     )
 

@@ -30,6 +30,8 @@ from typing import Any
 
 from pynetdicom.transport import AssociationSocket
 
+from daemon.reactor_wakeup import SendWakeup, wake_dul_on_send
+
 #: The longest ``ready`` waits for data; the DUL reactor checks its queues and timers in between.
 WAIT_FOR_DATA_S = 0.001
 #: Bytes allocated ahead of their arrival (dcmtk sends 128 KiB PDUs, pynetdicom 16 KiB).
@@ -65,8 +67,34 @@ def read_exactly(sock: socket.socket, nr_bytes: int) -> bytearray:
     return buffer
 
 
+def read_exactly_into(sock: socket.socket, buffer: bytearray, nr_bytes: int) -> int:
+    """Read *nr_bytes* from *sock* into *buffer* (grown only with bytes that arrived); returns how many came.
+
+    Fewer than *nr_bytes* only if the peer closed the connection first. The buffer is the caller's to reuse, so a
+    stream of PDUs costs no allocation per PDU. Raises :class:`AbsurdPduLength` as :func:`read_exactly` does.
+    """
+    if nr_bytes > MAX_PDU_LENGTH:
+        raise AbsurdPduLength(f"peer announced a PDU of {nr_bytes} bytes (more than {MAX_PDU_LENGTH}): dropped")
+    received = 0
+    while received < nr_bytes:
+        if received == len(buffer):  # grow with what arrives, never ahead of it by more than the buffer itself
+            buffer.extend(bytes(min(len(buffer) or 1, nr_bytes - len(buffer))))
+        with memoryview(buffer) as view:
+            count = sock.recv_into(view[received:], min(len(buffer), nr_bytes) - received)
+        if not count:
+            break
+        received += count
+    return received
+
+
 class WakeOnDataSocket(AssociationSocket):
-    """An ``AssociationSocket`` that reads whole PDUs at once and wakes its reactor when data arrives."""
+    """An ``AssociationSocket`` that reads whole PDUs at once and wakes its reactor when data arrives.
+
+    With a :class:`~daemon.reactor_wakeup.SendWakeup` it also wakes when the DUL has something to send (a
+    C-STORE response), instead of finishing its wait for data the peer will not send before that response.
+    """
+
+    send_wakeup: SendWakeup | None = None
 
     @property
     def ready(self) -> bool:
@@ -76,12 +104,21 @@ class WakeOnDataSocket(AssociationSocket):
             return False
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True  # decrypted bytes already buffered, which select cannot see
+        wakeup = self.send_wakeup
+        wake_fd = wakeup.fd if wakeup is not None else None
         try:
-            readable, _, _ = select.select([sock], [], [], WAIT_FOR_DATA_S)
+            readable, _, _ = select.select([sock] if wake_fd is None else [sock, wake_fd], [], [], WAIT_FOR_DATA_S)
         except (OSError, TimeoutError, ValueError):
             self.event_queue.put("Evt17")  # transport connection closed
             return False
-        return bool(readable)
+        if wake_fd is not None and wake_fd in readable:
+            wakeup.drain()  # type: ignore[union-attr]
+        return sock in readable
+
+    def close(self) -> None:
+        super().close()
+        if self.send_wakeup is not None:
+            self.send_wakeup.close()
 
     def recv(self, nr_bytes: int) -> bytearray:
         assert self.socket is not None
@@ -94,4 +131,13 @@ def wake_on_data(dul: Any) -> None:
     if type(association_socket) is not AssociationSocket:
         return  # something else than what this was written for: leave it alone
     association_socket.__class__ = WakeOnDataSocket
+    association_socket.send_wakeup = wake_dul_on_send(dul)
     dul._run_loop_delay = 0
+
+
+def release_send_wakeup(dul: Any) -> None:
+    """Close the send wakeup of *dul*'s socket when its association ends (pynetdicom does not always close the
+    socket through ``close()``: a peer that drops the connection before the A-ASSOCIATE-AC is one such path)."""
+    wakeup = getattr(getattr(dul, "socket", None), "send_wakeup", None)
+    if wakeup is not None:
+        wakeup.close()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from models.checkpoint import ModelCard
+from models.checkpoint import ModelCard, read_card
 from models.data import read_rsna_boneage, split_of
 from models.preprocess import Augment, Geometry
 from models.train import Example, TaskSpec, TrainConfig, build_cache, predict_cache, train
@@ -100,7 +100,15 @@ def train_boneage(labels_csv: Path, out: Path, geometry: Geometry, cfg: TrainCon
         f"{Path(labels_csv).parent.name}: {len(splits['train'])} train / {len(splits['val'])} validation images "
         f"(sha256-of-id split; {len(splits['test'])} test images held out)"
     )
-    card = boneage_card(geometry, architecture, float(ages.mean()), float(ages.std()), note)
+    age_mean, age_std = float(ages.mean()), float(ages.std())
+    if cfg.init_weights:
+        # The source's heads regress in its own normalised months: keep its scaling so they start meaningful.
+        source_card = read_card(cfg.init_weights)
+        if source_card.task != "boneage":
+            raise ValueError(f"{cfg.init_weights}: a {source_card.task} checkpoint, not a boneage one")
+        age_mean, age_std = source_card.target_scaling["mean"], source_card.target_scaling["std"]
+        note += f"; initialised from {Path(cfg.init_weights).name} (sha256 {source_card.sha256[:12]})"
+    card = boneage_card(geometry, architecture, age_mean, age_std, note)
     spec = boneage_spec(card)
     unmasked_geometry = Geometry.from_dict({**geometry.to_dict(), "mask_labels": False})
     train_cache = build_cache(splits["train"], unmasked_geometry, cfg.progress)

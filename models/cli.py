@@ -38,8 +38,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--init-weights", type=Path,
-                   help="abnormality on FracAtlas: start from this trained checkpoint (same geometry) with a fresh "
-                        "optimiser and schedule, to continue a run that a CPU session had to stop")
+                   help="start from this trained checkpoint of the same task with a fresh optimiser and schedule: "
+                        "abnormality on FracAtlas continues a run (same geometry); boneage transfers a model trained at "
+                        "another geometry (e.g. the 100 px thumbnails' model) to this one")
     p.set_defaults(func=run_train)
 
 
@@ -47,8 +48,8 @@ def run_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     geometry = Geometry(size=args.size, aspect=args.aspect, mask_labels=args.mask_labels,
                         crop_to_body=args.crop_to_body)
-    if args.init_weights and args.task != "abnormality":
-        raise SystemExit("--init-weights is for abnormality on a FracAtlas folder only")
+    if args.init_weights and args.task not in ("abnormality", "boneage"):
+        raise SystemExit("--init-weights is for abnormality on a FracAtlas folder and for boneage only")
     mask_p = args.mask_probability if args.mask_probability is not None else (1.0 if args.mask_labels else 0.0)
     cfg = TrainConfig(
         out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,

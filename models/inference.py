@@ -182,6 +182,7 @@ class Predictor:
                 square = torch.nn.functional.interpolate(map_prob[i][None, None], size=(size, size), mode="bilinear",
                                                          align_corners=False)[0, 0].numpy()
                 heatmap = to_image(square, image, self.geometry, rescale=False)
+                outputs.update(map_peak_location(heatmap))
             results.append(ImagePrediction(outputs, heatmap))
         return results
 
@@ -245,6 +246,16 @@ class Predictor:
                 outputs.append(out)
             return outputs
         raise ValueError(f"no inference for task {self.task!r}")
+
+
+def map_peak_location(heatmap: np.ndarray) -> dict[str, float]:
+    """Where a learnt map is highest, in the source image's pixels: the centre of its brightest pixel.
+
+    Given as DICOM SCOORD image coordinates (column, row, with (0, 0) the top left corner of the top left pixel,
+    so a pixel's centre is at +0.5), which is how the SR names the region the map points at.
+    """
+    row, col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    return {"localisation_peak_column": float(col) + 0.5, "localisation_peak_row": float(row) + 0.5}
 
 
 def load_predictor(weights: str | Path, device: str | None = None, mask_labels: bool | None = None,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.checkpoint import ModelCard, build_network, code_version, save_checkpoint
+from models.checkpoint import ModelCard, build_network, code_version, load_checkpoint, save_checkpoint
 from models.preprocess import Augment, Geometry, load_image, normalise, to_unit_square
 
 LOGGER = logging.getLogger(__name__)
@@ -168,7 +168,11 @@ def train(
     y_val = torch.tensor([e.target for e in val_examples], dtype=torch.float32)
     s_val = torch.tensor([e.male for e in val_examples], dtype=torch.float32)
 
-    model = build_network(spec.card, pretrained=True).to(device).to(memory_format=torch.channels_last)
+    model = build_network(spec.card, pretrained=True)
+    if cfg.init_weights:
+        model.load_state_dict(load_checkpoint(cfg.init_weights)[0].state_dict())
+        LOGGER.info("initialised from %s", cfg.init_weights)
+    model = model.to(device).to(memory_format=torch.channels_last)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     if cfg.max_steps_per_epoch:
@@ -225,6 +229,7 @@ def train(
                         "epochs_run": epoch + 1, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
                         "train_images": len(train_examples), "mask_probability": cfg.mask_probability,
                         "device": device.type,
+                        "initialised_from": str(cfg.init_weights) if cfg.init_weights else "ImageNet",
                     },
                     "code_version": code_version(),
                     "trained": True,

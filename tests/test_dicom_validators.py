@@ -22,7 +22,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from daemon.results import ImageProbability, StudyResult, build_heatmap_sc, build_sr
+from daemon.results import ImageProbability, MapPeak, StudyResult, build_heatmap_sc, build_sr
 from tests.dicom_factory import make_study
 from tests.test_results import MODELS
 
@@ -59,7 +59,9 @@ def _result(sources: list[pydicom.Dataset], anatomy: str) -> StudyResult:
         findings={"abnormality_probability": 0.71, "abnormality_decision": "abnormal", "abnormality_threshold": 0.4,
                   "fracture": "present"},
         models=MODELS[:1],
-        image_probabilities=[ImageProbability(str(s.SOPClassUID), str(s.SOPInstanceUID), 0.71) for s in sources],
+        image_probabilities=[ImageProbability(str(s.SOPClassUID), str(s.SOPInstanceUID), 0.71,
+                                              map_peak=MapPeak(column=10.5, row=20.5, probability=0.83))
+                             for s in sources],
         anatomy_evidence={"model_top1": f"{anatomy} 0.93", "decided_by": "model", "disagreement": "no"},
     )
 

@@ -213,3 +213,34 @@ def test_a_stopped_run_resumes_where_it_stopped(rsna: Path, tmp_path: Path, monk
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert evaluated["n"] == 1  # only epoch 3 was trained and validated in the resumed run
     assert history[:2] == interrupted
+
+
+def test_init_weights_transfers_a_trained_model_to_another_geometry(boneage_model: tuple[Path, dict], rsna: Path,
+                                                                     tmp_path: Path) -> None:
+    """``--init-weights`` for bone age: a model trained at one input size starts another at a new size (its heads
+    keep their age scaling), so its first epoch is already far better than a start from scratch."""
+    source, _ = boneage_model
+    source_card = read_card(source)
+    results = {}
+    for name, init in (("scratch", None), ("transferred", source)):
+        out = tmp_path / f"{name}.pt"
+        cfg = TrainConfig(out=out, epochs=1, batch_size=32, lr=1e-4, resume=False, progress=False, init_weights=init)
+        _, best = train_boneage(rsna / "labels.csv", out, Geometry(size=56), cfg, "tiny_cnn")
+        results[name] = best["mae_months"]
+    card = read_card(tmp_path / "transferred.pt")
+    assert card.target_scaling == source_card.target_scaling
+    assert source.name in card.training_data and card.training["initialised_from"] == str(source)
+    assert results["transferred"] < 0.7 * results["scratch"], results
+
+
+def test_init_weights_refuses_a_checkpoint_of_another_task(rsna: Path, tmp_path: Path) -> None:
+    from models.checkpoint import ModelCard, save_checkpoint
+    from models.networks import ClassifierNet
+
+    other = tmp_path / "sex.pt"
+    save_checkpoint(ClassifierNet("tiny_cnn", 1), ModelCard(task="sex", name="s", version="1", architecture="tiny_cnn",
+                                                             input_size=32, normalisation={"mean": [0.5] * 3, "std": [0.25] * 3},
+                                                             trained=True), other)
+    cfg = TrainConfig(out=tmp_path / "x.pt", epochs=1, batch_size=32, resume=False, progress=False, init_weights=other)
+    with pytest.raises(ValueError, match="not a boneage one"):
+        train_boneage(rsna / "labels.csv", tmp_path / "x.pt", Geometry(size=32), cfg, "tiny_cnn")

@@ -123,3 +123,59 @@ def test_storescu_data_sets_arrive_whole_through_the_fast_path(tmp_path: Path, m
         stored = pydicom.dcmread(spool.instance_path(original.StudyInstanceUID, original.SOPInstanceUID))
         assert stored == original
         assert stored.PixelData == original.PixelData
+
+
+def _p_data_pdu(data: bytes, control: int) -> bytes:
+    item = pdv(data, control)
+    return struct.pack(">BBL", 0x04, 0, len(item)) + item
+
+
+def _socket_dul(tmp_path: Path) -> tuple[Any, socket.socket, ReceiveFile]:
+    """A FastPDataDUL on one end of a real socket pair, streaming into a real ReceiveFile (no association)."""
+    from daemon.receive_file import ReceiveTarget
+
+    ours, theirs = socket.socketpair()
+    target = ReceiveFile(ReceiveTarget(tmp_path))
+    dul = FastPDataDUL.__new__(FastPDataDUL)
+    dul.socket = SimpleNamespace(socket=ours)
+    dul.event_queue = queue.Queue()
+    dul._recv_pdu = queue.Queue()
+    dul._kill_thread = False
+    dul._assoc = SimpleNamespace(get_handlers=lambda event: [])  # no EVT_DATA_RECV / EVT_PDU_RECV handlers
+    dul._streaming_target = lambda: target
+    return dul, theirs, target
+
+
+def test_one_turn_takes_the_pdus_already_waiting_up_to_its_limit(tmp_path: Path) -> None:
+    """Consecutive middle PDUs are written in one turn of the reactor, at most PDUS_PER_CALL of them; the last
+    fragment still goes to pynetdicom's decoder, as an event and a decoded PDU, after the ones before it."""
+    dul, peer, target = _socket_dul(tmp_path)
+    limit = pdata_fast_path.PDUS_PER_CALL
+    middles = [bytes([i]) * 1000 for i in range(limit + 8)]
+    try:
+        peer.sendall(b"".join(_p_data_pdu(m, 0b00) for m in middles) + _p_data_pdu(b"end", 0b10))
+        dul._read_pdu_data()
+        assert Path(target.name).stat().st_size == limit * 1000 and dul.event_queue.empty()
+        dul._read_pdu_data()  # the other 8, then the last fragment is pynetdicom's
+        assert Path(target.name).read_bytes() == b"".join(middles)
+        assert dul.event_queue.get_nowait() == "Evt10"
+        decoded = dul._recv_pdu.get_nowait()
+        assert [bytes(v.presentation_data_value)[1:] for v in decoded.presentation_data_value_items] == [b"end"]
+    finally:
+        peer.close()
+        dul.socket.socket.close()
+        target.close()
+
+
+def test_a_turn_ends_when_nothing_more_has_arrived(tmp_path: Path) -> None:
+    dul, peer, target = _socket_dul(tmp_path)
+    try:
+        peer.sendall(_p_data_pdu(b"a" * 500, 0b00))
+        dul._read_pdu_data()  # returns instead of waiting for a PDU that has not come
+        peer.sendall(_p_data_pdu(b"b" * 500, 0b00))
+        dul._read_pdu_data()
+        assert Path(target.name).read_bytes() == b"a" * 500 + b"b" * 500
+    finally:
+        peer.close()
+        dul.socket.socket.close()
+        target.close()

@@ -462,6 +462,42 @@ def test_fracture_sr_codes_the_finding_and_each_image(tmp_path: Path, sources: l
         assert 'CODE:(,,"Fracture of bone")=(52101004,SCT,"Present")' in run.stdout
 
 
+def test_fracture_sr_names_the_map_peak_of_each_positive_image(tmp_path: Path, sources: list[Dataset],
+                                                                findings: StudyResult) -> None:
+    """Each image at or above the threshold gets a TID 1410 group: a SCOORD POINT at its map's peak on that image,
+    finding type "Fracture of bone", the map's probability there; an image below the threshold gets none."""
+    from dataclasses import replace
+
+    from daemon.results import ImageProbability, MapPeak
+
+    peaks = [MapPeak(column=12.5, row=30.5, probability=0.81), MapPeak(column=3.5, row=4.5, probability=0.2)]
+    per_image = [ImageProbability(str(ds.SOPClassUID), str(ds.SOPInstanceUID), p, map_peak=peak)
+                 for ds, p, peak in zip(sources, (0.9, 0.1), peaks)]
+    result = replace(findings, findings={**findings.findings, "fracture": "present", "abnormality_threshold": 0.4},
+                     image_probabilities=per_image)
+    sr = _read_sr(build_sr(sources, result))
+    regions = sr.content.get_planar_roi_measurement_groups()
+    assert len(regions) == 1
+    region = regions[0].roi
+    assert region.graphic_type.value == "POINT"
+    np.testing.assert_allclose(region.value, [[12.5, 30.5]])
+    (image,) = [item for item in region.ContentSequence if item.ValueType == "IMAGE"]
+    assert str(image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) == str(sources[0].SOPInstanceUID)
+    assert _code_value(regions[0].finding_type) == ("125605004", "SCT")
+    (peak_probability,) = regions[0].get_measurements()
+    assert peak_probability.value == pytest.approx(0.81)
+    assert len(sr.content.get_image_measurement_groups()) == 1  # the study's own group is unchanged
+
+    below = replace(result, image_probabilities=[replace(i, probability=0.1) for i in per_image])
+    assert _read_sr(build_sr(sources, below)).content.get_planar_roi_measurement_groups() == []
+    if shutil.which("dsrdump") is not None:
+        path = tmp_path / "peak-sr.dcm"
+        build_sr(sources, result).save_as(path, enforce_file_format=True)
+        run = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0 and "W:" not in run.stderr and "E:" not in run.stderr, run.stderr
+        assert "=(POINT,12.5/30.5)>" in run.stdout, run.stdout
+
+
 def test_heatmap_caption_says_the_finding_in_words(sources: list[Dataset], findings: StudyResult) -> None:
     from dataclasses import replace
 

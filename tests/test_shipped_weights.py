@@ -74,6 +74,10 @@ def test_shipped_fracture_model_gives_its_map_on_a_real_cr() -> None:
     assert 0.0 <= pred.outputs["abnormality_probability"] <= 1.0
     assert pred.heatmap is not None and pred.heatmap.shape == image.shape
     assert float(pred.heatmap.max()) <= pred.outputs["localisation_peak_probability"] + 1e-3
+    # where the SR's SCOORD point goes: the centre of the heatmap's brightest pixel, in the image's own pixels
+    column, row = pred.outputs["localisation_peak_column"], pred.outputs["localisation_peak_row"]
+    assert pred.heatmap[int(row), int(column)] == pred.heatmap.max()
+    assert column % 1 == 0.5 and row % 1 == 0.5
 
 
 def test_shipped_fracture_model_on_held_out_fracatlas(shared_data: Path) -> None:
