@@ -285,7 +285,8 @@ class _Handlers:
         of bare connections cannot hold every association slot.
         """
         st = self.state(event.assoc)
-        release_send_wakeup(event.assoc.dul)
+        if event.event == evt.EVT_CONN_CLOSE:  # the DUL's thread, done with the socket and its wakeup
+            release_send_wakeup(event.assoc.dul)
         discarded = receive_file.discard_unclaimed(event.assoc.dul)
         if discarded:
             LOGGER.warning("association %s ended inside a data set: %d partial file(s) removed, nothing acknowledged",

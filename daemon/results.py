@@ -685,10 +685,14 @@ def heatmap_caption(result: StudyResult, source: Dataset) -> list[str]:
         months = float(findings["bone_age_months"])
         line = f"Bone age {_years_months(months)} ({months:.0f} months)"
         if "predicted_sex" in findings:
-            source_of_sex = "from DICOM PatientSex" if findings.get("sex_source") == "dicom" else "predicted by the model"
-            line += f"; sex {findings['predicted_sex']} ({source_of_sex})"
-            if str(findings.get("sex_mismatch", "no")) == "yes":
-                line += "; the model's sex contradicts the DICOM header"
+            # The sex the age was computed for: the header's when it has one, else the model's guess.
+            header_sex = str(getattr(source, "PatientSex", "") or "").strip().upper()
+            if findings.get("sex_source") == "dicom" and header_sex in ("M", "F"):
+                line += f"; sex {header_sex} (from DICOM PatientSex)"
+                if str(findings.get("sex_mismatch", "no")) == "yes":
+                    line += f"; the model reads {findings['predicted_sex']}, contradicting the header"
+            else:
+                line += f"; sex {findings['predicted_sex']} (predicted by the model)"
         lines.append(line)
     if "abnormality_probability" in findings:
         threshold = float(findings.get("abnormality_threshold", 0.5))

@@ -45,23 +45,13 @@ class AbsurdPduLength(ConnectionError):
 
 
 def read_exactly(sock: socket.socket, nr_bytes: int) -> bytearray:
-    """Read *nr_bytes* from *sock* into one buffer; fewer only if the peer closed the connection first.
+    """Read *nr_bytes* from *sock* into one new buffer; fewer only if the peer closed the connection first.
 
     Raises :class:`AbsurdPduLength` (an ``OSError``, which pynetdicom treats as a closed connection) for a length
     over :data:`MAX_PDU_LENGTH`.
     """
-    if nr_bytes > MAX_PDU_LENGTH:
-        raise AbsurdPduLength(f"peer announced a PDU of {nr_bytes} bytes (more than {MAX_PDU_LENGTH}): dropped")
-    buffer = bytearray(min(nr_bytes, PREALLOCATE_MAX))
-    received = 0
-    while received < nr_bytes:
-        if received == len(buffer):  # grow with what arrives, never ahead of it by more than the buffer itself
-            buffer.extend(bytes(min(len(buffer), nr_bytes - len(buffer))))
-        with memoryview(buffer) as view:
-            count = sock.recv_into(view[received:], len(buffer) - received)
-        if not count:
-            break
-        received += count
+    buffer = bytearray(min(nr_bytes, PREALLOCATE_MAX)) if nr_bytes <= MAX_PDU_LENGTH else bytearray()
+    received = read_exactly_into(sock, buffer, nr_bytes)
     if received < len(buffer):
         del buffer[received:]
     return buffer
@@ -109,8 +99,16 @@ class WakeOnDataSocket(AssociationSocket):
         try:
             readable, _, _ = select.select([sock] if wake_fd is None else [sock, wake_fd], [], [], WAIT_FOR_DATA_S)
         except (OSError, TimeoutError, ValueError):
-            self.event_queue.put("Evt17")  # transport connection closed
-            return False
+            if wake_fd is None:
+                self.event_queue.put("Evt17")  # transport connection closed
+                return False
+            # The wakeup may have been closed as the association ended: only a failing socket means closed.
+            wake_fd = None
+            try:
+                readable, _, _ = select.select([sock], [], [], 0)
+            except (OSError, TimeoutError, ValueError):
+                self.event_queue.put("Evt17")  # transport connection closed
+                return False
         if wake_fd is not None and wake_fd in readable:
             wakeup.drain()  # type: ignore[union-attr]
         return sock in readable
@@ -136,8 +134,12 @@ def wake_on_data(dul: Any) -> None:
 
 
 def release_send_wakeup(dul: Any) -> None:
-    """Close the send wakeup of *dul*'s socket when its association ends (pynetdicom does not always close the
-    socket through ``close()``: a peer that drops the connection before the A-ASSOCIATE-AC is one such path)."""
+    """Close the send wakeup of *dul*'s socket when its connection is closed (pynetdicom does not always close the
+    socket through ``close()``: a peer that drops the connection before the A-ASSOCIATE-AC is one such path).
+
+    Call it from the DUL's own thread (``EVT_CONN_CLOSE``): at ``EVT_RELEASED`` the DUL still has the A-RELEASE
+    response to send and may be waiting on the wakeup.
+    """
     wakeup = getattr(getattr(dul, "socket", None), "send_wakeup", None)
     if wakeup is not None:
         wakeup.close()

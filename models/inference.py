@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.cam import grad_cam, to_image
+from models.cam import boneage_grad_cam, grad_cam, to_image
 from models.checkpoint import ModelCard, load_checkpoint
 from models.networks import fold_for_inference
 from models.preprocess import Geometry, to_model_input
@@ -144,17 +144,20 @@ class Predictor:
         x = to_model_input(images, self.geometry).to(self.device).contiguous(memory_format=torch.channels_last)
         if self.card.localisation_head:
             return self._fracture(x, images, with_heatmaps, tta)
-        male_used = direction = None
+        male_used = direction = feature_map = None
         with torch.no_grad():
             if self.task == "boneage":
-                outputs, male_used, direction = self._boneage(x, sexes, tta)
+                outputs, male_used, direction, feature_map = self._boneage(x, sexes, tta)
             else:
                 logits = torch.stack([self.model(v).float() for v in self._views(x, tta)]).mean(0).cpu()
                 outputs = self._classifier(logits)
                 direction = logits[:, 0]
         heatmaps: list[np.ndarray | None] = [None] * len(images)
         if with_heatmaps:
-            squares = grad_cam(self.model, x, self.task, male_used, direction)
+            if feature_map is not None:  # bone age: Grad-CAM from the pass already made
+                squares = boneage_grad_cam(self.model, feature_map, male_used, direction, tuple(x.shape[-2:]))
+            else:
+                squares = grad_cam(self.model, x, self.task, male_used, direction)
             heatmaps = [to_image(sq, img, self.geometry) for sq, img in zip(squares, images)]
         return [ImagePrediction(out, hm) for out, hm in zip(outputs, heatmaps)]
 
@@ -187,22 +190,22 @@ class Predictor:
         return results
 
     def _boneage(self, x: torch.Tensor, sexes: list[str | None],
-                 tta: bool) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+                 tta: bool) -> tuple[list[dict], torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sex head first; the age head then gets PatientSex where the header has it, else the predicted sex.
 
-        Returns the outputs, the sex input the age head used, and the normalised age (for Grad-CAM's direction).
+        The backbone runs once per view; both heads read its pooled features. Returns the outputs, the sex input
+        the age head used, the normalised age (for Grad-CAM's direction) and the first view's last feature map
+        (for Grad-CAM itself).
         """
         views = self._views(x, tta)
-        first = [self.model(v) for v in views]
-        sex_logit = torch.stack([f[1].float() for f in first]).mean(0)
+        feature_maps = [self.model.features(v) for v in views]
+        pooled = [self.model.pool(f).flatten(1) for f in feature_maps]
+        sex_logit = torch.stack([self.model.sex_head(p).squeeze(1).float() for p in pooled]).mean(0)
         predicted_male = (sex_logit > 0).float()
         has_sex = torch.tensor([s is not None for s in sexes], device=x.device)
         given_male = torch.tensor([1.0 if s == "M" else 0.0 for s in sexes], device=x.device)
         male_used = torch.where(has_sex, given_male, predicted_male)
-        if torch.equal(male_used, predicted_male):
-            age = torch.stack([f[0].float() for f in first]).mean(0)
-        else:
-            age = torch.stack([self.model(v, male_used)[0].float() for v in views]).mean(0)
+        age = torch.stack([self.model.heads(p, male_used)[0].float() for p in pooled]).mean(0)
         scaling = self.card.target_scaling
         months = (age * scaling.get("std", 1.0) + scaling.get("mean", 0.0)).clamp(0.0, MAX_AGE_MONTHS).cpu()
         p_male = torch.sigmoid(sex_logit).cpu()
@@ -220,7 +223,7 @@ class Predictor:
                 "sex_source": "dicom" if given is not None else "model",
                 "sex_mismatch": "yes" if confident_other else "no",
             })
-        return outputs, male_used, age.cpu()
+        return outputs, male_used, age.cpu(), feature_maps[0]
 
     def _classifier(self, logits: torch.Tensor) -> list[dict]:
         if self.task == "abnormality":

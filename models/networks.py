@@ -210,7 +210,10 @@ class BoneAgeSexNet(nn.Module):
 
     def forward(self, x: torch.Tensor, male: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (age in normalised units, sex logit). ``male`` is 0/1 per image; None uses the sex head's guess."""
-        pooled = self.pool(self.features(x)).flatten(1)
+        return self.heads(self.pool(self.features(x)).flatten(1), male)
+
+    def heads(self, pooled: torch.Tensor, male: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both heads on the pooled features: inference runs the backbone once and the age head with either sex."""
         sex_logit = self.sex_head(pooled).squeeze(1)
         if male is None:
             male = (sex_logit > 0).float()

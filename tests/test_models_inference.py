@@ -231,3 +231,23 @@ def test_render_overlay_shape_colour_and_scale_bar() -> None:
     bar = out[:, -2].astype(int)
     assert bar[0, 0] > bar[0, 2] and bar[-1, 2] > bar[-1, 0]  # red at the top, blue at the bottom
     assert render_overlay((image * 255).astype(np.uint8), heat).shape == out.shape
+
+
+@pytest.mark.parametrize("architecture", ["tiny_cnn", "efficientnet_lite0"])
+def test_single_pass_boneage_grad_cam_equals_the_librarys(architecture: str) -> None:
+    """Grad-CAM of the age from the feature map inference already has equals pytorch-grad-cam's own GradCAM (a
+    second forward and backward pass), for older- and younger-than-average predictions and either sex input."""
+    from models.cam import boneage_grad_cam, grad_cam
+    from models.networks import BoneAgeSexNet
+
+    torch.manual_seed(0)
+    model = BoneAgeSexNet(architecture, pretrained=False).eval()
+    x = torch.randn(4, 3, 96, 96)
+    male = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    with torch.no_grad():
+        feature_map = model.features(x)
+    direction = torch.tensor([1.0, -1.0, 1.0, -1.0])  # explained as older / younger than average
+    fast = boneage_grad_cam(model, feature_map, male, direction, (96, 96))
+    library = grad_cam(model, x, "boneage", male, direction)
+    assert fast.shape == library.shape == (4, 96, 96)
+    np.testing.assert_allclose(fast, library, atol=1e-4)

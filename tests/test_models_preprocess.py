@@ -28,6 +28,19 @@ def test_marker_is_masked_and_bone_is_left_alone() -> None:
     assert np.array_equal(out[40:190, 50:120], img[40:190, 50:120])
 
 
+def test_a_detector_sized_image_is_masked_like_its_small_copy() -> None:
+    """Over MASK_WORKING_SIDE the labels are found on a block-averaged copy: a 2400 px radiograph (the marker image
+    scaled up 12 times) loses its letter and keeps its bone."""
+    from models.preprocess import MASK_WORKING_SIDE
+
+    small = radiograph_with_marker()
+    big = np.kron(small, np.ones((12, 12), dtype=np.float32))
+    assert max(big.shape) > 2 * MASK_WORKING_SIDE
+    out = mask_burned_in_labels(big)
+    assert out[14 * 12:36 * 12, 14 * 12:18 * 12].max() < 0.5          # the letter is gone
+    assert np.array_equal(out[40 * 12:190 * 12, 50 * 12:120 * 12], big[40 * 12:190 * 12, 50 * 12:120 * 12])
+
+
 def test_image_without_markers_is_unchanged() -> None:
     img = radiograph_with_marker()
     img[10:40, 10:35] = 0.08

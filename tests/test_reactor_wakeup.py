@@ -104,3 +104,24 @@ def test_the_dul_stops_waiting_for_data_when_it_has_something_to_send(monkeypatc
         peer.close()
         wrapped.socket.close()
     assert wrapped.send_wakeup is not None and wrapped.send_wakeup.fd is None
+
+
+def test_a_wakeup_closed_under_the_dul_is_not_a_closed_connection() -> None:
+    """If the wakeup's descriptor is gone while the DUL selects on it (the association ended in another thread),
+    the DUL must not report the transport closed: it still has the A-RELEASE response to send."""
+    import os
+
+    dul, peer, wrapped = _dul_with_socket()
+    try:
+        stale = os.eventfd(0)
+        os.close(stale)  # a descriptor number that is no longer open, as a racing close leaves it
+        wrapped.send_wakeup.close()
+        wrapped.send_wakeup.fd = stale
+        assert wrapped.ready is False
+        assert dul.event_queue.empty()
+        peer.sendall(b"x")
+        assert wrapped.ready is True
+    finally:
+        wrapped.send_wakeup.fd = None
+        peer.close()
+        wrapped.socket.close()

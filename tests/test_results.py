@@ -504,7 +504,16 @@ def test_heatmap_caption_says_the_finding_in_words(sources: list[Dataset], findi
     from daemon.results import ImageProbability, heatmap_caption
 
     lines = heatmap_caption(findings, sources[0])
-    assert lines[0] == "Bone age 10 y 3 mo (123 months); sex F (predicted by the model); the model's sex contradicts the DICOM header"
+    assert lines[0] == "Bone age 10 y 3 mo (123 months); sex F (predicted by the model)"
+    # The header gave the sex: the caption names it (the age was computed for it), and the model's contradiction.
+    from_header = replace(findings, findings={**findings.findings, "sex_source": "dicom", "predicted_sex": "F",
+                                              "sex_mismatch": "yes"})
+    male = sources[0].copy()
+    male.PatientSex = "M"
+    assert heatmap_caption(from_header, male)[0] == (
+        "Bone age 10 y 3 mo (123 months); sex M (from DICOM PatientSex); the model reads F, contradicting the header")
+    agreeing = replace(from_header, findings={**from_header.findings, "predicted_sex": "M", "sex_mismatch": "no"})
+    assert heatmap_caption(agreeing, male)[0] == "Bone age 10 y 3 mo (123 months); sex M (from DICOM PatientSex)"
     assert lines[1].startswith("Abnormality probability 0.81 (study) - ABNORMAL at threshold 0.50")
     assert lines[2] == "Anatomy: hand 0.97 (model)"
     assert "mura-densenet169 1.2.0" in lines[3] and "anatomy-effnet" not in lines[3]
