@@ -31,7 +31,7 @@ import logging
 import select
 import socket
 import struct
-from typing import Any
+from typing import Any, Literal
 
 from pynetdicom import evt
 from pynetdicom.dul import DULServiceProvider
@@ -48,7 +48,8 @@ _ITEM_LENGTH = struct.Struct(">L")
 _COMMAND_OR_LAST = 0b11
 #: At most this many PDUs per turn of the reactor (dcmtk's 128 KiB PDUs: 4 MiB) before it checks its timers.
 PDUS_PER_CALL = 32
-_TAKEN = object()
+#: What :meth:`FastPDataDUL._take_middle_pdu` did with the next PDU.
+Outcome = Literal["taken", "not-read", "handled"]
 
 
 def middle_dataset_fragments(items: memoryview) -> list[memoryview] | None:
@@ -91,8 +92,10 @@ class FastPDataDUL(DULServiceProvider):
         taken = 0
         while True:
             outcome = self._take_middle_pdu(target)
-            if outcome is not _TAKEN:
-                return outcome() if callable(outcome) else None
+            if outcome == "not-read":
+                return super()._read_pdu_data()
+            if outcome == "handled":
+                return None
             taken += 1
             if taken >= PDUS_PER_CALL or self._kill_thread or not self._more_waiting():
                 return None
@@ -108,22 +111,22 @@ class FastPDataDUL(DULServiceProvider):
             return False  # the reactor finds out about the connection its own way
         return bool(readable)
 
-    def _take_middle_pdu(self, target: ReceiveFile) -> Any:
+    def _take_middle_pdu(self, target: ReceiveFile) -> Outcome:
         """Read the next PDU if it is a P-DATA-TF and write it out if it holds only middle data-set fragments.
 
-        Returns ``_TAKEN`` for a PDU written to *target*; otherwise what is left to do: pynetdicom's own read of
-        a PDU this has not consumed (a callable), or None once the PDU or the connection was handled here.
+        ``taken``: written to *target*; ``not-read``: nothing consumed, pynetdicom's own read is to run;
+        ``handled``: the PDU went to pynetdicom's decoder, or the connection's end was reported.
         """
         sock = self.socket.socket  # type: ignore[union-attr]
         try:
             header = sock.recv(_PDU_HEADER.size, socket.MSG_PEEK)
         except OSError:
-            return super()._read_pdu_data  # it reports the broken connection its own way
+            return "not-read"  # pynetdicom reports the broken connection its own way
         if len(header) < _PDU_HEADER.size:
-            return super()._read_pdu_data
+            return "not-read"
         pdu_type, _, length = _PDU_HEADER.unpack(header)
         if pdu_type != P_DATA_TF or length > MAX_PDU_LENGTH:
-            return super()._read_pdu_data
+            return "not-read"
         size = _PDU_HEADER.size + length
         if self._pdu_buffer is None or len(self._pdu_buffer) < min(size, PREALLOCATE_MAX):
             self._pdu_buffer = bytearray(min(size, PREALLOCATE_MAX))
@@ -132,22 +135,22 @@ class FastPDataDUL(DULServiceProvider):
         except OSError as exc:
             LOGGER.warning("connection closed in the middle of a P-DATA PDU: %s", exc)
             self.event_queue.put("Evt17")  # transport connection closed
-            return None
+            return "handled"
         if got != size:
             LOGGER.warning("connection closed in the middle of a P-DATA PDU (%d of %d bytes)", got, size)
             self.event_queue.put("Evt17")
-            return None
+            return "handled"
         with memoryview(self._pdu_buffer) as whole, whole[:size] as view:
             fragments = middle_dataset_fragments(view[_PDU_HEADER.size:])
             if fragments is None:
                 self._decode_as_pynetdicom(bytes(view))  # a copy: the buffer is reused, pynetdicom keeps what it decodes
-                return None
+                return "handled"
             for fragment in fragments:
                 target.write(fragment)
             for fragment in fragments:
                 fragment.release()
             fragments.clear()
-        return _TAKEN
+        return "taken"
 
     def _streaming_target(self) -> ReceiveFile | None:
         """The spool file of the C-STORE being received, when the fast path may write to it; else None."""

@@ -541,6 +541,7 @@ def _map_peak_groups(result: StudyResult, finding_site: CodedConcept | None) -> 
     threshold = _as_float(result.findings.get("abnormality_threshold", 0.5))
     threshold = 0.5 if threshold is None else threshold
     fracture_model = "fracture" in result.findings
+    algorithm = _algorithm(_task_model(result, "abnormality_probability"))
     groups = []
     for index, image in enumerate(result.image_probabilities, start=1):
         peak = image.map_peak
@@ -559,10 +560,9 @@ def _map_peak_groups(result: StudyResult, finding_site: CodedConcept | None) -> 
             referenced_region=region,
             finding_type=CODE_FRACTURE if fracture_model else _DECISION_CODES["abnormal"],
             finding_sites=[FindingSite(anatomic_location=finding_site)] if finding_site else None,
-            algorithm_id=_algorithm(_task_model(result, "abnormality_probability")),
+            algorithm_id=algorithm,
             measurements=[Measurement(name=CODE_MAP_PEAK_PROBABILITY, value=float(peak.probability),
-                                      unit=UNIT_PROBABILITY,
-                                      algorithm_id=_algorithm(_task_model(result, "abnormality_probability")))],
+                                      unit=UNIT_PROBABILITY, algorithm_id=algorithm)],
         ))
     return groups
 

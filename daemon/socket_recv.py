@@ -50,7 +50,7 @@ def read_exactly(sock: socket.socket, nr_bytes: int) -> bytearray:
     Raises :class:`AbsurdPduLength` (an ``OSError``, which pynetdicom treats as a closed connection) for a length
     over :data:`MAX_PDU_LENGTH`.
     """
-    buffer = bytearray(min(nr_bytes, PREALLOCATE_MAX)) if nr_bytes <= MAX_PDU_LENGTH else bytearray()
+    buffer = bytearray(min(nr_bytes, PREALLOCATE_MAX))
     received = read_exactly_into(sock, buffer, nr_bytes)
     if received < len(buffer):
         del buffer[received:]
@@ -77,6 +77,20 @@ def read_exactly_into(sock: socket.socket, buffer: bytearray, nr_bytes: int) -> 
     return received
 
 
+def _wait_readable(sock: Any, wake_fd: int | None) -> list[Any]:
+    """What of *sock* and *wake_fd* becomes readable within :data:`WAIT_FOR_DATA_S` (raises if the socket fails).
+
+    A failing *wake_fd* is not a failing connection: the wakeup may have been closed as the association ended,
+    so the socket alone is then looked at once more, without waiting.
+    """
+    if wake_fd is not None:
+        try:
+            return select.select([sock, wake_fd], [], [], WAIT_FOR_DATA_S)[0]
+        except (OSError, ValueError):
+            return select.select([sock], [], [], 0)[0]
+    return select.select([sock], [], [], WAIT_FOR_DATA_S)[0]
+
+
 class WakeOnDataSocket(AssociationSocket):
     """An ``AssociationSocket`` that reads whole PDUs at once and wakes its reactor when data arrives.
 
@@ -97,20 +111,12 @@ class WakeOnDataSocket(AssociationSocket):
         wakeup = self.send_wakeup
         wake_fd = wakeup.fd if wakeup is not None else None
         try:
-            readable, _, _ = select.select([sock] if wake_fd is None else [sock, wake_fd], [], [], WAIT_FOR_DATA_S)
+            readable = _wait_readable(sock, wake_fd)
         except (OSError, TimeoutError, ValueError):
-            if wake_fd is None:
-                self.event_queue.put("Evt17")  # transport connection closed
-                return False
-            # The wakeup may have been closed as the association ended: only a failing socket means closed.
-            wake_fd = None
-            try:
-                readable, _, _ = select.select([sock], [], [], 0)
-            except (OSError, TimeoutError, ValueError):
-                self.event_queue.put("Evt17")  # transport connection closed
-                return False
-        if wake_fd is not None and wake_fd in readable:
-            wakeup.drain()  # type: ignore[union-attr]
+            self.event_queue.put("Evt17")  # transport connection closed
+            return False
+        if wakeup is not None and wake_fd in readable:
+            wakeup.drain()
         return sock in readable
 
     def close(self) -> None:

@@ -28,7 +28,7 @@ def test_marker_is_masked_and_bone_is_left_alone() -> None:
     assert np.array_equal(out[40:190, 50:120], img[40:190, 50:120])
 
 
-def test_a_detector_sized_image_is_masked_like_its_small_copy() -> None:
+def test_a_detector_sized_image_loses_its_label_and_keeps_its_bone() -> None:
     """Over MASK_WORKING_SIDE the labels are found on a block-averaged copy: a 2400 px radiograph (the marker image
     scaled up 12 times) loses its letter and keeps its bone."""
     from models.preprocess import MASK_WORKING_SIDE
