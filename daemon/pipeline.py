@@ -190,10 +190,11 @@ class Analyser:
         heatmaps: list[np.ndarray | None] = [None] * len(images)
         image_probabilities: list[ImageProbability] = []
         sexes = [_sex(ds) for ds in decoded]
+        sides = [_laterality(ds) for ds in decoded]
         for name in route.run:
             predictor = self.predictor(name)
             card = predictor.card
-            preds = predictor.predict(images, sexes, with_heatmaps=True)
+            preds = predictor.predict(images, sexes, with_heatmaps=True, laterality=sides)
             provenance.append(ModelProvenance(name=card.name, version=card.version, sha256=card.sha256, task=card.task))
             findings.update(_study_findings(card, preds))
             if card.task == "abnormality":
@@ -244,6 +245,11 @@ def _sex(ds: Dataset) -> str | None:
     return value if value in ("M", "F") else None
 
 
+def _laterality(ds: Dataset) -> str | None:
+    """The image's side: ImageLaterality (General Image) first, else the series' Laterality."""
+    return str(getattr(ds, "ImageLaterality", "") or getattr(ds, "Laterality", "") or "").strip().upper() or None
+
+
 def _study_findings(card, preds) -> dict[str, float | str]:
     """Image predictions -> study findings: mean of the images, as MURA and the bone-age readers do."""
     if card.task == "abnormality":
@@ -255,7 +261,7 @@ def _study_findings(card, preds) -> dict[str, float | str]:
         first = preds[0].outputs
         ages = [float(p.outputs["bone_age_months"]) for p in preds]
         out: dict[str, float | str] = {"bone_age_months": round(float(np.mean(ages)), 1)}
-        for key in ("predicted_sex", "predicted_sex_probability", "sex_source", "sex_mismatch"):
+        for key in ("predicted_sex", "predicted_sex_probability", "sex_source", "sex_mismatch", "hand_side"):
             if key in first:
                 out[key] = first[key]
         return out

@@ -155,6 +155,7 @@ CODE_PREDICTED_SEX = _local("SEX-PRED", "Predicted sex")
 CODE_PREDICTED_SEX_PROBABILITY = _local("SEX-PROB", "Predicted sex probability")
 CODE_SEX_SOURCE = _local("SEX-SOURCE", "Sex source")
 CODE_SEX_MISMATCH = _local("SEX-MISMATCH", "Predicted sex differs from DICOM sex")
+CODE_HAND_SIDE = _local("HAND-SIDE", "Hand side bone age was read on")
 CODE_ANATOMY = _local("ANATOMY", "Anatomy")
 CODE_MAP_PEAK_PROBABILITY = _local("MAP-PEAK-PROB", "Localisation map peak probability")
 CODE_ANATOMY_SOURCE = _local("ANATOMY-SOURCE", "Anatomy source")
@@ -223,6 +224,7 @@ _KNOWN_FINDINGS = frozenset(
         "predicted_sex_probability",
         "sex_source",
         "sex_mismatch",
+        "hand_side",
     }
 )
 # Which model task produced which finding (task names normalised: lower case, "-" -> "_").
@@ -438,6 +440,8 @@ def _measurements(result: StudyResult) -> tuple[list[Measurement], list[Qualitat
             extra.append(_text(CODE_SEX_MISMATCH, str(findings["sex_mismatch"])))
     if "sex_source" in findings:
         extra.append(_text(CODE_SEX_SOURCE, str(findings["sex_source"])))
+    if "hand_side" in findings:
+        extra.append(_text(CODE_HAND_SIDE, str(findings["hand_side"])))
 
     for key in sorted(set(findings) - _KNOWN_FINDINGS):
         number = _as_float(findings[key]) if not isinstance(findings[key], str) else None

@@ -181,7 +181,7 @@ def boneage_report(items: list[Item], preds: list[ImagePrediction]) -> tuple[dic
 def variant_reports(predictor: Predictor, items: list[Item], batch_size: int,
                     progress: bool) -> dict[str, dict[str, float]]:
     """MAE, bias and sex accuracy of the same test images reframed each way of :mod:`models.framing`."""
-    from models.framing import VARIANTS, make_variant
+    from models.framing import VARIANT_LATERALITY, VARIANTS, make_variant
 
     out: dict[str, dict[str, float]] = {}
     for name in VARIANTS:
@@ -190,7 +190,8 @@ def variant_reports(predictor: Predictor, items: list[Item], batch_size: int,
             chunk = items[start:start + batch_size]
             images = [make_variant(load_image(item.path), name) for item in chunk]
             sexes = [("M" if item.male else "F") if item.male is not None else None for item in chunk]
-            preds += predictor.predict(images, patient_sex=sexes, with_heatmaps=False)
+            sides = [VARIANT_LATERALITY.get(name)] * len(chunk)
+            preds += predictor.predict(images, patient_sex=sexes, with_heatmaps=False, laterality=sides)
         err = np.array([float(p.outputs["bone_age_months"]) for p in preds]) - np.array([i.label for i in items])
         out[name] = {"n": len(items), "mae_months": float(np.abs(err).mean()), "bias_months": float(err.mean()),
                      **sex_metrics(items, preds)}

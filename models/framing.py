@@ -10,6 +10,10 @@ evaluate boneage --variants`` runs the test split through each of these and repo
 - ``rotated_plus_15`` / ``rotated_minus_15``: rotated by 15 degrees, the corners filled with black.
 - ``monochrome1_dicom``: inverted and written as a 12-bit MONOCHROME1 DICOM, then read back through the daemon's
   decoder (so the inversion and windowing the daemon applies are part of what is measured).
+- ``right_hand_stated`` / ``right_hand_unstated``: mirrored, as a right hand looks, with ImageLaterality R in the
+  header (bone age mirrors it back: the figures should equal the image as sent) or without a side (what a
+  right hand costs a model trained on left hands). Outside the issue's list; :data:`VARIANT_LATERALITY` gives the
+  header side each variant comes with.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ from models.preprocess import otsu_threshold
 
 VARIANTS: tuple[str, ...] = (
     "tight_crop_black", "zoomed_out", "rotated_plus_15", "rotated_minus_15", "monochrome1_dicom",
+    "right_hand_stated", "right_hand_unstated",
 )
+#: The header's ImageLaterality each variant arrives with (None: the header does not say).
+VARIANT_LATERALITY: dict[str, str | None] = {"right_hand_stated": "R"}
 
 
 def silhouette(image: np.ndarray) -> np.ndarray:
@@ -99,4 +106,6 @@ def make_variant(image: np.ndarray, name: str) -> np.ndarray:
         return rotated(image, -15.0)
     if name == "monochrome1_dicom":
         return monochrome1_round_trip(image)
+    if name in ("right_hand_stated", "right_hand_unstated"):
+        return np.ascontiguousarray(image[:, ::-1], dtype=np.float32)
     raise ValueError(f"unknown framing variant {name!r}; choose from {', '.join(VARIANTS)}")

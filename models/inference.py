@@ -33,6 +33,9 @@ MAX_AGE_MONTHS = 240.0
 #: The sex head must be at least this sure before a study's PatientSex is flagged as contradicted.
 SEX_MISMATCH_CONFIDENCE = 0.9
 TTA_SHIFT = 3  # pixels, as in models.train.predict_cache
+#: Bone age is read on the left hand (Greulich and Pyle; every RSNA training image is one). A radiograph whose
+#: header says it shows the right hand is mirrored before the model sees it, and its heatmap mirrored back.
+BONEAGE_TRAINED_SIDE = "L"
 
 _THREADS_SET = False
 _THREADS_LOCK = threading.Lock()
@@ -79,6 +82,21 @@ def normalise_sex(value: str | None) -> str | None:
     return None
 
 
+def normalise_laterality(value: str | None) -> str | None:
+    """DICOM ImageLaterality / Laterality (R, L, U, B, empty) -> "R", "L" or None (unpaired, both or unknown)."""
+    text = str(value or "").strip().upper()
+    return text if text in ("R", "L") else None
+
+
+def hand_side_note(side: str | None, mirrored: bool) -> str:
+    """What the SR says about the side bone age was read on: the reader can check a mirrored image is a right hand."""
+    if mirrored:
+        return "right hand (header), mirrored to the left-hand standard"
+    if side == BONEAGE_TRAINED_SIDE:
+        return "left hand (header)"
+    return "side not stated in the header, read as a left hand"
+
+
 class Predictor:
     """One model, loaded once, with the preprocessing its card prescribes."""
 
@@ -100,21 +118,33 @@ class Predictor:
         self._lock = threading.Lock()  # Grad-CAM hooks the model: one batch at a time per Predictor
 
     def predict(self, images: Sequence[np.ndarray], patient_sex: Sequence[str | None] | None = None,
-                with_heatmaps: bool = True, tta: bool = False) -> list[ImagePrediction]:
+                with_heatmaps: bool = True, tta: bool = False,
+                laterality: Sequence[str | None] | None = None) -> list[ImagePrediction]:
         """Outputs (and heatmaps) for float32 HxW images in [0, 1], MONOCHROME2.
 
         ``patient_sex`` is the DICOM PatientSex per image (bone age only); ``tta`` averages the image with two
-        small shifts, as evaluation's ``--tta`` does.
+        small shifts, as evaluation's ``--tta`` does. ``laterality`` is the DICOM ImageLaterality (or the series'
+        Laterality) per image: bone age mirrors a stated right hand to the left hand it was trained on (a mirrored
+        hand costs its sex head all of its accuracy, see ``models/weights/README.md``) and says so in its outputs.
         """
         images = list(images)
-        if patient_sex is not None and len(patient_sex) != len(images):
-            raise ValueError(f"{len(patient_sex)} patient_sex values for {len(images)} images")
+        for name, values in (("patient_sex", patient_sex), ("laterality", laterality)):
+            if values is not None and len(values) != len(images):
+                raise ValueError(f"{len(values)} {name} values for {len(images)} images")
         sexes = [normalise_sex(s) for s in patient_sex] if patient_sex is not None else [None] * len(images)
+        sides = [normalise_laterality(v) for v in laterality] if laterality is not None else [None] * len(images)
+        mirrored = [self.task == "boneage" and side not in (None, BONEAGE_TRAINED_SIDE) for side in sides]
+        images = [np.ascontiguousarray(img[:, ::-1]) if flip else img for img, flip in zip(images, mirrored)]
         results: list[ImagePrediction] = []
         with self._lock:
             for start in range(0, len(images), self.batch_size):
                 stop = start + self.batch_size
                 results += self._predict_batch(images[start:stop], sexes[start:stop], with_heatmaps, tta)
+        if self.task == "boneage":
+            for result, side, flip in zip(results, sides, mirrored):
+                result.outputs["hand_side"] = hand_side_note(side, flip)
+                if flip and result.heatmap is not None:
+                    result.heatmap = np.ascontiguousarray(result.heatmap[:, ::-1])
         return results
 
     def class_probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:

@@ -99,3 +99,24 @@ def test_untagged_held_out_hand_reaches_bone_age_and_leg_does_not(shared_data: P
     assert FRACATLAS_REGION[leg_result.anatomy] == "leg", leg_result.anatomy_evidence
     assert leg_result.route != "pediatric-hand" and "bone_age_months" not in leg_result.findings
     assert np.isfinite(leg_result.anatomy_probability)
+
+
+@needs_anatomy
+def test_a_right_hand_is_mirrored_to_the_left_before_bone_age(shared_data: Path, tmp_path: Path,
+                                                              analyser: Analyser) -> None:
+    """The same held-out hand sent as a left hand, and mirrored with ImageLaterality R, gets the same bone age and
+    sex; the SR says which side was read. Without the header's side the mirrored hand reads differently."""
+    with open(shared_data / "rsna-boneage-512" / "labels.csv", newline="") as handle:
+        hand_id = next(row["id"] for row in csv.DictReader(handle) if split_of(row["id"]) == "test")
+    image = load_image(shared_data / "rsna-boneage-512" / "images" / f"{hand_id}.jpg")
+    mirror = np.ascontiguousarray(image[:, ::-1])
+    results = {}
+    for name, pixels, side in (("left", image, "L"), ("right", mirror, "R"), ("unstated", mirror, "")):
+        make_dx(tmp_path / f"{name}.dcm", pixels=pixels, sex="F", laterality=side)
+        results[name] = analyser.analyse([pydicom.dcmread(tmp_path / f"{name}.dcm")]).result.findings
+    left, right, unstated = results["left"], results["right"], results["unstated"]
+    assert right["bone_age_months"] == pytest.approx(left["bone_age_months"], abs=0.15)
+    assert right["predicted_sex_probability"] == pytest.approx(left["predicted_sex_probability"], abs=0.01)
+    assert unstated["bone_age_months"] != pytest.approx(left["bone_age_months"], abs=0.05)
+    assert left["hand_side"] == "left hand (header)"
+    assert "mirrored" in right["hand_side"] and "not stated" in unstated["hand_side"]

@@ -88,7 +88,7 @@ def test_predictor_outputs_heatmaps_and_sex_source(boneage_model: tuple[Path, di
     preds = predictor.predict(images, patient_sex=sexes)
     for case, image, given, pred in zip(cases, images, sexes, preds):
         assert set(pred.outputs) == {"bone_age_months", "predicted_sex", "predicted_sex_probability", "sex_source",
-                                     "sex_mismatch"}
+                                     "sex_mismatch", "hand_side"}
         assert pred.outputs["sex_source"] == ("model" if given is None else "dicom")
         assert pred.outputs["predicted_sex"] in ("M", "F") and 0.5 <= pred.outputs["predicted_sex_probability"] <= 1
         assert pred.outputs["sex_mismatch"] in ("yes", "no")
@@ -147,6 +147,8 @@ def test_evaluate_boneage_reports_every_framing_variant(boneage_model: tuple[Pat
     for figures in variants.values():
         assert figures["n"] == report["metrics"]["n"] and figures["mae_months"] >= 0 and "sex_accuracy" in figures
     assert "framing variants within" in report["headline"]
+    # A right hand whose header says so is mirrored back: exactly the figures of the images as sent.
+    assert variants["right_hand_stated"]["mae_months"] == pytest.approx(report["metrics"]["mae_months"], abs=1e-3)
 
 
 def test_sex_classifier_trains_and_evaluates(rsna: Path, boneage_model: tuple[Path, dict], tmp_path: Path,

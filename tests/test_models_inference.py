@@ -92,7 +92,7 @@ def test_boneage_sex_source_and_mismatch() -> None:
     image = rng.random((50, 40), dtype=np.float32)
     given_m, given_f, unknown, other = predictor.predict([image] * 4, patient_sex=["M", "F", None, "O"],
                                                          with_heatmaps=False)
-    keys = {"bone_age_months", "predicted_sex", "predicted_sex_probability", "sex_source", "sex_mismatch"}
+    keys = {"bone_age_months", "predicted_sex", "predicted_sex_probability", "sex_source", "sex_mismatch", "hand_side"}
     for pred in (given_m, given_f, unknown, other):
         assert set(pred.outputs) == keys
         assert pred.outputs["predicted_sex"] == "M"
@@ -109,6 +109,34 @@ def test_unconfident_sex_head_flags_no_mismatch() -> None:
     predictor = boneage_predictor(male_logit=1.0)  # p(male) = 0.73 < 0.9
     pred = predictor.predict([np.zeros((20, 20), np.float32)], patient_sex=["F"], with_heatmaps=False)[0]
     assert pred.outputs["predicted_sex"] == "M" and pred.outputs["sex_mismatch"] == "no"
+
+
+def test_a_stated_right_hand_is_read_as_the_mirrored_left_hand() -> None:
+    """A right hand (ImageLaterality R) gives what its mirror image gives as a left hand, heatmap on the image as
+    sent; a left hand, an unpaired or an unknown side is read as sent; other tasks never mirror."""
+    predictor = boneage_predictor(male_logit=0.0)
+    rng = np.random.default_rng(3)
+    left = rng.random((48, 36), dtype=np.float32)
+    left[:, :12] += 1.0  # an asymmetric image: mirroring it changes what the network sees
+    left /= left.max()
+    right = np.ascontiguousarray(left[:, ::-1])
+    as_left, right_stated, right_unstated, both = predictor.predict(
+        [left, right, right, right], patient_sex=["F"] * 4, laterality=["L", "R", None, "B"])
+    assert right_stated.outputs["bone_age_months"] == pytest.approx(as_left.outputs["bone_age_months"], abs=1e-4)
+    assert right_unstated.outputs["bone_age_months"] != pytest.approx(as_left.outputs["bone_age_months"], abs=1e-3)
+    assert both.outputs["bone_age_months"] == pytest.approx(right_unstated.outputs["bone_age_months"], abs=1e-5)
+    np.testing.assert_allclose(right_stated.heatmap, as_left.heatmap[:, ::-1], atol=1e-5)
+    assert "mirrored" in right_stated.outputs["hand_side"]
+    assert as_left.outputs["hand_side"] == "left hand (header)"
+    assert "not stated" in right_unstated.outputs["hand_side"] and "not stated" in both.outputs["hand_side"]
+    with pytest.raises(ValueError, match="laterality"):
+        predictor.predict([left], laterality=["R", "L"])
+    unmirrored = brightness_predictor("pad")
+    image = np.full((30, 40), 0.1, np.float32)
+    image[:, :10] = 1.0
+    stated, unstated = unmirrored.predict([image, image], laterality=["R", None])
+    np.testing.assert_array_equal(stated.heatmap, unstated.heatmap)
+    assert "hand_side" not in stated.outputs
 
 
 def test_boneage_age_is_scaled_and_clipped() -> None:

@@ -126,5 +126,6 @@ def test_framing_variants_reframe_the_same_hand() -> None:
     # MONOCHROME1 written and decoded by the daemon comes back as the same picture, bone bright.
     back = make_variant(image, "monochrome1_dicom")
     assert back.shape == image.shape and float(np.abs(back - image).mean()) < 0.02
+    np.testing.assert_array_equal(make_variant(image, "right_hand_stated"), image[:, ::-1])
     with pytest.raises(ValueError, match="unknown framing variant"):
         make_variant(image, "upside_down")

@@ -105,6 +105,7 @@ def findings(sources: list[Dataset]) -> StudyResult:
             "predicted_sex_probability": 0.88,
             "sex_source": "model",
             "sex_mismatch": "yes",
+            "hand_side": "right hand (header), mirrored to the left-hand standard",
         },
         models=list(MODELS),
         not_processed_reason=None,
@@ -156,6 +157,7 @@ def test_findings_sr_round_trip(sources: list[Dataset], findings: StudyResult) -
 
     root = group[0]
     assert _texts(root, "Sex source") == ["model"]
+    assert _texts(root, "Hand side bone age was read on") == ["right hand (header), mirrored to the left-hand standard"]
     assert _texts(root, "Anatomy") == ["hand"]
     assert _texts(root, "Anatomy source") == ["model"]
     assert _texts(root, "BoneBridge route") == ["paediatric-hand"]
