@@ -55,6 +55,10 @@ class ModelCard(BaseModel):
     #: of the classifier's probability and the map's maximum), chosen on validation.
     localisation_head: bool = False
     score_rule: Literal["image", "image_and_map"] = "image"
+    #: Bone age only: the network has a fitted side head (right hand from the image, for headers that do not say),
+    #: and the probability at or above which an image is read as a right hand and mirrored, chosen on validation.
+    side_head: bool = False
+    side_threshold: float | None = None
 
     @property
     def geometry(self) -> Geometry:
@@ -95,7 +99,7 @@ def code_version() -> str:
 def build_network(card: ModelCard, pretrained: bool = False) -> nn.Module:
     """The network a card describes, with random or ImageNet weights (the checkpoint's are loaded after)."""
     if card.task == "boneage":
-        return BoneAgeSexNet(card.architecture, pretrained=pretrained)
+        return BoneAgeSexNet(card.architecture, pretrained=pretrained, side_head=card.side_head)
     if card.task == "abnormality" and card.localisation_head:
         return FractureNet(card.architecture, pretrained=pretrained)
     outputs = 1 if card.task in ("abnormality", "sex") else len(card.classes)

@@ -69,6 +69,29 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_fit_side_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fit-side", help="bone age: fit the right-hand detector on a checkpoint's frozen features "
+                                        "(for headers that do not state the side)")
+    p.add_argument("--weights", type=Path, required=True, help="a trained bone-age checkpoint")
+    p.add_argument("--data", type=Path, required=True, help="RSNA labels.csv (left hands); its train split fits, val chooses")
+    p.add_argument("--images", type=Path, help="RSNA image folder when not beside labels.csv")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint to write, with the head and its card entry")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_fit_side)
+
+
+def run_fit_side(args: argparse.Namespace) -> int:
+    import json
+
+    from models.side import fit_side_head
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    path, report = fit_side_head(args.weights, args.data, args.out, args.images, progress=not args.no_progress)
+    print(json.dumps(report["validation"]))
+    print(f"side head threshold {report['threshold']:.4f}; wrote {path}")
+    return 0
+
+
 def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="measure a checkpoint on a labelled folder; JSON + plots, headline last")
     p.add_argument("task", choices=["boneage", "sex", "abnormality", "anatomy"])
@@ -149,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_evaluate_parser(sub)
+    add_fit_side_parser(sub)
     add_sort_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -471,8 +471,13 @@ def evaluate(task: str, weights: Path, data: Path | None, *, labels: Path | None
         metrics, rows, headline = boneage_report(items, preds)
         if variants:
             metrics["variants"] = variant_reports(predictor, items, batch_size, progress)
-            worst = max(abs(v["mae_months"] - metrics["mae_months"]) for v in metrics["variants"].values())
-            headline += f"; framing variants within {worst:.2f} months of it"
+            from models.framing import SIDE_VARIANTS
+
+            framings = {k: v for k, v in metrics["variants"].items() if k not in SIDE_VARIANTS}
+            worst = max(abs(v["mae_months"] - metrics["mae_months"]) for v in framings.values())
+            unstated = metrics["variants"]["right_hand_unstated"]["mae_months"]
+            headline += (f"; framing variants within {worst:.2f} months of it; a right hand without its side in the "
+                         f"header {unstated:.2f}")
         if plots:
             true = np.array([r["true_months"] for r in rows])
             pred = np.array([r["pred_months"] for r in rows])

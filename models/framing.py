@@ -30,6 +30,8 @@ VARIANTS: tuple[str, ...] = (
     "tight_crop_black", "zoomed_out", "rotated_plus_15", "rotated_minus_15", "monochrome1_dicom",
     "right_hand_stated", "right_hand_unstated",
 )
+#: Variants that change the hand's side rather than its framing.
+SIDE_VARIANTS: frozenset[str] = frozenset({"right_hand_stated", "right_hand_unstated"})
 #: The header's ImageLaterality each variant arrives with (None: the header does not say).
 VARIANT_LATERALITY: dict[str, str | None] = {"right_hand_stated": "R"}
 

@@ -88,12 +88,18 @@ def normalise_laterality(value: str | None) -> str | None:
     return text if text in ("R", "L") else None
 
 
-def hand_side_note(side: str | None, mirrored: bool) -> str:
-    """What the SR says about the side bone age was read on: the reader can check a mirrored image is a right hand."""
-    if mirrored:
+def hand_side_note(side: str | None, looked_right: bool = False, p_right: float = 0.0) -> str:
+    """What the SR says about the side bone age was read on: the reader can check a mirrored image is a right hand.
+
+    ``side`` is the header's (normalised) side; ``looked_right`` says the side head, where there was no side in
+    the header, called the image a right hand with probability ``p_right``.
+    """
+    if side == "R":
         return "right hand (header), mirrored to the left-hand standard"
     if side == BONEAGE_TRAINED_SIDE:
         return "left hand (header)"
+    if looked_right:
+        return f"side not stated; looks like a right hand (p={p_right:.2f}), mirrored to the left-hand standard"
     return "side not stated in the header, read as a left hand"
 
 
@@ -139,12 +145,11 @@ class Predictor:
         with self._lock:
             for start in range(0, len(images), self.batch_size):
                 stop = start + self.batch_size
-                results += self._predict_batch(images[start:stop], sexes[start:stop], with_heatmaps, tta)
-        if self.task == "boneage":
-            for result, side, flip in zip(results, sides, mirrored):
-                result.outputs["hand_side"] = hand_side_note(side, flip)
-                if flip and result.heatmap is not None:
-                    result.heatmap = np.ascontiguousarray(result.heatmap[:, ::-1])
+                results += self._predict_batch(images[start:stop], sexes[start:stop], sides[start:stop],
+                                               with_heatmaps, tta)
+        for result, flip in zip(results, mirrored):
+            if flip and result.heatmap is not None:  # back onto the image as sent
+                result.heatmap = np.ascontiguousarray(result.heatmap[:, ::-1])
         return results
 
     def class_probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -169,15 +174,16 @@ class Predictor:
             return [x]
         return [x, torch.roll(x, shifts=TTA_SHIFT, dims=3), torch.roll(x, shifts=-TTA_SHIFT, dims=2)]
 
-    def _predict_batch(self, images: list[np.ndarray], sexes: list[str | None], with_heatmaps: bool,
-                       tta: bool) -> list[ImagePrediction]:
+    def _predict_batch(self, images: list[np.ndarray], sexes: list[str | None], sides: list[str | None],
+                       with_heatmaps: bool, tta: bool) -> list[ImagePrediction]:
         x = to_model_input(images, self.geometry).to(self.device).contiguous(memory_format=torch.channels_last)
         if self.card.localisation_head:
             return self._fracture(x, images, with_heatmaps, tta)
         male_used = direction = feature_map = None
+        looked_right = [False] * len(images)
         with torch.no_grad():
             if self.task == "boneage":
-                outputs, male_used, direction, feature_map = self._boneage(x, sexes, tta)
+                outputs, male_used, direction, feature_map, looked_right = self._boneage(x, sexes, sides, tta)
             else:
                 logits = torch.stack([self.model(v).float() for v in self._views(x, tta)]).mean(0).cpu()
                 outputs = self._classifier(logits)
@@ -188,6 +194,8 @@ class Predictor:
                 squares = boneage_grad_cam(self.model, feature_map, male_used, direction, tuple(x.shape[-2:]))
             else:
                 squares = grad_cam(self.model, x, self.task, male_used, direction)
+            # A hand the side head mirrored was explained mirrored: its map goes back onto the image as sent.
+            squares = [np.ascontiguousarray(sq[:, ::-1]) if flip else sq for sq, flip in zip(squares, looked_right)]
             heatmaps = [to_image(sq, img, self.geometry) for sq, img in zip(squares, images)]
         return [ImagePrediction(out, hm) for out, hm in zip(outputs, heatmaps)]
 
@@ -219,17 +227,27 @@ class Predictor:
             results.append(ImagePrediction(outputs, heatmap))
         return results
 
-    def _boneage(self, x: torch.Tensor, sexes: list[str | None],
-                 tta: bool) -> tuple[list[dict], torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _boneage(self, x: torch.Tensor, sexes: list[str | None], sides: list[str | None],
+                 tta: bool) -> tuple[list[dict], torch.Tensor, torch.Tensor, torch.Tensor, list[bool]]:
         """Sex head first; the age head then gets PatientSex where the header has it, else the predicted sex.
 
-        The backbone runs once per view; both heads read its pooled features. Returns the outputs, the sex input
-        the age head used, the normalised age (for Grad-CAM's direction) and the first view's last feature map
-        (for Grad-CAM itself).
+        The backbone runs once per view; both heads read its pooled features. Where the header states no side and
+        the card has a side head, an image the head calls a right hand is mirrored and its backbone pass redone
+        (only for those images). Returns the outputs, the sex input the age head used, the normalised age (for
+        Grad-CAM's direction), the first view's last feature map (for Grad-CAM itself) and which images the side
+        head mirrored.
         """
         views = self._views(x, tta)
         feature_maps = [self.model.features(v) for v in views]
         pooled = [self.model.pool(f).flatten(1) for f in feature_maps]
+        p_right = self._right_hand_probability(pooled[0], sides)
+        looked_right = p_right >= (self.card.side_threshold or 1.0)
+        if bool(looked_right.any()):
+            rows = looked_right.nonzero().flatten()
+            for k, view in enumerate(self._views(x[rows].flip(-1), tta)):
+                feature_maps[k] = feature_maps[k].clone()
+                feature_maps[k][rows] = self.model.features(view)
+                pooled[k] = self.model.pool(feature_maps[k]).flatten(1)
         sex_logit = torch.stack([self.model.sex_head(p).squeeze(1).float() for p in pooled]).mean(0)
         predicted_male = (sex_logit > 0).float()
         has_sex = torch.tensor([s is not None for s in sexes], device=x.device)
@@ -252,8 +270,18 @@ class Predictor:
                 "predicted_sex_probability": pm if predicted == "M" else 1.0 - pm,
                 "sex_source": "dicom" if given is not None else "model",
                 "sex_mismatch": "yes" if confident_other else "no",
+                "hand_side": hand_side_note(sides[i], bool(looked_right[i]), float(p_right[i])),
             })
-        return outputs, male_used, age.cpu(), feature_maps[0]
+        return outputs, male_used, age.cpu(), feature_maps[0], [bool(v) for v in looked_right]
+
+    def _right_hand_probability(self, pooled: torch.Tensor, sides: list[str | None]) -> torch.Tensor:
+        """The side head's p(right hand) where the header states no side; 0 where it does or there is no head."""
+        p_right = torch.zeros(pooled.shape[0], device=pooled.device)
+        unstated = torch.tensor([side is None for side in sides], device=pooled.device)
+        head = getattr(self.model, "side_head", None)
+        if head is not None and self.card.side_head and bool(unstated.any()):
+            p_right = torch.where(unstated, torch.sigmoid(head(pooled).squeeze(1).float()), p_right)
+        return p_right
 
     def _classifier(self, logits: torch.Tensor) -> list[dict]:
         if self.task == "abnormality":

@@ -195,9 +195,13 @@ class BoneAgeSexNet(nn.Module):
     Sex enters the age head as in the RSNA challenge winners' models (16-d embedding concatenated to the pooled
     features). The sex head sees only the image, so it can stand in when PatientSex is missing and can flag a
     study whose header contradicts it. The age output is in normalised units; the card holds mean and std.
+
+    ``side_head`` adds a linear "is this a right hand?" logit on the same pooled features (fitted afterwards on the
+    frozen backbone by :mod:`models.side`), for images whose header does not state the side.
     """
 
-    def __init__(self, backbone: str = "efficientnet_lite0", pretrained: bool = True, dropout: float = 0.2) -> None:
+    def __init__(self, backbone: str = "efficientnet_lite0", pretrained: bool = True, dropout: float = 0.2,
+                 side_head: bool = False) -> None:
         super().__init__()
         self.features = build_backbone(backbone, pretrained)
         width = self.features.out_channels
@@ -207,6 +211,7 @@ class BoneAgeSexNet(nn.Module):
             nn.Dropout(dropout), nn.Linear(width + 16, 256), nn.ReLU(), nn.Dropout(dropout / 2), nn.Linear(256, 1)
         )
         self.sex_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, 1))
+        self.side_head: nn.Linear | None = nn.Linear(width, 1) if side_head else None
 
     def forward(self, x: torch.Tensor, male: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (age in normalised units, sex logit). ``male`` is 0/1 per image; None uses the sex head's guess."""

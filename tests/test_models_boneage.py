@@ -246,3 +246,23 @@ def test_init_weights_refuses_a_checkpoint_of_another_task(rsna: Path, tmp_path:
     cfg = TrainConfig(out=tmp_path / "x.pt", epochs=1, batch_size=32, resume=False, progress=False, init_weights=other)
     with pytest.raises(ValueError, match="not a boneage one"):
         train_boneage(rsna / "labels.csv", tmp_path / "x.pt", Geometry(size=32), cfg, "tiny_cnn")
+
+
+def test_fit_side_adds_a_right_hand_head_and_leaves_age_and_sex_alone(boneage_model: tuple[Path, dict], rsna: Path,
+                                                                      tmp_path: Path) -> None:
+    path, _ = boneage_model
+    out = tmp_path / "sided.pt"
+    assert cli.main(["fit-side", "--weights", str(path), "--data", str(rsna / "labels.csv"), "--out", str(out),
+                     "--no-progress"]) == 0
+    card = read_card(out)
+    assert card.side_head and 0.5 <= card.side_threshold <= 1.01
+    report = card.training["side_head"]
+    assert report["validation"]["left_hands_mirrored"] == 0.0  # the threshold rule, on validation
+    assert report["validation"]["n"] == 2 * 5 * sum(1 for c in read_rsna_boneage(rsna / "labels.csv")
+                                                    if split_of(c.case_id) == "val")
+    images = [load_image(c.path) for c in read_rsna_boneage(rsna / "labels.csv") if split_of(c.case_id) == "test"]
+    before, after = load_predictor(path), load_predictor(out)
+    sides = ["L"] * len(images)  # a stated side: the head is not consulted, the backbone and heads are the source's
+    for a, b in zip(before.predict(images, laterality=sides), after.predict(images, laterality=sides)):
+        assert a.outputs == b.outputs
+        np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-5)

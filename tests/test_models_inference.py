@@ -139,6 +139,32 @@ def test_a_stated_right_hand_is_read_as_the_mirrored_left_hand() -> None:
     assert "hand_side" not in stated.outputs
 
 
+def test_side_head_mirrors_an_unstated_hand_it_calls_right() -> None:
+    """With a side head, a hand without a side in its header is mirrored when p(right) reaches the card's threshold,
+    exactly as a stated right hand is, heatmap back on the image as sent; a stated side is never second-guessed."""
+    predictor = boneage_predictor(male_logit=0.0)
+    width = predictor.model.features.out_channels
+    predictor.model.side_head = nn.Linear(width, 1)
+    predictor.card = predictor.card.model_copy(update={"side_head": True, "side_threshold": 0.9})
+    rng = np.random.default_rng(4)
+    right = rng.random((48, 36), dtype=np.float32)
+    right[:, 24:] = 1.0
+    with torch.no_grad():
+        predictor.model.side_head.weight.zero_()
+        predictor.model.side_head.bias.fill_(5.0)  # p(right) = 0.993 for every image
+    stated, unstated, stated_left = predictor.predict([right] * 3, patient_sex=["M"] * 3, laterality=["R", None, "L"])
+    assert unstated.outputs["bone_age_months"] == pytest.approx(stated.outputs["bone_age_months"], abs=1e-4)
+    np.testing.assert_allclose(unstated.heatmap, stated.heatmap, atol=1e-4)
+    assert "looks like a right hand (p=0.99)" in unstated.outputs["hand_side"]
+    assert stated_left.outputs["hand_side"] == "left hand (header)"
+    assert stated_left.outputs["bone_age_months"] != pytest.approx(stated.outputs["bone_age_months"], abs=1e-3)
+    with torch.no_grad():
+        predictor.model.side_head.bias.fill_(1.0)  # p(right) = 0.73: below the threshold, read as sent
+    unsure = predictor.predict([right], patient_sex=["M"])[0]
+    assert unsure.outputs["bone_age_months"] == pytest.approx(stated_left.outputs["bone_age_months"], abs=1e-4)
+    assert "read as a left hand" in unsure.outputs["hand_side"]
+
+
 def test_boneage_age_is_scaled_and_clipped() -> None:
     predictor = boneage_predictor(male_logit=0.0)
     with torch.no_grad():
