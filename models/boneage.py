@@ -20,7 +20,7 @@ from torch import nn
 from models.checkpoint import ModelCard, read_card
 from models.data import read_rsna_boneage, split_of
 from models.preprocess import Augment, Geometry
-from models.train import Example, TaskSpec, TrainConfig, build_cache, predict_cache, train
+from models.train import Example, TaskSpec, TrainConfig, build_cache, build_reframed_cache, predict_cache, train
 
 LOGGER = logging.getLogger(__name__)
 
@@ -117,5 +117,8 @@ def train_boneage(labels_csv: Path, out: Path, geometry: Geometry, cfg: TrainCon
     if cfg.mask_probability > 0:
         masked_geometry = Geometry.from_dict({**geometry.to_dict(), "mask_labels": True})
         masked_cache = build_cache(splits["train"], masked_geometry, cfg.progress)
+    reframed_cache = None
+    if cfg.reframe_probability > 0:
+        reframed_cache = build_reframed_cache(splits["train"], geometry, cfg.seed, cfg.progress)
     return train(spec, splits["train"], splits["val"], cfg, caches=(train_cache, val_cache),
-                 masked_train_cache=masked_cache)
+                 masked_train_cache=masked_cache, reframed_train_cache=reframed_cache)

@@ -49,6 +49,9 @@ class TrainConfig:
     seed: int = 0
     workers_threads: int = 0
     mask_probability: float = 0.0  # bone age: fraction of training images whose burned-in labels are masked
+    #: bone age: fraction of training images drawn from a copy reframed the ways a PACS differs (tight crop on black,
+    #: zoomed out with padding; one fixed framing per image, see ``build_reframed_cache``)
+    reframe_probability: float = 0.0
     max_steps_per_epoch: int | None = None
     device: str | None = None
     resume: bool = True
@@ -80,6 +83,31 @@ def build_cache(examples: list[Example], geometry: Geometry, progress: bool = Tr
     cache = torch.empty((len(examples), 1, geometry.size, geometry.size), dtype=torch.uint8)
     for i, ex in enumerate(tqdm(examples, desc="preprocess", disable=not progress, leave=False)):
         square = to_unit_square(load_image(ex.path), geometry)
+        cache[i] = (square[0] * 255).round().clamp(0, 255).to(torch.uint8)
+    return cache
+
+
+#: How ``build_reframed_cache`` reframes training images (models.framing names), drawn per image.
+REFRAMINGS: tuple[str, ...] = ("tight_crop_black", "zoomed_out")
+
+
+def build_reframed_cache(examples: list[Example], geometry: Geometry, seed: int = 0,
+                         progress: bool = True) -> torch.Tensor:
+    """Each training image reframed one of :data:`REFRAMINGS` ways (at random, fixed per image), then preprocessed.
+
+    The crop to the body and the scale augmentation do not make a hand cropped tightly on black look like one on
+    its detector: the background is gone (validation, shipped 2.0.0: +2.6 months of bias, and putting the margin
+    back with black padding did not remove it). Training on such copies is what teaches the model that it is the
+    same hand.
+    """
+    from models.framing import make_variant
+
+    rng = np.random.default_rng(seed)
+    cache = torch.empty((len(examples), 1, geometry.size, geometry.size), dtype=torch.uint8)
+    names = rng.choice(np.array(REFRAMINGS, dtype=object), len(examples))
+    for i, (ex, name) in enumerate(tqdm(list(zip(examples, names)), desc="reframe", disable=not progress,
+                                        leave=False)):
+        square = to_unit_square(make_variant(load_image(ex.path), str(name)), geometry)
         cache[i] = (square[0] * 255).round().clamp(0, 255).to(torch.uint8)
     return cache
 
@@ -154,6 +182,7 @@ def save_loop(state_path: Path, model: nn.Module, optimiser: torch.optim.Optimiz
 def train(
     spec: TaskSpec, train_examples: list[Example], val_examples: list[Example], cfg: TrainConfig,
     caches: tuple[torch.Tensor, torch.Tensor] | None = None, masked_train_cache: torch.Tensor | None = None,
+    reframed_train_cache: torch.Tensor | None = None,
 ) -> tuple[Path, dict]:
     """Train, keep the best epoch by the validation metric, and write ``cfg.out`` (+ card). Returns (path, metrics)."""
     generator = seed_everything(cfg.seed)
@@ -201,6 +230,9 @@ def train(
                 batch_u8 = torch.where(pick.view(-1, 1, 1, 1), masked_train_cache[idx], train_cache[idx])
             else:
                 batch_u8 = source[idx]
+            if reframed_train_cache is not None and cfg.reframe_probability > 0:
+                pick = torch.rand(len(idx), generator=generator) < cfg.reframe_probability
+                batch_u8 = torch.where(pick.view(-1, 1, 1, 1), reframed_train_cache[idx], batch_u8)
             x = _to_input(batch_u8, geometry, device, spec.augment)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = spec.loss(model, x, y_train[idx].to(device), s_train[idx].to(device))
@@ -228,6 +260,7 @@ def train(
                     "training": {
                         "epochs_run": epoch + 1, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
                         "train_images": len(train_examples), "mask_probability": cfg.mask_probability,
+                        "reframe_probability": cfg.reframe_probability,
                         "device": device.type,
                         "initialised_from": str(cfg.init_weights) if cfg.init_weights else "ImageNet",
                     },

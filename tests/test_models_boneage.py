@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from models import cli
@@ -266,3 +267,20 @@ def test_fit_side_adds_a_right_hand_head_and_leaves_age_and_sex_alone(boneage_mo
     for a, b in zip(before.predict(images, laterality=sides), after.predict(images, laterality=sides)):
         assert a.outputs == b.outputs
         np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-5)
+
+
+def test_training_on_reframed_copies_is_recorded_and_reframes(rsna: Path, tmp_path: Path) -> None:
+    """``--reframe-probability`` draws training images from a copy cropped tightly on black or zoomed out."""
+    from models.train import build_reframed_cache, build_cache
+
+    examples = rsna_examples(rsna / "labels.csv")["train"][:12]
+    geometry = Geometry(size=48, crop_to_body=True)
+    plain, reframed = build_cache(examples, geometry, progress=False), build_reframed_cache(examples, geometry,
+                                                                                            progress=False)
+    assert reframed.shape == plain.shape and reframed.dtype == torch.uint8
+    assert (reframed.float() - plain.float()).abs().mean() > 5  # another framing, not the same squares
+    assert torch.equal(reframed, build_reframed_cache(examples, geometry, progress=False))  # fixed per seed
+    out = tmp_path / "reframed.pt"
+    assert cli.main(["train", "boneage", "--data", str(rsna / "labels.csv"), "--out", str(out), "--arch", "tiny_cnn",
+                     "--size", "48", "--epochs", "1", "--reframe-probability", "0.5", "--no-progress"]) == 0
+    assert read_card(out).training["reframe_probability"] == 0.5
