@@ -697,6 +697,8 @@ def heatmap_caption(result: StudyResult, source: Dataset) -> list[str]:
                     line += f"; the model reads {findings['predicted_sex']}, contradicting the header"
             else:
                 line += f"; sex {findings['predicted_sex']} (predicted by the model)"
+        if "mirrored" in str(findings.get("hand_side", "")):
+            line += "; read as a right hand, mirrored to the left-hand standard"
         lines.append(line)
     if "abnormality_probability" in findings:
         threshold = float(findings.get("abnormality_threshold", 0.5))

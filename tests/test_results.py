@@ -505,6 +505,10 @@ def test_heatmap_caption_says_the_finding_in_words(sources: list[Dataset], findi
 
     from daemon.results import ImageProbability, heatmap_caption
 
+    assert heatmap_caption(findings, sources[0])[0] == (
+        "Bone age 10 y 3 mo (123 months); sex F (predicted by the model); read as a right hand, mirrored to the "
+        "left-hand standard")
+    findings = replace(findings, findings={k: v for k, v in findings.findings.items() if k != "hand_side"})
     lines = heatmap_caption(findings, sources[0])
     assert lines[0] == "Bone age 10 y 3 mo (123 months); sex F (predicted by the model)"
     # The header gave the sex: the caption names it (the age was computed for it), and the model's contradiction.
