@@ -108,6 +108,6 @@ def make_variant(image: np.ndarray, name: str) -> np.ndarray:
         return rotated(image, -15.0)
     if name == "monochrome1_dicom":
         return monochrome1_round_trip(image)
-    if name in ("right_hand_stated", "right_hand_unstated"):
+    if name in SIDE_VARIANTS:
         return np.ascontiguousarray(image[:, ::-1], dtype=np.float32)
     raise ValueError(f"unknown framing variant {name!r}; choose from {', '.join(VARIANTS)}")

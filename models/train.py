@@ -15,7 +15,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -78,11 +78,21 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def build_cache(examples: list[Example], geometry: Geometry, progress: bool = True) -> torch.Tensor:
-    """All images through the shared preprocessing, as an Nx1xSxS uint8 tensor (a 128 px image is 16 KB)."""
+def build_cache(examples: list[Example], geometry: Geometry, progress: bool = True,
+                framings: Sequence[str] | None = None) -> torch.Tensor:
+    """All images through the shared preprocessing, as an Nx1xSxS uint8 tensor (a 128 px image is 16 KB).
+
+    ``framings`` (one :mod:`models.framing` name per example) reframes each image first, as
+    :func:`build_reframed_cache` does.
+    """
+    from models.framing import make_variant
+
     cache = torch.empty((len(examples), 1, geometry.size, geometry.size), dtype=torch.uint8)
     for i, ex in enumerate(tqdm(examples, desc="preprocess", disable=not progress, leave=False)):
-        square = to_unit_square(load_image(ex.path), geometry)
+        image = load_image(ex.path)
+        if framings is not None:
+            image = make_variant(image, framings[i])
+        square = to_unit_square(image, geometry)
         cache[i] = (square[0] * 255).round().clamp(0, 255).to(torch.uint8)
     return cache
 
@@ -100,16 +110,8 @@ def build_reframed_cache(examples: list[Example], geometry: Geometry, seed: int 
     back with black padding did not remove it). Training on such copies is what teaches the model that it is the
     same hand.
     """
-    from models.framing import make_variant
-
-    rng = np.random.default_rng(seed)
-    cache = torch.empty((len(examples), 1, geometry.size, geometry.size), dtype=torch.uint8)
-    names = rng.choice(np.array(REFRAMINGS, dtype=object), len(examples))
-    for i, (ex, name) in enumerate(tqdm(list(zip(examples, names)), desc="reframe", disable=not progress,
-                                        leave=False)):
-        square = to_unit_square(make_variant(load_image(ex.path), str(name)), geometry)
-        cache[i] = (square[0] * 255).round().clamp(0, 255).to(torch.uint8)
-    return cache
+    names = np.random.default_rng(seed).choice(np.array(REFRAMINGS, dtype=object), len(examples))
+    return build_cache(examples, geometry, progress, [str(name) for name in names])
 
 
 def _batches(n: int, batch_size: int, shuffle: bool, generator: torch.Generator) -> list[torch.Tensor]:
