@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from models.classify import binary_metrics
+from models.confidence import auroc_interval, mean_interval
 from models.fracatlas import REGIONS, FractureCase, case_split, pointing_hit, read_fracatlas
 from models.inference import Predictor
 from models.preprocess import load_image
@@ -87,19 +88,23 @@ def predict_cases(predictor: Predictor, cases: list[FractureCase], batch_size: i
     return rows, timing
 
 
-def _pointing(rows: list[dict[str, Any]]) -> dict[str, float]:
+def _pointing(rows: list[dict[str, Any]]) -> dict[str, Any]:
     hits = [r for r in rows if "pointing_hit" in r]
     if not hits:
         return {"pointing_hit_rate": float("nan"), "pointing_hit_rate_strict": float("nan"), "pointing_n": 0}
-    return {"pointing_hit_rate": float(np.mean([r["pointing_hit"] for r in hits])),
-            "pointing_hit_rate_strict": float(np.mean([r["pointing_hit_strict"] for r in hits])),
+    lenient = [float(r["pointing_hit"]) for r in hits]
+    strict = [float(r["pointing_hit_strict"]) for r in hits]
+    return {"pointing_hit_rate": float(np.mean(lenient)), "pointing_hit_rate_strict": float(np.mean(strict)),
+            "pointing_hit_rate_ci95": mean_interval(lenient), "pointing_hit_rate_strict_ci95": mean_interval(strict),
             "pointing_n": len(hits)}
 
 
 def fracture_metrics(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
     def block(subset: list[dict[str, Any]]) -> dict[str, Any]:
-        found = binary_metrics([r["fractured"] for r in subset], [r["probability"] for r in subset], threshold)
-        return {**found, "auroc": found.get("auroc", float("nan")), **_pointing(subset)}
+        labels, scores = [r["fractured"] for r in subset], [r["probability"] for r in subset]
+        found = binary_metrics(labels, scores, threshold)
+        return {**found, "auroc": found.get("auroc", float("nan")), "auroc_ci95": auroc_interval(labels, scores),
+                **_pointing(subset)}
 
     overall = block(rows)
     return {**overall, "by_region": {region: block([r for r in rows if r["region"] == region])
@@ -168,12 +173,15 @@ def evaluate_fracatlas(predictor: Predictor, data: Path, split: str, plots: Path
                        plot_calibration(y, p, Path(plots) / "fracture_calibration.png"),
                        worst_misses_sheet(cases, rows, Path(plots) / "fracture_worst_misses.png")]
     heatmap_kind = "learnt localisation map" if card.localisation_head else "Grad-CAM"
-    headline = (f"fracture AUROC {metrics['auroc']:.3f}; pointing {metrics['pointing_hit_rate']:.3f} "
+    low, high = metrics["auroc_ci95"]
+    headline = (f"fracture AUROC {metrics['auroc']:.3f} (95 % CI {low:.3f}-{high:.3f}); "
+                f"pointing {metrics['pointing_hit_rate']:.3f} "
                 f"(strict {metrics['pointing_hit_rate_strict']:.3f}, {heatmap_kind}); sensitivity "
                 f"{metrics['sensitivity']:.3f} specificity {metrics['specificity']:.3f} at {threshold:.3f} "
                 f"(n={len(rows)}, {int(metrics['positives'])} fractured)")
     report = {
-        "auroc": metrics["auroc"], "pointing_hit_rate": metrics["pointing_hit_rate"],
+        "auroc": metrics["auroc"], "auroc_ci95": metrics["auroc_ci95"],
+        "pointing_hit_rate": metrics["pointing_hit_rate"],
         "pointing_hit_rate_strict": metrics["pointing_hit_rate_strict"],
         "sensitivity": metrics["sensitivity"], "specificity": metrics["specificity"], "kappa": metrics.get("kappa"),
         "threshold": threshold, "threshold_rule": card.training.get("threshold_rule", "as the card gives"),

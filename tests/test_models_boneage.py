@@ -114,7 +114,9 @@ def test_evaluate_boneage_writes_json_plots_and_headline(boneage_model: tuple[Pa
     assert {r["id"] for r in rows} == expected_ids
     mae = np.mean([abs(r["pred_months"] - r["true_months"]) for r in rows])
     assert report["metrics"]["mae_months"] == pytest.approx(mae)
-    assert last == f"boneage MAE {mae:.2f} months (n={len(expected_ids)})"
+    low, high = report["metrics"]["mae_months_ci95"]
+    assert low <= mae <= high and report["mae_ci95"] == [low, high]
+    assert last == f"boneage MAE {mae:.2f} months (95 % CI {low:.2f}-{high:.2f}, n={len(expected_ids)})"
     bands = report["metrics"]["by_age_band"]
     assert list(bands) == ["0-2y", "2-6y", "6-10y", "10-14y", "14-19y"]
     assert sum(b["n"] for b in bands.values()) == len(rows)
@@ -132,7 +134,8 @@ def test_evaluate_boneage_writes_json_plots_and_headline(boneage_model: tuple[Pa
     assert everything["metrics"]["n"] == 170 and everything["preprocessing"]["tta"] is True
     tta_pred = {r["id"]: r["pred_months"] for r in everything["per_image"]}
     assert any(abs(tta_pred[r["id"]] - r["pred_months"]) > 1e-3 for r in rows)
-    assert re.fullmatch(r"boneage MAE [0-9.]+ months \(n=170\)", capsys.readouterr().out.strip().splitlines()[-1])
+    assert re.fullmatch(r"boneage MAE [0-9.]+ months \(95 % CI [0-9.]+-[0-9.]+, n=170\)",
+                        capsys.readouterr().out.strip().splitlines()[-1])
 
 
 def test_evaluate_boneage_reports_every_framing_variant(boneage_model: tuple[Path, dict], rsna: Path,
@@ -150,6 +153,13 @@ def test_evaluate_boneage_reports_every_framing_variant(boneage_model: tuple[Pat
     assert "framing variants within" in report["headline"]
     # A right hand whose header says so is mirrored back: exactly the figures of the images as sent.
     assert variants["right_hand_stated"]["mae_months"] == pytest.approx(report["metrics"]["mae_months"], abs=1e-3)
+    # Each variant's MAE minus the as-sent MAE, with its paired interval around it.
+    base = report["metrics"]["mae_months"]
+    for figures in variants.values():
+        assert figures["mae_difference_months"] == pytest.approx(figures["mae_months"] - base, abs=1e-6)
+        low, high = figures["mae_difference_ci95"]
+        assert low <= figures["mae_difference_months"] + 1e-9 and figures["mae_difference_months"] <= high + 1e-9
+    assert variants["right_hand_stated"]["mae_difference_ci95"] == pytest.approx([0.0, 0.0], abs=1e-3)
 
 
 def test_sex_classifier_trains_and_evaluates(rsna: Path, boneage_model: tuple[Path, dict], tmp_path: Path,

@@ -139,6 +139,9 @@ def test_train_predict_and_evaluate_on_fracatlas_layout(fracatlas: Path, tmp_pat
     for key in ("auroc", "pointing_hit_rate", "pointing_hit_rate_strict", "sensitivity", "specificity", "kappa"):
         assert key in report
     assert report["metrics"]["pointing_n"] == 30
+    low, high = report["auroc_ci95"]
+    assert low <= report["auroc"] <= high and f"(95 % CI {low:.3f}-{high:.3f})" in report["headline"]
+    assert report["metrics"]["pointing_hit_rate_ci95"][0] <= report["pointing_hit_rate"]
     assert set(report["metrics"]["by_region"]) == {"hand", "leg", "hip", "shoulder"}
     assert report["heatmap"] == "learnt localisation map"
     for name in ("fracture_roc.png", "fracture_calibration.png", "fracture_worst_misses.png"):
