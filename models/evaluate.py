@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from models.classify import anatomy_class_index, binary_metrics
-from models.confidence import mean_interval
+from models.confidence import auroc_interval, mean_interval
 from models.data import read_class_folders, read_mura, read_rsna_boneage, split_of
 from models.inference import ImagePrediction, Predictor, load_predictor
 from models.preprocess import load_image
@@ -226,6 +226,7 @@ def sex_metrics(items: list[Item], preds: list[ImagePrediction]) -> dict[str, An
         from sklearn.metrics import roc_auc_score
 
         metrics["sex_auroc"] = float(roc_auc_score(male, p_male))
+        metrics["sex_auroc_ci95"] = auroc_interval(male, p_male)
     return metrics
 
 
@@ -255,8 +256,8 @@ def abnormality_report(items: list[Item], preds: list[ImagePrediction],
     study_region = {i.study: i.group for i in items}
     metrics: dict[str, Any] = {
         "threshold": threshold,
-        "image": binary_metrics(y, p, threshold),
-        "study": binary_metrics(study_y, study_p, threshold),
+        "image": {**binary_metrics(y, p, threshold), "auroc_ci95": auroc_interval(y, p)},
+        "study": {**binary_metrics(study_y, study_p, threshold), "auroc_ci95": auroc_interval(study_y, study_p)},
         "image_by_region": {},
         "study_by_region": {},
     }
@@ -311,6 +312,8 @@ def anatomy_report(items: list[Item], preds: list[ImagePrediction], classes: lis
         "n": len(items),
         "top1_accuracy": sum(t == a for t, a in zip(truth, top1)) / n,
         "top2_accuracy": sum(t in (a, b) for t, a, b in zip(truth, top1, top2)) / n,
+        "top1_accuracy_ci95": mean_interval([t == a for t, a in zip(truth, top1)]),
+        "top2_accuracy_ci95": mean_interval([t in (a, b) for t, a, b in zip(truth, top1, top2)]),
         "per_class": {},
     }
     from sklearn.metrics import confusion_matrix

@@ -145,6 +145,8 @@ def test_evaluate_abnormality_on_mura_valid(abnormality_model: tuple[Path, dict]
     assert int(match.group(3)) == 60 and int(match.group(4)) == len(report["per_image"]) == 80
     assert float(match.group(1)) == pytest.approx(metrics["study"]["auroc"], abs=5e-4)
     assert metrics["study"]["auroc"] > 0.9 and metrics["threshold"] == pytest.approx(read_card(path).threshold)
+    low, high = metrics["study"]["auroc_ci95"]
+    assert low <= metrics["study"]["auroc"] <= high and high - low < 0.5
     assert set(metrics["image_by_region"]) == set(REGIONS) == set(metrics["study_by_region"])
     assert sum(r["n"] for r in metrics["study_by_region"].values()) == 60
     # Study level is the mean of the study's images, recomputed here from the per-image list.
@@ -198,6 +200,8 @@ def test_anatomy_learns_shapes_from_class_folders(tmp_path: Path, capsys: pytest
     report = json.loads((tmp_path / "anat.json").read_text())
     assert last == f"anatomy top-1 accuracy {report['metrics']['top1_accuracy']:.3f} (n=160)"
     assert report["metrics"]["top1_accuracy"] > 0.7
+    low, high = report["metrics"]["top1_accuracy_ci95"]
+    assert low <= report["metrics"]["top1_accuracy"] <= high
     assert report["metrics"]["top2_accuracy"] >= report["metrics"]["top1_accuracy"]
     matrix = np.array(report["metrics"]["confusion_matrix"]["rows_true_columns_predicted"])
     assert matrix.shape == (4, 4) and matrix.sum() == 160
