@@ -22,6 +22,11 @@ state file before its C-STORE response: the spooled file itself is the durable r
 by the poller (every few hundred milliseconds) and always before the study is enqueued, which takes two fsyncs
 and a rename off every instance's critical path. Changes a restart could not rebuild from the spool (a finished
 study re-opened as a new generation) are written at once.
+
+Writes happen outside the lock that guards the in-memory state: the state is serialised under it (a snapshot
+with a per-study version) and written after it is released, so the listener's threads, which take that lock
+for every instance, never wait on a disk flush the poller started. Writes of one study are serialised by their
+own lock and a snapshot older than the one already on disk is dropped, so the file never goes back in time.
 """
 
 from __future__ import annotations
@@ -45,6 +50,15 @@ StudyStateName = Literal["receiving", "queued", "done", "failed"]
 SRRef = tuple[str, str, str, str]  # (study, series, SOP class, SOP instance) of a report we sent
 
 _STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """A study's state serialised under the assembler's lock, to be written after it is released."""
+
+    study_uid: str
+    version: int
+    text: str
 
 
 @dataclass
@@ -124,6 +138,10 @@ class StudyAssembler:
         # Per-route quiet periods: the caller pre-routes a study on its header; None means the global value.
         self._quiet_period_for = quiet_period_for
         self._lock = threading.RLock()
+        # Serialises state-file writes; taken after self._lock when both are held, never the other way round.
+        self._write_lock = threading.Lock()
+        self._versions: dict[str, int] = {}  # last snapshot taken of each study (under self._lock)
+        self._written: dict[str, int] = {}  # last snapshot on disk (under self._write_lock)
         self._studies: dict[str, StudyState] = {}
         self._by_assoc: dict[str, set[str]] = {}
         self._unsaved: set[str] = set()  # studies whose state file lags behind memory (see the module docstring)
@@ -137,6 +155,7 @@ class StudyAssembler:
             LOGGER.info("ignoring our own output %s of study %s", ev.sop_instance_uid, ev.study_uid)
             return
         now = self._clock()
+        snapshot: _Snapshot | None = None
         with self._lock:
             st = self._studies.get(ev.study_uid)
             reopened = False
@@ -177,9 +196,11 @@ class StudyAssembler:
                 st.open_associations.append(ev.assoc_id)
                 self._by_assoc.setdefault(ev.assoc_id, set()).add(ev.study_uid)
             if reopened:
-                self._save(st)
+                snapshot = self._snapshot(st)
             else:
                 self._unsaved.add(st.study_uid)
+        if snapshot is not None:
+            self._write(snapshot)  # before the C-STORE response: a restart could not rebuild a new generation
 
     def association_closed(self, assoc_id: str) -> None:
         """An association ended (released, aborted, or its connection dropped). Idempotent."""
@@ -193,10 +214,15 @@ class StudyAssembler:
     def save_pending(self) -> int:
         """Write every state file that lags behind memory; returns how many. The poller calls it."""
         with self._lock:
-            pending = [self._studies[uid] for uid in sorted(self._unsaved) if uid in self._studies]
-            for st in pending:
-                self._save(st)
-            return len(pending)
+            pending = [self._snapshot(self._studies[uid]) for uid in sorted(self._unsaved) if uid in self._studies]
+        for done, snapshot in enumerate(pending):
+            try:
+                self._write(snapshot)
+            except BaseException:
+                with self._lock:  # not on disk: the next poll tries these again
+                    self._unsaved.update(s.study_uid for s in pending[done:] if s.study_uid in self._studies)
+                raise
+        return len(pending)
 
     # -- completion -----------------------------------------------------------------------------
 
@@ -209,6 +235,7 @@ class StudyAssembler:
         """
         now = self._clock() if now is None else now
         ready: list[tuple[str, int]] = []
+        snapshots: list[_Snapshot] = []
         self.save_pending()
         with self._lock:
             for st in self._studies.values():
@@ -220,8 +247,10 @@ class StudyAssembler:
                 ):
                     st.state = "queued"
                     st.queued_at = now
-                    self._save(st)
+                    snapshots.append(self._snapshot(st))
                     ready.append((st.study_uid, st.generation))
+        for snapshot in snapshots:
+            self._write(snapshot)  # "queued" is on disk before the enqueue; recover() repairs a crash in between
         enqueued: list[tuple[str, int]] = []
         for study_uid, generation in ready:
             try:
@@ -268,7 +297,8 @@ class StudyAssembler:
                     generation,
                     st.generation,
                 )
-            self._save(st)
+            snapshot = self._snapshot(st)
+        self._write(snapshot)
 
     def mark_failed(self, study_uid: str, generation: int, reason: str) -> None:
         """The worker gave up on *generation* (after its own retries)."""
@@ -281,7 +311,8 @@ class StudyAssembler:
             st.failure_reason = reason
             st.finished_at = self._clock()
             LOGGER.error("study %s: generation %d failed: %s", study_uid, generation, reason)
-            self._save(st)
+            snapshot = self._snapshot(st)
+        self._write(snapshot)
 
     # -- queries --------------------------------------------------------------------------------
 
@@ -411,18 +442,31 @@ class StudyAssembler:
         return self.studies_dir / f"{study_uid}.json"
 
     def _save(self, st: StudyState) -> None:
-        """Atomic replace: a reader (or a crash) sees the old or the new state, never half."""
+        """Write ``st`` now, lock held: for the rare paths (restart, a failed enqueue) where waiting is harmless."""
+        self._write(self._snapshot(st))
+
+    def _snapshot(self, st: StudyState) -> _Snapshot:
+        """Serialise ``st`` with the next version of its file; the caller holds ``self._lock``."""
         self._unsaved.discard(st.study_uid)
-        path = self._state_path(st.study_uid)
-        tmp = self.studies_dir / f".{st.study_uid}.{uuid.uuid4().hex}.tmp"
+        version = self._versions.get(st.study_uid, 0) + 1
+        self._versions[st.study_uid] = version
         # json.dumps without indent takes the C encoder; json.dump and any indent take the pure-Python one.
-        text = json.dumps(st.to_json(), sort_keys=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(self.studies_dir)
+        return _Snapshot(st.study_uid, version, json.dumps(st.to_json(), sort_keys=True))
+
+    def _write(self, snapshot: _Snapshot) -> None:
+        """Atomic replace: a reader (or a crash) sees the old or the new state, never half, and never an older one."""
+        with self._write_lock:
+            if self._written.get(snapshot.study_uid, 0) >= snapshot.version:
+                return  # a later snapshot of this study is already on disk
+            path = self._state_path(snapshot.study_uid)
+            tmp = self.studies_dir / f".{snapshot.study_uid}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(snapshot.text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(self.studies_dir)
+            self._written[snapshot.study_uid] = snapshot.version
 
     def _load(self) -> None:
         for tmp in self.studies_dir.glob(".*.tmp"):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from sklearn.metrics import cohen_kappa_score, roc_auc_score, roc_curve
 from torch import nn
 
-from models.checkpoint import ModelCard
 from models.anatomy_vocabulary import VOCABULARY, canonical_name, in_vocabulary_order
+from models.checkpoint import ModelCard
+from models.confidence import auroc_interval
 from models.data import read_class_folders, read_mura, read_rsna_boneage, split_of
 from models.preprocess import Augment, Geometry
 from models.train import Example, TaskSpec, TrainConfig, build_cache, predict_cache, train
@@ -75,8 +76,14 @@ def youden_threshold(y_true: Sequence[float], prob: Sequence[float]) -> float:
     return float(np.clip(thresholds[int(np.argmax(j))], 0.0, 1.0))
 
 
-def binary_metrics(y_true: Sequence[float], prob: Sequence[float], threshold: float = 0.5) -> dict[str, float]:
-    """AUROC, accuracy, sensitivity, specificity and Cohen's kappa at ``threshold`` (decision: prob >= threshold)."""
+def binary_metrics(y_true: Sequence[float], prob: Sequence[float], threshold: float = 0.5, *,
+                   with_interval: bool = False) -> dict[str, Any]:
+    """AUROC, accuracy, sensitivity, specificity and Cohen's kappa at ``threshold`` (decision: prob >= threshold).
+
+    ``with_interval`` adds ``auroc_ci95``, the AUROC's 95 % bootstrap interval (:func:`models.confidence.auroc_interval`,
+    nan without both classes). It is a keyword because a thousand resamples are for evaluation reports, where every
+    block of figures (overall, per region, per study) should carry one, not for training's per-epoch validation.
+    """
     y = np.asarray(y_true, dtype=float) > 0.5
     p = np.asarray(prob, dtype=float)
     decision = p >= threshold
@@ -94,6 +101,8 @@ def binary_metrics(y_true: Sequence[float], prob: Sequence[float], threshold: fl
     # Kappa is undefined when both raters use a single label; sklearn then returns nan with a warning.
     if len(np.unique(y)) > 1 or len(np.unique(decision)) > 1:
         metrics["kappa"] = float(cohen_kappa_score(y, decision))
+    if with_interval:
+        metrics["auroc_ci95"] = auroc_interval(y, p)
     return metrics
 
 

@@ -256,17 +256,18 @@ def abnormality_report(items: list[Item], preds: list[ImagePrediction],
     study_region = {i.study: i.group for i in items}
     metrics: dict[str, Any] = {
         "threshold": threshold,
-        "image": {**binary_metrics(y, p, threshold), "auroc_ci95": auroc_interval(y, p)},
-        "study": {**binary_metrics(study_y, study_p, threshold), "auroc_ci95": auroc_interval(study_y, study_p)},
+        "image": binary_metrics(y, p, threshold, with_interval=True),
+        "study": binary_metrics(study_y, study_p, threshold, with_interval=True),
         "image_by_region": {},
         "study_by_region": {},
     }
     for region in sorted({i.group for i in items}):
         idx = [k for k, i in enumerate(items) if i.group == region]
-        metrics["image_by_region"][region] = binary_metrics([y[k] for k in idx], [p[k] for k in idx], threshold)
+        metrics["image_by_region"][region] = binary_metrics([y[k] for k in idx], [p[k] for k in idx], threshold,
+                                                            with_interval=True)
         sidx = [k for k, s in enumerate(studies) if study_region[s] == region]
         metrics["study_by_region"][region] = binary_metrics([study_y[k] for k in sidx], [study_p[k] for k in sidx],
-                                                            threshold)
+                                                            threshold, with_interval=True)
     rows = [{"path": i.key, "study": i.study, "region": i.group, "abnormal": int(i.label), "probability": q}
             for i, q in zip(items, p)]
     study = metrics["study"]

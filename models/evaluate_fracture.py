@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from models.classify import binary_metrics
-from models.confidence import auroc_interval, mean_interval
+from models.confidence import mean_interval
 from models.fracatlas import REGIONS, FractureCase, case_split, pointing_hit, read_fracatlas
 from models.inference import Predictor
 from models.preprocess import load_image
@@ -102,9 +102,8 @@ def _pointing(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def fracture_metrics(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
     def block(subset: list[dict[str, Any]]) -> dict[str, Any]:
         labels, scores = [r["fractured"] for r in subset], [r["probability"] for r in subset]
-        found = binary_metrics(labels, scores, threshold)
-        return {**found, "auroc": found.get("auroc", float("nan")), "auroc_ci95": auroc_interval(labels, scores),
-                **_pointing(subset)}
+        found = binary_metrics(labels, scores, threshold, with_interval=True)
+        return {**found, "auroc": found.get("auroc", float("nan")), **_pointing(subset)}
 
     overall = block(rows)
     return {**overall, "by_region": {region: block([r for r in rows if r["region"] == region])

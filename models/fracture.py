@@ -170,17 +170,25 @@ def freeze_early_layers(model: torch.nn.Module, blocks: int) -> list[torch.nn.Pa
 def start_from_checkpoint(model: torch.nn.Module, weights: Path, geometry: Geometry) -> str:
     """Load a trained fracture checkpoint into ``model``; returns the note the card keeps about it.
 
-    Continuing a run (new optimiser, new schedule) is how a run cut short by a CPU session's time goes on; the
-    geometry must be the same, or the learnt map and the features would be read at another scale.
+    Continuing a run (new optimiser, new schedule) is how a run cut short by a CPU session's time goes on. The
+    input size may differ (progressive resizing: a short fine-tune at a larger input than the run was trained at,
+    so the map is read at a finer stride without paying for a whole training at that size; the network is fully
+    convolutional). Everything else about the geometry must be the same, or the features would be learnt on
+    other pixels.
     """
+    from dataclasses import replace
+
     from models.checkpoint import load_checkpoint
 
     source, source_card = load_checkpoint(weights)
-    if source_card.task != "abnormality" or source_card.geometry != geometry:
+    if source_card.task != "abnormality" or replace(source_card.geometry, size=geometry.size) != geometry:
         raise ValueError(f"{weights}: a {source_card.task} checkpoint with geometry {source_card.geometry}, "
-                         f"not an abnormality one with {geometry}")
+                         f"not an abnormality one with {geometry} (only the size may differ)")
     model.load_state_dict(source.state_dict())
-    return f"{Path(weights).name} (sha256 {source_card.sha256[:12]}), epochs {source_card.training.get('epochs_run')}"
+    resized = (f", trained at {source_card.geometry.size} px, fine-tuned at {geometry.size} px"
+               if source_card.geometry.size != geometry.size else "")
+    return (f"{Path(weights).name} (sha256 {source_card.sha256[:12]}), epochs "
+            f"{source_card.training.get('epochs_run')}{resized}")
 
 
 def train_fracture(cases: list[FractureCase], source: Path, geometry: Geometry, cfg: TrainConfig) -> tuple[Path, dict]:

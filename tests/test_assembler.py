@@ -361,3 +361,56 @@ def test_state_json_is_what_asdict_gives_and_reads_back() -> None:
     expected = {**asdict(state), "sr_refs": [list(ref) for ref in state.sr_refs], "version": 1}
     assert state.to_json() == expected
     assert StudyState.from_json(json.loads(json.dumps(state.to_json()))) == state
+
+
+def test_a_slow_state_write_does_not_hold_up_the_listener(env, monkeypatch) -> None:
+    """The poller's flush of lagging state files runs outside the lock every C-STORE handler takes.
+
+    The disk is made slow (its directory flush waits on an event): while the poller is stuck in it, another
+    study's instance must still be recorded, which it could not be if the write held the assembler's lock.
+    """
+    import daemon.assembler as assembler_module
+
+    asm, _, _ = env
+    entered, release = threading.Event(), threading.Event()
+    real_fsync_dir = assembler_module.fsync_dir
+
+    def slow_fsync_dir(path: Path) -> None:
+        entered.set()
+        assert release.wait(10)
+        real_fsync_dir(path)
+
+    first, second = generate_uid(), generate_uid()
+    asm.instance_received(event(first))
+    monkeypatch.setattr(assembler_module, "fsync_dir", slow_fsync_dir)
+    poller = threading.Thread(target=asm.save_pending)
+    poller.start()
+    try:
+        assert entered.wait(10)
+        handler = threading.Thread(target=asm.instance_received, args=(event(second, assoc="a2"),))
+        handler.start()
+        handler.join(5)
+        assert not handler.is_alive(), "the listener waited on the poller's disk write"
+        assert asm.get(second) is not None
+    finally:
+        release.set()
+        poller.join(10)
+    monkeypatch.setattr(assembler_module, "fsync_dir", real_fsync_dir)
+    assert json.loads((asm.studies_dir / f"{first}.json").read_text())["study_uid"] == first
+    assert asm.save_pending() == 1  # the second study, recorded while the first was being written
+    assert (asm.studies_dir / f"{second}.json").exists()
+
+
+def test_a_state_snapshot_older_than_the_file_is_never_written(env) -> None:
+    """Two writers of one study (the poller and a worker's result) may finish in either order: the newer wins."""
+    asm, _, _ = env
+    study = generate_uid()
+    asm.instance_received(event(study))
+    with asm._lock:
+        older = asm._snapshot(asm._studies[study])
+        asm._studies[study].accession_number = "NEWER"
+        newer = asm._snapshot(asm._studies[study])
+    asm._write(newer)
+    asm._write(older)  # arrives late: dropped
+    assert json.loads((asm.studies_dir / f"{study}.json").read_text())["accession_number"] == "NEWER"
+    assert StudyAssembler(asm.data_dir, QUIET, Queue()).get(study).accession_number == "NEWER"

@@ -149,6 +149,8 @@ def test_evaluate_abnormality_on_mura_valid(abnormality_model: tuple[Path, dict]
     assert low <= metrics["study"]["auroc"] <= high and high - low < 0.5
     assert set(metrics["image_by_region"]) == set(REGIONS) == set(metrics["study_by_region"])
     assert sum(r["n"] for r in metrics["study_by_region"].values()) == 60
+    for block in (*metrics["image_by_region"].values(), *metrics["study_by_region"].values()):
+        assert len(block["auroc_ci95"]) == 2  # every block of a report carries its interval
     # Study level is the mean of the study's images, recomputed here from the per-image list.
     rows = report["per_image"]
     two_image = next(r["study"] for r in rows if sum(q["study"] == r["study"] for q in rows) == 2)
@@ -233,7 +235,10 @@ def test_binary_metrics_and_youden() -> None:
     assert threshold == pytest.approx(0.7)  # 3/4 sensitivity, 4/4 specificity beats every other cut
     m = binary_metrics(y, p, threshold)
     assert m["sensitivity"] == 0.75 and m["specificity"] == 1.0 and m["auroc"] == pytest.approx(15 / 16)
-    assert m["kappa"] == pytest.approx(0.75)
+    assert m["kappa"] == pytest.approx(0.75) and "auroc_ci95" not in m  # resampling is for reports only
+    low, high = binary_metrics(y, p, threshold, with_interval=True)["auroc_ci95"]
+    assert low <= m["auroc"] <= high <= 1.0 and low < high
+    assert np.isnan(binary_metrics([1, 1], [0.2, 0.3], with_interval=True)["auroc_ci95"]).all()
     assert youden_threshold([1, 1], [0.2, 0.3]) == 0.5  # undefined with one class: the default
     scores = np.array([[0.1, 0.5, 0.4], [0.6, 0.3, 0.1]])
     assert topk_accuracy([2, 1], scores, 1) == 0.0 and topk_accuracy([2, 1], scores, 2) == 1.0

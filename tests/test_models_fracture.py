@@ -147,15 +147,24 @@ def test_train_predict_and_evaluate_on_fracatlas_layout(fracatlas: Path, tmp_pat
     for name in ("fracture_roc.png", "fracture_calibration.png", "fracture_worst_misses.png"):
         assert (report_path.parent / name).stat().st_size > 1000
 
-    # a run cut short goes on from its weights, with a fresh schedule; another geometry is refused
+    # a run cut short goes on from its weights, with a fresh schedule; a larger input fine-tunes it (progressive
+    # resizing); any other change of geometry is refused
     more = tmp_path / "more" / "fracture.pt"
     common = ["--data", str(fracatlas), "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "1",
               "--no-progress", "--init-weights", str(out)]
     assert main(["train", "abnormality", "--out", str(more), "--size", "64", *common]) == 0
     continued = json.loads(more.with_suffix(".card.json").read_text())
     assert continued["training"]["initialised_from"].startswith("fracture.pt (sha256 ")
-    with pytest.raises(ValueError, match="geometry"):
-        main(["train", "abnormality", "--out", str(tmp_path / "other" / "f.pt"), "--size", "96", *common])
+    assert "fine-tuned" not in continued["training"]["initialised_from"]
+    larger = tmp_path / "larger" / "fracture.pt"
+    assert main(["train", "abnormality", "--out", str(larger), "--size", "96", *common]) == 0
+    resized = json.loads(larger.with_suffix(".card.json").read_text())
+    assert resized["input_size"] == 96
+    assert resized["training"]["initialised_from"].endswith("trained at 64 px, fine-tuned at 96 px")
+    assert load_predictor(larger).predict([image])[0].heatmap.shape == image.shape
+    with pytest.raises(ValueError, match="only the size may differ"):
+        main(["train", "abnormality", "--out", str(tmp_path / "other" / "f.pt"), "--size", "64", "--aspect",
+              "stretch", *common])
 
 
 @pytest.mark.skipif(not SHARED_FRACATLAS.is_dir(), reason="needs ../shared/data/fracatlas (the real FracAtlas)")
