@@ -50,7 +50,7 @@ def boneage_card(geometry: Geometry, architecture: str, age_mean: float, age_std
     )
 
 
-def boneage_spec(card: ModelCard) -> TaskSpec:
+def boneage_spec(card: ModelCard, hflip: bool = False) -> TaskSpec:
     mean, std = card.target_scaling["mean"], card.target_scaling["std"]
 
     def loss(model: nn.Module, x: torch.Tensor, age: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,7 @@ def boneage_spec(card: ModelCard) -> TaskSpec:
         return boneage_metrics(pred * std + mean, age, sex_logit, male)
 
     return TaskSpec(card=card, loss=loss, evaluate=evaluate, monitor="mae_months", lower_is_better=True,
-                    augment=Augment(degrees=15, scale=(0.85, 1.15), translate=0.08, contrast=0.2))
+                    augment=Augment(degrees=15, scale=(0.85, 1.15), translate=0.08, contrast=0.2, hflip=hflip))
 
 
 def boneage_metrics(pred_months: torch.Tensor, true_months: torch.Tensor, sex_logit: torch.Tensor,
@@ -109,7 +109,7 @@ def train_boneage(labels_csv: Path, out: Path, geometry: Geometry, cfg: TrainCon
         age_mean, age_std = source_card.target_scaling["mean"], source_card.target_scaling["std"]
         note += f"; initialised from {Path(cfg.init_weights).name} (sha256 {source_card.sha256[:12]})"
     card = boneage_card(geometry, architecture, age_mean, age_std, note)
-    spec = boneage_spec(card)
+    spec = boneage_spec(card, hflip=cfg.hflip)
     unmasked_geometry = Geometry.from_dict({**geometry.to_dict(), "mask_labels": False})
     train_cache = build_cache(splits["train"], unmasked_geometry, cfg.progress)
     val_cache = build_cache(splits["val"], geometry, cfg.progress)

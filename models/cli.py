@@ -31,6 +31,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reframe-probability", type=float, default=0.0,
                    help="boneage: fraction of training images taken from a copy cropped tightly on black or zoomed "
                         "out with padding (the ways a PACS's framing differs)")
+    p.add_argument("--hflip", action="store_true",
+                   help="boneage: mirror half the training images, so a right hand reads like a left one when its "
+                        "header does not say which it is (abnormality always mirrors)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -56,7 +59,8 @@ def run_train(args: argparse.Namespace) -> int:
     mask_p = args.mask_probability if args.mask_probability is not None else (1.0 if args.mask_labels else 0.0)
     cfg = TrainConfig(
         out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-        seed=args.seed, mask_probability=mask_p, reframe_probability=args.reframe_probability, max_steps_per_epoch=args.max_steps_per_epoch, device=args.device,
+        seed=args.seed, mask_probability=mask_p, reframe_probability=args.reframe_probability, hflip=args.hflip,
+        max_steps_per_epoch=args.max_steps_per_epoch, device=args.device,
         resume=not args.no_resume, progress=not args.no_progress, init_weights=args.init_weights,
     )
     if args.task == "boneage":

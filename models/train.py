@@ -52,6 +52,9 @@ class TrainConfig:
     #: bone age: fraction of training images drawn from a copy reframed the ways a PACS differs (tight crop on black,
     #: zoomed out with padding; one fixed framing per image, see ``build_reframed_cache``)
     reframe_probability: float = 0.0
+    #: bone age: mirror half the training images, so a right hand whose header does not say so reads like a left one
+    #: (RSNA holds left hands only; the fracture recipe always mirrors)
+    hflip: bool = False
     max_steps_per_epoch: int | None = None
     device: str | None = None
     resume: bool = True
@@ -262,7 +265,7 @@ def train(
                     "training": {
                         "epochs_run": epoch + 1, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
                         "train_images": len(train_examples), "mask_probability": cfg.mask_probability,
-                        "reframe_probability": cfg.reframe_probability,
+                        "reframe_probability": cfg.reframe_probability, "hflip": cfg.hflip,
                         "device": device.type,
                         "initialised_from": str(cfg.init_weights) if cfg.init_weights else "ImageNet",
                     },

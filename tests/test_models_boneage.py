@@ -294,3 +294,22 @@ def test_training_on_reframed_copies_is_recorded_and_reframes(rsna: Path, tmp_pa
     assert cli.main(["train", "boneage", "--data", str(rsna / "labels.csv"), "--out", str(out), "--arch", "tiny_cnn",
                      "--size", "48", "--epochs", "1", "--reframe-probability", "0.5", "--no-progress"]) == 0
     assert read_card(out).training["reframe_probability"] == 0.5
+
+
+def test_training_with_mirrored_hands_is_recorded_and_mirrors(tmp_path: Path, rsna: Path) -> None:
+    """``--hflip`` mirrors half the training batch (and nothing when off); the card says which way it was trained."""
+    from models.boneage import boneage_spec
+
+    out = tmp_path / "mirrored.pt"
+    assert cli.main(["train", "boneage", "--data", str(rsna / "labels.csv"), "--out", str(out), "--arch", "tiny_cnn",
+                     "--size", "48", "--epochs", "1", "--hflip", "--no-progress"]) == 0
+    trained = read_card(out)
+    assert trained.training["hflip"] is True
+    # the augmentation mirrors: a left-right ramp comes back reversed in about half the images, never without --hflip
+    ramp = torch.linspace(0, 1, 48).view(1, 1, 1, 48).expand(64, 1, 48, 48).contiguous()
+    for hflip, expect_mirrored in ((True, True), (False, False)):
+        augment = boneage_spec(trained, hflip=hflip).augment
+        augment.generator = torch.Generator().manual_seed(0)
+        geometric = augment.geometric(ramp)
+        mirrored = (geometric[:, 0, 24, 30] < geometric[:, 0, 24, 18]).float().mean().item()
+        assert (0.3 < mirrored < 0.7) if expect_mirrored else mirrored == 0.0
