@@ -193,8 +193,8 @@ def test_a_stopped_run_resumes_where_it_stopped(rsna: Path, tmp_path: Path, monk
     def spec_counting_epochs(counter: dict, die_at: int | None = None):
         """The real task spec, with its per-epoch validation counted (and a power cut at epoch ``die_at``)."""
 
-        def build(card):
-            spec = real_spec(card)
+        def build(card, **options):
+            spec = real_spec(card, **options)
             evaluate = spec.evaluate
 
             def counted(*args):
