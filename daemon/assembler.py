@@ -249,10 +249,22 @@ class StudyAssembler:
                     st.queued_at = now
                     snapshots.append(self._snapshot(st))
                     ready.append((st.study_uid, st.generation))
-        for snapshot in snapshots:
-            self._write(snapshot)  # "queued" is on disk before the enqueue; recover() repairs a crash in between
+        written: list[tuple[str, int]] = []
+        for snapshot, (study_uid, generation) in zip(snapshots, ready):
+            try:
+                self._write(snapshot)  # "queued" is on disk before the enqueue; recover() repairs a crash in between
+            except OSError:
+                LOGGER.exception("study %s: cannot write its state; it stays receiving and is tried again", study_uid)
+                with self._lock:
+                    st = self._studies[study_uid]
+                    if st.state == "queued" and st.generation == generation:
+                        st.state = "receiving"
+                        st.queued_at = None
+                        self._unsaved.add(study_uid)
+                continue
+            written.append((study_uid, generation))
         enqueued: list[tuple[str, int]] = []
-        for study_uid, generation in ready:
+        for study_uid, generation in written:
             try:
                 self._enqueue(study_uid, generation)
             except Exception:  # noqa: BLE001 - keep the study, retry on the next poll

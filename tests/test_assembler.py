@@ -414,3 +414,27 @@ def test_a_state_snapshot_older_than_the_file_is_never_written(env) -> None:
     asm._write(older)  # arrives late: dropped
     assert json.loads((asm.studies_dir / f"{study}.json").read_text())["accession_number"] == "NEWER"
     assert StudyAssembler(asm.data_dir, QUIET, Queue()).get(study).accession_number == "NEWER"
+
+
+def test_a_study_whose_state_cannot_be_written_is_not_enqueued_and_is_tried_again(env, monkeypatch) -> None:
+    """"Queued" must be on disk before the enqueue: a failed write keeps that study receiving, not the others."""
+    asm, clock, queue = env
+    good, bad = generate_uid(), generate_uid()
+    for study in (good, bad):
+        asm.instance_received(event(study, assoc=study))
+        asm.association_closed(study)
+    asm.save_pending()
+    clock.t += QUIET + 1
+    real_write = asm._write
+
+    def failing_write(snapshot) -> None:
+        if snapshot.study_uid == bad:
+            raise OSError(5, "Input/output error")
+        real_write(snapshot)
+
+    monkeypatch.setattr(asm, "_write", failing_write)
+    assert asm.poll() == [(good, 1)] and queue.items == [(good, 1)]
+    assert asm.get(bad).state == "receiving"
+    monkeypatch.setattr(asm, "_write", real_write)  # the disk is back
+    assert asm.poll() == [(bad, 1)]
+    assert json.loads((asm.studies_dir / f"{bad}.json").read_text())["state"] == "queued"
