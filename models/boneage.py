@@ -28,6 +28,7 @@ RSNA_LICENCE = (
     "RSNA Pediatric Bone Age Challenge training images (Halabi et al., Radiology 2019;290:498-503), "
     "research use only, with attribution."
 )
+#: The sex head's share of the loss beside the age's L1 on standardised months (``train boneage --sex-loss-weight``).
 SEX_LOSS_WEIGHT = 0.3
 
 
@@ -50,12 +51,12 @@ def boneage_card(geometry: Geometry, architecture: str, age_mean: float, age_std
     )
 
 
-def boneage_spec(card: ModelCard, hflip: bool = False) -> TaskSpec:
+def boneage_spec(card: ModelCard, hflip: bool = False, sex_loss_weight: float = SEX_LOSS_WEIGHT) -> TaskSpec:
     mean, std = card.target_scaling["mean"], card.target_scaling["std"]
 
     def loss(model: nn.Module, x: torch.Tensor, age: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
         age_pred, sex_logit = model(x, male)
-        return F.l1_loss(age_pred.float(), (age - mean) / std) + SEX_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(
+        return F.l1_loss(age_pred.float(), (age - mean) / std) + sex_loss_weight * F.binary_cross_entropy_with_logits(
             sex_logit.float(), male
         )
 
@@ -109,7 +110,7 @@ def train_boneage(labels_csv: Path, out: Path, geometry: Geometry, cfg: TrainCon
         age_mean, age_std = source_card.target_scaling["mean"], source_card.target_scaling["std"]
         note += f"; initialised from {Path(cfg.init_weights).name} (sha256 {source_card.sha256[:12]})"
     card = boneage_card(geometry, architecture, age_mean, age_std, note)
-    spec = boneage_spec(card, hflip=cfg.hflip)
+    spec = boneage_spec(card, hflip=cfg.hflip, sex_loss_weight=cfg.sex_loss_weight)
     unmasked_geometry = Geometry.from_dict({**geometry.to_dict(), "mask_labels": False})
     train_cache = build_cache(splits["train"], unmasked_geometry, cfg.progress)
     val_cache = build_cache(splits["val"], geometry, cfg.progress)

@@ -34,6 +34,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hflip", action="store_true",
                    help="boneage: mirror half the training images, so a right hand reads like a left one when its "
                         "header does not say which it is (abnormality always mirrors)")
+    p.add_argument("--sex-loss-weight", type=float, default=0.3,
+                   help="boneage: the sex head's weight in the loss, beside the age's L1 on standardised months")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -60,6 +62,7 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
         seed=args.seed, mask_probability=mask_p, reframe_probability=args.reframe_probability, hflip=args.hflip,
+        sex_loss_weight=args.sex_loss_weight,
         max_steps_per_epoch=args.max_steps_per_epoch, device=args.device,
         resume=not args.no_resume, progress=not args.no_progress, init_weights=args.init_weights,
     )

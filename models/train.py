@@ -55,6 +55,7 @@ class TrainConfig:
     #: bone age: mirror half the training images, so a right hand whose header does not say so reads like a left one
     #: (RSNA holds left hands only; the fracture recipe always mirrors)
     hflip: bool = False
+    sex_loss_weight: float = 0.3  #: bone age: the sex head's weight in the loss (models.boneage.SEX_LOSS_WEIGHT)
     max_steps_per_epoch: int | None = None
     device: str | None = None
     resume: bool = True
@@ -266,6 +267,7 @@ def train(
                         "epochs_run": epoch + 1, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
                         "train_images": len(train_examples), "mask_probability": cfg.mask_probability,
                         "reframe_probability": cfg.reframe_probability, "hflip": cfg.hflip,
+                        "sex_loss_weight": cfg.sex_loss_weight,
                         "device": device.type,
                         "initialised_from": str(cfg.init_weights) if cfg.init_weights else "ImageNet",
                     },

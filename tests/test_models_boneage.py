@@ -313,3 +313,28 @@ def test_training_with_mirrored_hands_is_recorded_and_mirrors(tmp_path: Path, rs
         geometric = augment.geometric(ramp)
         mirrored = (geometric[:, 0, 24, 30] < geometric[:, 0, 24, 18]).float().mean().item()
         assert (0.3 < mirrored < 0.7) if expect_mirrored else mirrored == 0.0
+
+
+def test_sex_loss_weight_scales_the_sex_term_and_is_recorded(tmp_path: Path, rsna: Path) -> None:
+    """``--sex-loss-weight``: the loss is the age's L1 plus this weight times the sex head's cross-entropy."""
+    import torch.nn.functional as F
+
+    from models.boneage import boneage_spec
+
+    out = tmp_path / "sexweighted.pt"
+    assert cli.main(["train", "boneage", "--data", str(rsna / "labels.csv"), "--out", str(out), "--arch", "tiny_cnn",
+                     "--size", "48", "--epochs", "1", "--sex-loss-weight", "2.0", "--no-progress"]) == 0
+    card = read_card(out)
+    assert card.training["sex_loss_weight"] == 2.0
+    age_out, sex_logit = torch.tensor([0.5, -0.2]), torch.tensor([1.5, -0.5])
+    age, male = torch.tensor([100.0, 60.0]), torch.tensor([1.0, 1.0])
+
+    def fixed_outputs(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return age_out, sex_logit
+
+    mean, std = card.target_scaling["mean"], card.target_scaling["std"]
+    age_term = F.l1_loss(age_out, (age - mean) / std)
+    sex_term = F.binary_cross_entropy_with_logits(sex_logit, male)
+    for weight in (0.0, 0.3, 2.0):
+        loss = boneage_spec(card, sex_loss_weight=weight).loss(fixed_outputs, torch.zeros(2), age, male)
+        assert float(loss) == pytest.approx(float(age_term + weight * sex_term), rel=1e-6)
