@@ -255,12 +255,7 @@ class StudyAssembler:
                 self._write(snapshot)  # "queued" is on disk before the enqueue; recover() repairs a crash in between
             except OSError:
                 LOGGER.exception("study %s: cannot write its state; it stays receiving and is tried again", study_uid)
-                with self._lock:
-                    st = self._studies[study_uid]
-                    if st.state == "queued" and st.generation == generation:
-                        st.state = "receiving"
-                        st.queued_at = None
-                        self._unsaved.add(study_uid)
+                self._back_to_receiving(study_uid, generation, write_now=False)  # the disk failed: do not insist
                 continue
             written.append((study_uid, generation))
         enqueued: list[tuple[str, int]] = []
@@ -269,16 +264,23 @@ class StudyAssembler:
                 self._enqueue(study_uid, generation)
             except Exception:  # noqa: BLE001 - keep the study, retry on the next poll
                 LOGGER.exception("study %s: enqueue failed; will retry", study_uid)
-                with self._lock:
-                    st = self._studies[study_uid]
-                    if st.state == "queued" and st.generation == generation:
-                        st.state = "receiving"
-                        st.queued_at = None
-                        self._save(st)
+                self._back_to_receiving(study_uid, generation, write_now=True)
                 continue
             LOGGER.info("study %s: complete, enqueued generation %d", study_uid, generation)
             enqueued.append((study_uid, generation))
         return enqueued
+
+    def _back_to_receiving(self, study_uid: str, generation: int, *, write_now: bool) -> None:
+        """Undo a "queued" whose state write or enqueue failed, so the next poll tries the study again."""
+        with self._lock:
+            st = self._studies[study_uid]
+            if st.state == "queued" and st.generation == generation:
+                st.state = "receiving"
+                st.queued_at = None
+                if write_now:
+                    self._save(st)
+                else:
+                    self._unsaved.add(study_uid)
 
     def _quiet_period(self, st: StudyState) -> float:
         if self._quiet_period_for is not None:
