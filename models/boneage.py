@@ -9,6 +9,7 @@ the DICOM header gives it at inference; when the header lacks it the sex head's 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,8 @@ def train_boneage(labels_csv: Path, out: Path, geometry: Geometry, cfg: TrainCon
         age_mean, age_std = source_card.target_scaling["mean"], source_card.target_scaling["std"]
         note += f"; initialised from {Path(cfg.init_weights).name} (sha256 {source_card.sha256[:12]})"
     card = boneage_card(geometry, architecture, age_mean, age_std, note)
+    if cfg.sex_loss_weight is None:
+        cfg = replace(cfg, sex_loss_weight=SEX_LOSS_WEIGHT)
     spec = boneage_spec(card, hflip=cfg.hflip, sex_loss_weight=cfg.sex_loss_weight)
     unmasked_geometry = Geometry.from_dict({**geometry.to_dict(), "mask_labels": False})
     train_cache = build_cache(splits["train"], unmasked_geometry, cfg.progress)

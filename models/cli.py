@@ -34,8 +34,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hflip", action="store_true",
                    help="boneage: mirror half the training images, so a right hand reads like a left one when its "
                         "header does not say which it is (abnormality always mirrors)")
-    p.add_argument("--sex-loss-weight", type=float, default=0.3,
-                   help="boneage: the sex head's weight in the loss, beside the age's L1 on standardised months")
+    p.add_argument("--sex-loss-weight", type=float,
+                   help="boneage: the sex head's weight in the loss, beside the age's L1 on standardised months "
+                        "(default: models.boneage.SEX_LOSS_WEIGHT)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)

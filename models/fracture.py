@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -176,8 +176,6 @@ def start_from_checkpoint(model: torch.nn.Module, weights: Path, geometry: Geome
     convolutional). Everything else about the geometry must be the same, or the features would be learnt on
     other pixels.
     """
-    from dataclasses import replace
-
     from models.checkpoint import load_checkpoint
 
     source, source_card = load_checkpoint(weights)

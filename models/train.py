@@ -55,7 +55,9 @@ class TrainConfig:
     #: bone age: mirror half the training images, so a right hand whose header does not say so reads like a left one
     #: (RSNA holds left hands only; the fracture recipe always mirrors)
     hflip: bool = False
-    sex_loss_weight: float = 0.3  #: bone age: the sex head's weight in the loss (models.boneage.SEX_LOSS_WEIGHT)
+    #: bone age: the sex head's weight in the loss; None is ``models.boneage.SEX_LOSS_WEIGHT`` (resolved there, so the
+    #: card records the weight used)
+    sex_loss_weight: float | None = None
     max_steps_per_epoch: int | None = None
     device: str | None = None
     resume: bool = True

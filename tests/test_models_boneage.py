@@ -298,13 +298,14 @@ def test_training_on_reframed_copies_is_recorded_and_reframes(rsna: Path, tmp_pa
 
 def test_training_with_mirrored_hands_is_recorded_and_mirrors(tmp_path: Path, rsna: Path) -> None:
     """``--hflip`` mirrors half the training batch (and nothing when off); the card says which way it was trained."""
-    from models.boneage import boneage_spec
+    from models.boneage import SEX_LOSS_WEIGHT, boneage_spec
 
     out = tmp_path / "mirrored.pt"
     assert cli.main(["train", "boneage", "--data", str(rsna / "labels.csv"), "--out", str(out), "--arch", "tiny_cnn",
                      "--size", "48", "--epochs", "1", "--hflip", "--no-progress"]) == 0
     trained = read_card(out)
     assert trained.training["hflip"] is True
+    assert trained.training["sex_loss_weight"] == SEX_LOSS_WEIGHT  # the default, resolved before the card is written
     # the augmentation mirrors: a left-right ramp comes back reversed in about half the images, never without --hflip
     ramp = torch.linspace(0, 1, 48).view(1, 1, 1, 48).expand(64, 1, 48, 48).contiguous()
     for hflip, expect_mirrored in ((True, True), (False, False)):
