@@ -37,6 +37,21 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sex-loss-weight", type=float,
                    help="boneage: the sex head's weight in the loss, beside the age's L1 on standardised months "
                         "(default: models.boneage.SEX_LOSS_WEIGHT)")
+    p.add_argument("--normalisation", choices=["imagenet", "radiograph"], default="imagenet",
+                   help="input normalisation, kept in the card: ImageNet's colour statistics, or (x - 0.45) / 0.25 on "
+                        "every channel (a grey radiograph in [0, 1])")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 autocast where the GPU or CPU runs it natively (AVX-512 BF16, AMX), else fp32")
+    p.add_argument("--ema-decay", type=float, default=0.0,
+                   help="validate and save an exponential moving average of the weights with this decay (0: none)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW's weight decay")
+    p.add_argument("--site-style-probability", type=float, default=0.0,
+                   help="boneage: fraction of training images shown in a random site's processing (histogram "
+                        "equalisation, CLAHE, unsharp masking, windowing, segmented on black)")
+    p.add_argument("--smooth-l1-beta", type=float, default=0.0,
+                   help="boneage: smooth L1 on standardised months with this beta (0: plain L1)")
+    p.add_argument("--augment", choices=["default", "wide"], default="default",
+                   help="boneage: augmentation strength (wide: rotation 20, scale 0.8-1.2, shift 10 %%, brightness)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -55,8 +70,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from models.preprocess import NORMALISATIONS
+
+    mean, std = NORMALISATIONS[args.normalisation]
     geometry = Geometry(size=args.size, aspect=args.aspect, mask_labels=args.mask_labels,
-                        crop_to_body=args.crop_to_body)
+                        crop_to_body=args.crop_to_body, mean=mean, std=std)
     if args.init_weights and args.task not in ("abnormality", "boneage"):
         raise SystemExit("--init-weights is for abnormality on a FracAtlas folder and for boneage only")
     mask_p = args.mask_probability if args.mask_probability is not None else (1.0 if args.mask_labels else 0.0)
@@ -66,6 +84,8 @@ def run_train(args: argparse.Namespace) -> int:
         sex_loss_weight=args.sex_loss_weight,
         max_steps_per_epoch=args.max_steps_per_epoch, device=args.device,
         resume=not args.no_resume, progress=not args.no_progress, init_weights=args.init_weights,
+        precision=args.precision, ema_decay=args.ema_decay, weight_decay=args.weight_decay,
+        site_style_probability=args.site_style_probability, smooth_l1_beta=args.smooth_l1_beta, augment=args.augment,
     )
     if args.task == "boneage":
         from models.boneage import train_boneage

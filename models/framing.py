@@ -14,6 +14,9 @@ evaluate boneage --variants`` runs the test split through each of these and repo
   header (bone age mirrors it back: the figures should equal the image as sent) or without a side (what a
   right hand costs a model trained on left hands). Outside the issue's list; :data:`VARIANT_LATERALITY` gives the
   header side each variant comes with.
+- ``segmented_equalised`` / ``clahe``: not framing but a site's processing (:mod:`models.site_processing`): the hand
+  segmented onto black and contrast-equalised, as another pipeline sent 60 hands in issue 30; and CLAHE, as many
+  exports and public sets (the OAI knees) apply it.
 """
 
 from __future__ import annotations
@@ -24,29 +27,16 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from models.preprocess import otsu_threshold
+from models.site_processing import clahe, segmented_equalised, silhouette
 
 VARIANTS: tuple[str, ...] = (
     "tight_crop_black", "zoomed_out", "rotated_plus_15", "rotated_minus_15", "monochrome1_dicom",
-    "right_hand_stated", "right_hand_unstated",
+    "right_hand_stated", "right_hand_unstated", "segmented_equalised", "clahe",
 )
 #: Variants that change the hand's side rather than its framing.
 SIDE_VARIANTS: frozenset[str] = frozenset({"right_hand_stated", "right_hand_unstated"})
 #: The header's ImageLaterality each variant arrives with (None: the header does not say).
 VARIANT_LATERALITY: dict[str, str | None] = {"right_hand_stated": "R"}
-
-
-def silhouette(image: np.ndarray) -> np.ndarray:
-    """Boolean mask of the largest bright region (the hand and forearm), holes filled."""
-    smooth = ndimage.gaussian_filter(image.astype(np.float32), max(1.0, min(image.shape) / 300))
-    level = otsu_threshold(smooth.ravel())
-    below = smooth[smooth <= level]
-    level = (level + float(below.mean())) / 2 if below.size else level
-    labels, count = ndimage.label(ndimage.binary_opening(smooth > level, iterations=2))
-    if count == 0:
-        return np.ones(image.shape, dtype=bool)
-    areas = ndimage.sum(np.ones_like(labels), labels, index=np.arange(1, count + 1))
-    return ndimage.binary_fill_holes(labels == int(np.argmax(areas)) + 1)
 
 
 def tight_crop_black(image: np.ndarray) -> np.ndarray:
@@ -108,6 +98,10 @@ def make_variant(image: np.ndarray, name: str) -> np.ndarray:
         return rotated(image, -15.0)
     if name == "monochrome1_dicom":
         return monochrome1_round_trip(image)
+    if name == "segmented_equalised":
+        return segmented_equalised(image)
+    if name == "clahe":
+        return clahe(image)
     if name in SIDE_VARIANTS:
         return np.ascontiguousarray(image[:, ::-1], dtype=np.float32)
     raise ValueError(f"unknown framing variant {name!r}; choose from {', '.join(VARIANTS)}")

@@ -25,6 +25,14 @@ from scipy import ndimage
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: One grey level for all three channels, (x - 0.45) / 0.25: what a grayscale radiograph in [0, 1] spans (issue 30's
+#: recipe; ImageNet's per-channel colour statistics mean nothing for a grey image).
+RADIOGRAPH_MEAN = (0.45, 0.45, 0.45)
+RADIOGRAPH_STD = (0.25, 0.25, 0.25)
+#: ``train --normalisation`` names.
+NORMALISATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "radiograph": (RADIOGRAPH_MEAN, RADIOGRAPH_STD),
+}
 
 
 @dataclass(frozen=True)
@@ -239,6 +247,7 @@ class Augment:
     translate: float = 0.06
     contrast: float = 0.15
     gamma: float = 0.2
+    brightness: float = 0.0
     hflip: bool = False
     generator: torch.Generator | None = field(default=None, repr=False)
 
@@ -265,10 +274,13 @@ class Augment:
         return F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     def photometric(self, batch: torch.Tensor) -> torch.Tensor:
-        """Gamma and contrast jitter of the grey levels."""
+        """Gamma, contrast and brightness jitter of the grey levels."""
         n, dev = batch.shape[0], batch.device
         gamma = torch.exp(self._uniform(n, -self.gamma, self.gamma, dev)).view(n, 1, 1, 1)
         out = batch.clamp(0, 1) ** gamma
         contrast = self._uniform(n, 1 - self.contrast, 1 + self.contrast, dev).view(n, 1, 1, 1)
         mean = out.mean(dim=(2, 3), keepdim=True)
-        return ((out - mean) * contrast + mean).clamp(0, 1)
+        out = (out - mean) * contrast + mean
+        if self.brightness:
+            out = out + self._uniform(n, -self.brightness, self.brightness, dev).view(n, 1, 1, 1)
+        return out.clamp(0, 1)

@@ -2,8 +2,11 @@
 
 The loop preprocesses every image once through :mod:`models.preprocess` (the same path inference uses) into a
 uint8 cache, then trains with batched augmentation, validation each epoch, early stopping on the validation
-metric, a checkpoint (weights + card) after every epoch so a stopped run resumes, seeds, a progress bar, and
-mixed precision plus channels-last when a GPU is present. It runs on a CPU too.
+metric, a checkpoint (weights + card) after every epoch so a stopped run resumes, seeds, a progress bar,
+channels-last, and bf16 autocast wherever the hardware has it: on a CUDA GPU, and on a CPU with AVX-512 BF16 or AMX
+(on this project's AMD EPYC cores a Lite0 step of 32 images at 384 px takes 5.1 s against 8.6 s in fp32, issue 30).
+The same code runs unchanged on either. An exponential moving average of the weights (``TrainConfig.ema_decay``) is
+what validation reads and what the checkpoint holds, as in torchvision's reference scripts.
 """
 
 from __future__ import annotations
@@ -63,6 +66,16 @@ class TrainConfig:
     resume: bool = True
     progress: bool = True
     init_weights: Path | None = None  # start from a trained checkpoint of the same task (fresh optimiser and schedule)
+    #: "auto": bf16 autocast where :func:`bf16_supported` says so, else fp32; "bf16" or "fp32" to force one
+    precision: str = "auto"
+    #: decay of the weights' exponential moving average (0: no EMA); validation and the checkpoint read the average
+    ema_decay: float = 0.0
+    #: fraction of each training batch shown in a random site's processing (:mod:`models.site_processing`)
+    site_style_probability: float = 0.0
+    #: bone age: beta of the smooth L1 loss on standardised months (0: plain L1, as before)
+    smooth_l1_beta: float = 0.0
+    #: bone age: augmentation strength, a name in ``models.boneage.AUGMENTS``
+    augment: str = "default"
 
 
 @dataclass
@@ -75,6 +88,34 @@ class TaskSpec:
     monitor: str
     lower_is_better: bool
     augment: Augment = field(default_factory=Augment)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast runs natively here: a CUDA GPU that says so, or a CPU with AVX-512 BF16 or AMX.
+
+    Elsewhere bf16 on a CPU is emulated and slower than fp32, so ``precision="auto"`` stays in fp32 there.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def autocast_enabled(precision: str, device: torch.device) -> bool:
+    """Resolve ``TrainConfig.precision`` for ``device``: True means bf16 autocast."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+    return precision == "bf16" or (precision == "auto" and bf16_supported(device))
+
+
+def build_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and BatchNorm statistics (None when ``decay`` is 0)."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -167,8 +208,12 @@ def _is_boneage(model: nn.Module) -> bool:
 
 
 def resume_loop(state_path: Path, resume: bool, model: nn.Module, optimiser: torch.optim.Optimizer, scheduler: Any,
-                generator: torch.Generator) -> tuple[list[dict], dict | None, int]:
-    """(history, best record, first epoch to run): from the per-epoch state file when resuming, else fresh."""
+                generator: torch.Generator, ema: nn.Module | None = None) -> tuple[list[dict], dict | None, int]:
+    """(history, best record, first epoch to run): from the per-epoch state file when resuming, else fresh.
+
+    Every random stream the loop draws from is restored (its own generator, torch's global one that dropout uses,
+    numpy's and Python's), so a resumed run reaches the weights an uninterrupted one would have.
+    """
     if not (resume and state_path.exists()):
         return [], None, 0
     state = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -176,15 +221,28 @@ def resume_loop(state_path: Path, resume: bool, model: nn.Module, optimiser: tor
     optimiser.load_state_dict(state["optimiser"])
     scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])
+    if ema is not None:
+        if state.get("ema") is None:
+            raise ValueError(f"{state_path}: saved without an EMA; resume with the EMA decay it was started with")
+        ema.load_state_dict(state["ema"])
+    if "torch_rng" in state:
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
     LOGGER.info("resumed from %s at epoch %d", state_path, state["epoch"] + 1)
     return state["history"], state["best"], state["epoch"] + 1
 
 
 def save_loop(state_path: Path, model: nn.Module, optimiser: torch.optim.Optimizer, scheduler: Any,
-              generator: torch.Generator, history: list[dict], best: dict | None, epoch: int) -> None:
-    """Everything a stopped run needs to go on after ``epoch`` (written after every epoch)."""
+              generator: torch.Generator, history: list[dict], best: dict | None, epoch: int,
+              ema: nn.Module | None = None) -> None:
+    """Everything a stopped run needs to go on after ``epoch`` (written after every epoch, atomically)."""
+    tmp = state_path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
-                "history": history, "best": best, "epoch": epoch, "generator": generator.get_state()}, state_path)
+                "history": history, "best": best, "epoch": epoch, "generator": generator.get_state(),
+                "ema": ema.state_dict() if ema is not None else None, "torch_rng": torch.get_rng_state(),
+                "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}, tmp)
+    tmp.replace(state_path)
 
 
 def train(
@@ -211,15 +269,19 @@ def train(
         LOGGER.info("initialised from %s", cfg.init_weights)
     model = model.to(device).to(memory_format=torch.channels_last)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = build_ema(model, cfg.ema_decay)
+    bf16 = autocast_enabled(cfg.precision, device)
+    LOGGER.info("training on %s in %s%s", device, "bf16 autocast" if bf16 else "fp32",
+                f", EMA {cfg.ema_decay}" if ema is not None else "")
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch), pct_start=0.15
     )
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda")
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and not bf16)  # only fp32 needs none; bf16 none
     state_path = cfg.out.with_suffix(".state.pt")
-    history, best, start_epoch = resume_loop(state_path, cfg.resume, model, optimiser, scheduler, generator)
+    history, best, start_epoch = resume_loop(state_path, cfg.resume, model, optimiser, scheduler, generator, ema)
 
     stale = 0 if best is None else start_epoch - 1 - best["epoch"]
     for epoch in range(start_epoch, cfg.epochs):
@@ -241,17 +303,25 @@ def train(
             if reframed_train_cache is not None and cfg.reframe_probability > 0:
                 pick = torch.rand(len(idx), generator=generator) < cfg.reframe_probability
                 batch_u8 = torch.where(pick.view(-1, 1, 1, 1), reframed_train_cache[idx], batch_u8)
+            if cfg.site_style_probability > 0:
+                from models.site_processing import restyle_batch
+
+                style_seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+                batch_u8 = restyle_batch(batch_u8, cfg.site_style_probability, style_seed)
             x = _to_input(batch_u8, geometry, device, spec.augment)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = spec.loss(model, x, y_train[idx].to(device), s_train[idx].to(device))
             optimiser.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimiser)
             scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        metrics = spec.evaluate(model, val_cache, y_val, s_val)
+        judged = ema.module if ema is not None else model
+        metrics = spec.evaluate(judged, val_cache, y_val, s_val)
         record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "seconds": round(time.time() - began, 1), **metrics}
         history.append(record)
         LOGGER.info("epoch %d: %s", epoch + 1, json.dumps(record))
@@ -270,16 +340,19 @@ def train(
                         "train_images": len(train_examples), "mask_probability": cfg.mask_probability,
                         "reframe_probability": cfg.reframe_probability, "hflip": cfg.hflip,
                         "sex_loss_weight": cfg.sex_loss_weight,
-                        "device": device.type,
+                        "device": device.type, "precision": "bf16" if bf16 else "fp32",
+                        "ema_decay": cfg.ema_decay, "weight_decay": cfg.weight_decay,
+                        "site_style_probability": cfg.site_style_probability,
+                        "smooth_l1_beta": cfg.smooth_l1_beta, "augment": cfg.augment,
                         "initialised_from": str(cfg.init_weights) if cfg.init_weights else "ImageNet",
                     },
                     "code_version": code_version(),
                     "trained": True,
                 }
             )
-            save_checkpoint(model, card, cfg.out)
+            save_checkpoint(judged, card, cfg.out)
         else:
             stale += 1
-        save_loop(state_path, model, optimiser, scheduler, generator, history, best, epoch)
+        save_loop(state_path, model, optimiser, scheduler, generator, history, best, epoch, ema)
     (cfg.out.with_suffix(".history.json")).write_text(json.dumps(history, indent=2))
     return cfg.out, best or {}

@@ -339,3 +339,63 @@ def test_sex_loss_weight_scales_the_sex_term_and_is_recorded(tmp_path: Path, rsn
     for weight in (0.0, 0.3, 2.0):
         loss = boneage_spec(card, sex_loss_weight=weight).loss(fixed_outputs, torch.zeros(2), age, male)
         assert float(loss) == pytest.approx(float(age_term + weight * sex_term), rel=1e-6)
+
+
+def test_a_resumed_run_reaches_the_weights_of_an_uninterrupted_one(rsna: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 30's recipe options (EMA, site styles, smooth L1, wide augmentation, bf16 where the CPU has it): a run
+    cut after its second epoch and resumed ends with exactly the weights (and EMA) of a run that never stopped."""
+    import models.boneage as boneage
+
+    options = dict(epochs=3, batch_size=32, lr=3e-3, patience=10, progress=False, ema_decay=0.9,
+                   site_style_probability=0.5, smooth_l1_beta=0.1, augment="wide", weight_decay=0.01)
+    whole = tmp_path / "whole" / "ba.pt"
+    train_boneage(rsna / "labels.csv", whole, Geometry(size=32), TrainConfig(out=whole, resume=False, **options),
+                  "tiny_cnn")
+
+    cut = tmp_path / "cut" / "ba.pt"
+    real_spec = boneage.boneage_spec
+    calls = {"n": 0}
+
+    def dying_spec(card, **kwargs):
+        spec = real_spec(card, **kwargs)
+        evaluate = spec.evaluate
+
+        def counted(*args):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt("power cut")
+            return evaluate(*args)
+
+        spec.evaluate = counted
+        return spec
+
+    monkeypatch.setattr(boneage, "boneage_spec", dying_spec)
+    with pytest.raises(KeyboardInterrupt):
+        train_boneage(rsna / "labels.csv", cut, Geometry(size=32), TrainConfig(out=cut, resume=True, **options),
+                      "tiny_cnn")
+    monkeypatch.setattr(boneage, "boneage_spec", real_spec)
+    train_boneage(rsna / "labels.csv", cut, Geometry(size=32), TrainConfig(out=cut, resume=True, **options),
+                  "tiny_cnn")
+
+    a = torch.load(whole.with_suffix(".state.pt"), weights_only=False)
+    b = torch.load(cut.with_suffix(".state.pt"), weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    card = read_card(cut)
+    assert card.training["ema_decay"] == 0.9 and card.training["smooth_l1_beta"] == 0.1
+    assert card.training["augment"] == "wide" and card.training["site_style_probability"] == 0.5
+
+
+def test_precision_follows_the_hardware_unless_forced() -> None:
+    from models.train import autocast_enabled, bf16_supported
+
+    cpu = torch.device("cpu")
+    assert autocast_enabled("auto", cpu) == bf16_supported(cpu)
+    assert autocast_enabled("bf16", cpu) is True
+    assert autocast_enabled("fp32", cpu) is False
+    with pytest.raises(ValueError, match="precision"):
+        autocast_enabled("fp16", cpu)
