@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     from models import cli as models_cli
 
     models_cli.add_train_parser(sub)
-    for name in ("add_evaluate_parser", "add_fit_side_parser", "add_sort_parser"):
+    for name in ("add_evaluate_parser", "add_fit_side_parser", "add_compare_parser", "add_sort_parser"):
         adder = getattr(models_cli, name, None)
         if adder is not None:
             adder(sub)

@@ -163,6 +163,26 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return evaluate_command(args)
 
 
+def add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="bone age: two evaluate reports of the same images, paired (candidate - base)")
+    p.add_argument("base", type=Path, help="the report of the model that ships")
+    p.add_argument("candidate", type=Path, help="the report of the model that would replace it")
+    p.set_defaults(func=run_compare)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from models.compare import compare_files
+
+    result = compare_files(args.base, args.candidate)
+    print(json.dumps(result, indent=2))
+    low, high = result["mae_difference_ci95"]
+    print(f"candidate - base: {result['mae_difference_months']:+.2f} months (95 % CI {low:+.2f} to {high:+.2f}, "
+          f"paired, n={result['n']}); better on {result['candidate_better_on']:.0%} of the images")
+    return 0
+
+
 def add_sort_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sort", help="cluster unlabeled radiographs into contact sheets + clusters.yaml to name")
     p.add_argument("--images", type=Path, required=True, action="append",
@@ -204,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     add_train_parser(sub)
     add_evaluate_parser(sub)
     add_fit_side_parser(sub)
+    add_compare_parser(sub)
     add_sort_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
