@@ -59,6 +59,13 @@ class ModelCard(BaseModel):
     #: and the probability at or above which an image is read as a right hand and mirrored, chosen on validation.
     side_head: bool = False
     side_threshold: float | None = None
+    #: Anatomy only (issue 25): ``temperature`` dividing the logits (fitted on validation), and ``ood``: the
+    #: out-of-distribution model's sidecar (``file`` beside the weights, its ``sha256``), ``threshold`` and the rule
+    #: that chose it. Empty: raw softmax, no OOD measure.
+    calibration: dict[str, Any] = Field(default_factory=dict)
+    #: The precision inference runs in: "bf16" (autocast, where the hardware runs it natively; fp32 elsewhere) only
+    #: when validation read through both gave the same figures, recorded in the weights README; else "fp32".
+    inference_precision: Literal["fp32", "bf16"] = "fp32"
 
     @property
     def geometry(self) -> Geometry:

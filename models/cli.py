@@ -140,9 +140,12 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
                       help="mask burned-in labels (default: as the model card says)")
     mask.add_argument("--no-mask", dest="mask", action="store_false", help="do not mask burned-in labels")
     p.add_argument("--tta", action="store_true", help="bone age: average the image and two small shifts")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="inference precision (default: the card's; bf16 only where the hardware runs it natively)")
     p.add_argument("--variants", action="store_true",
-                   help="bone age: also measure the images reframed as real ones differ (tight crop on black, zoomed "
-                        "out, rotated 15 degrees both ways, MONOCHROME1 DICOM)")
+                   help="bone age: also measure the images reframed and processed as real ones differ (tight crop on "
+                        "black, zoomed out, rotated 15 degrees both ways, MONOCHROME1 DICOM, a right hand with and "
+                        "without its side, segmented on black and equalised, CLAHE)")
     p.add_argument("--regions", type=Path, action="append",
                    help="anatomy: independent region labels (FracAtlas dataset.csv, RSNA labels.csv), repeatable; "
                         "adds region-level accuracy")

@@ -444,10 +444,14 @@ def _jsonable(value: Any) -> Any:
 def evaluate(task: str, weights: Path, data: Path | None, *, labels: Path | None = None, split: str | None = None,
              mask: bool | None = None, tta: bool = False, json_out: Path | None = None, plots: Path | None = None,
              batch_size: int = 16, device: str | None = None, progress: bool = True,
-             regions: Sequence[Path] | None = None, variants: bool = False,
+             regions: Sequence[Path] | None = None, variants: bool = False, precision: str | None = None,
              echo: Callable[[str], None] = print) -> dict:
-    """Evaluate ``weights`` on a labelled folder; writes the JSON and plots, returns the report."""
-    predictor = load_predictor(weights, device=device, mask_labels=mask, batch_size=batch_size)
+    """Evaluate ``weights`` on a labelled folder; writes the JSON and plots, returns the report.
+
+    ``precision`` ("fp32", "bf16") overrides the card's inference precision: reading validation both ways is how a
+    card earns ``inference_precision: bf16``.
+    """
+    predictor = load_predictor(weights, device=device, mask_labels=mask, batch_size=batch_size, precision=precision)
     card = predictor.card
     if task == "sex" and card.task not in ("sex", "boneage"):
         raise ValueError(f"{weights} is a {card.task} model; sex needs a sex or bone-age checkpoint")
@@ -550,7 +554,7 @@ def evaluate(task: str, weights: Path, data: Path | None, *, labels: Path | None
         "model": _model_entry(weights, card),
         "data": source,
         "split": split,
-        "preprocessing": {**predictor.geometry.to_dict(), "tta": tta},
+        "preprocessing": {**predictor.geometry.to_dict(), "tta": tta, "bf16": predictor.bf16},
         "metrics": metrics,
         "timing": timing,
         "plots": [str(p) for p in plot_paths],
@@ -617,6 +621,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.task, args.weights, args.data, labels=args.labels, split=args.split, mask=args.mask, tta=args.tta,
         json_out=args.json, plots=args.plots, batch_size=args.batch_size, device=args.device,
         progress=not args.no_progress, regions=getattr(args, "regions", None),
-        variants=getattr(args, "variants", False),
+        variants=getattr(args, "variants", False), precision=getattr(args, "precision", None),
     )
     return 0

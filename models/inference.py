@@ -107,8 +107,13 @@ class Predictor:
     """One model, loaded once, with the preprocessing its card prescribes."""
 
     def __init__(self, model: nn.Module, card: ModelCard, weights: Path | None = None, device: str | None = None,
-                 mask_labels: bool | None = None, batch_size: int = 16) -> None:
+                 mask_labels: bool | None = None, batch_size: int = 16, precision: str | None = None) -> None:
+        from models.train import bf16_supported
+
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        #: bf16 autocast for the forward passes, as the card says (or ``precision`` overrides, for evaluation), and
+        #: only where the hardware runs it natively; Grad-CAM's small backward through the heads stays in fp32.
+        self.bf16 = (precision or card.inference_precision) == "bf16" and bf16_supported(self.device)
         size = card.geometry.size
         model = fold_for_inference(model, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)))
         # channels-last as in training: oneDNN's (depthwise) convolutions run faster on CPU too.
@@ -122,6 +127,18 @@ class Predictor:
         self.geometry: Geometry = geometry
         self.batch_size = batch_size
         self._lock = threading.Lock()  # Grad-CAM hooks the model: one batch at a time per Predictor
+        calibration = card.calibration or {}
+        #: Anatomy (issue 25): logits are divided by this before the softmax (1: the card has no calibration).
+        self.temperature = float(calibration.get("temperature") or 1.0)
+        self.ood = None
+        self.ood_threshold: float | None = None
+        ood = calibration.get("ood") or {}
+        if ood.get("file"):
+            from models.anatomy_ood import MahalanobisOOD
+
+            base = Path(weights).parent if weights is not None else Path(".")
+            self.ood = MahalanobisOOD.load(base / ood["file"], ood.get("sha256"))
+            self.ood_threshold = float(ood["threshold"])
 
     def predict(self, images: Sequence[np.ndarray], patient_sex: Sequence[str | None] | None = None,
                 with_heatmaps: bool = True, tta: bool = False,
@@ -158,15 +175,30 @@ class Predictor:
         The daemon averages these over a study's images before taking its top two, so one odd view cannot
         outvote the rest and the second choice is the study's, not one image's.
         """
+        return self.anatomy_scores(images)[0]
+
+    def anatomy_scores(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(calibrated softmax over ``card.classes`` per image (N x C), OOD score per image or None).
+
+        The probabilities are temperature-scaled with the card's ``calibration.temperature``; the OOD score is the
+        squared Mahalanobis distance of the pooled features to the nearest class mean (higher: less like the
+        training images), compared with :attr:`ood_threshold` by the caller. One backbone pass gives both.
+        """
         if self.task != "anatomy":
             raise ValueError(f"class probabilities are for multi-class models, not {self.task!r}")
-        rows = []
+        rows, scores = [], []
         with self._lock, torch.no_grad():
             for start in range(0, len(images), self.batch_size):
                 x = to_model_input(list(images[start:start + self.batch_size]), self.geometry)
                 x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-                rows.append(torch.softmax(self.model(x).float(), dim=1).cpu().numpy())
-        return np.concatenate(rows) if rows else np.zeros((0, len(self.card.classes)), dtype=np.float32)
+                pooled = self.model.pool(self.model.features(x)).flatten(1).float()
+                logits = self.model.head(pooled).float() / self.temperature
+                rows.append(torch.softmax(logits, dim=1).cpu().numpy())
+                if self.ood is not None:
+                    scores.append(self.ood.score(pooled.cpu().numpy()))
+        probabilities = np.concatenate(rows) if rows else np.zeros((0, len(self.card.classes)), dtype=np.float32)
+        ood = (np.concatenate(scores) if scores else np.zeros(0)) if self.ood is not None else None
+        return probabilities, ood
 
     # ------------------------------------------------------------------ internals
     def _views(self, x: torch.Tensor, tta: bool) -> list[torch.Tensor]:
@@ -178,10 +210,11 @@ class Predictor:
                        with_heatmaps: bool, tta: bool) -> list[ImagePrediction]:
         x = to_model_input(images, self.geometry).to(self.device).contiguous(memory_format=torch.channels_last)
         if self.card.localisation_head:
-            return self._fracture(x, images, with_heatmaps, tta)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                return self._fracture(x, images, with_heatmaps, tta)
         male_used = direction = feature_map = None
         looked_right = [False] * len(images)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             if self.task == "boneage":
                 outputs, male_used, direction, feature_map, looked_right = self._boneage(x, sexes, sides, tta)
             else:
@@ -297,7 +330,7 @@ class Predictor:
                                 "predicted_sex_probability": p if male else 1.0 - p})
             return outputs
         if self.task == "anatomy":
-            probs = torch.softmax(logits, dim=1)
+            probs = torch.softmax(logits / self.temperature, dim=1)
             top = torch.topk(probs, k=min(2, probs.shape[1]), dim=1)
             classes = self.card.classes
             outputs = []
@@ -322,13 +355,17 @@ def map_peak_location(heatmap: np.ndarray) -> dict[str, float]:
 
 
 def load_predictor(weights: str | Path, device: str | None = None, mask_labels: bool | None = None,
-                   batch_size: int = 16) -> Predictor:
-    """A :class:`Predictor` for a verified checkpoint (raises ``CheckpointError`` for one that must not be used)."""
+                   batch_size: int = 16, precision: str | None = None) -> Predictor:
+    """A :class:`Predictor` for a verified checkpoint (raises ``CheckpointError`` for one that must not be used).
+
+    ``precision`` ("fp32" or "bf16") overrides the card's ``inference_precision``, for evaluation.
+    """
     configure_threads()
     model, card = load_checkpoint(Path(weights))
     LOGGER.info("loaded %s %s (%s, %s, sha256 %s)", card.name, card.version, card.task, card.architecture,
                 card.sha256[:12])
-    return Predictor(model, card, Path(weights), device=device, mask_labels=mask_labels, batch_size=batch_size)
+    return Predictor(model, card, Path(weights), device=device, mask_labels=mask_labels, batch_size=batch_size,
+                     precision=precision)
 
 
 def study_abnormality(preds: Sequence[ImagePrediction], threshold: float | None = 0.5,

@@ -399,3 +399,19 @@ def test_precision_follows_the_hardware_unless_forced() -> None:
     assert autocast_enabled("fp32", cpu) is False
     with pytest.raises(ValueError, match="precision"):
         autocast_enabled("fp16", cpu)
+
+
+def test_bf16_inference_reads_like_fp32_and_keeps_its_heatmap(boneage_model: tuple[Path, dict], rsna: Path) -> None:
+    """The card's precision can be overridden for evaluation; bf16 runs only where the CPU has it natively."""
+    from models.train import bf16_supported
+
+    path, _ = boneage_model
+    images = [load_image(p) for p in sorted((rsna / "images").glob("*.png"))[:8]]
+    fp32 = load_predictor(path, precision="fp32")
+    bf16 = load_predictor(path, precision="bf16")
+    assert fp32.bf16 is False and bf16.bf16 is bf16_supported(torch.device("cpu"))
+    a = fp32.predict(images, patient_sex=["M"] * 8)
+    b = bf16.predict(images, patient_sex=["M"] * 8)
+    for x, y in zip(a, b):
+        assert abs(x.outputs["bone_age_months"] - y.outputs["bone_age_months"]) < 3.0
+        assert y.heatmap is not None and y.heatmap.shape == x.heatmap.shape and np.isfinite(y.heatmap).all()
