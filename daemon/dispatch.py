@@ -208,13 +208,18 @@ class Dispatcher:
         self._sender = sender
         self._sleep = sleep
 
-    def send(self, dest_name: str, paths: Sequence[Path], label: str) -> None:
-        """Deliver *paths* to *dest_name* or dead-letter them (raises :class:`DeadLettered`)."""
+    def send(self, dest_name: str, paths: Sequence[Path], label: str,
+             outcome: tuple[str, int] | None = None) -> None:
+        """Deliver *paths* to *dest_name* or dead-letter them (raises :class:`DeadLettered`).
+
+        *outcome* is the (study UID, generation) whose outcome record these results belong to: a dead-letter
+        entry keeps it, so that ``bonebridge retry`` can update that record once it delivers them.
+        """
         paths = [Path(p) for p in paths]
         dest = self.destinations.get(dest_name)
         if dest is None:
             error = f"unknown destination {dest_name!r}"
-            raise self._dead_letter(dest_name, None, paths, label, error, attempts=0)
+            raise self._dead_letter(dest_name, None, paths, label, error, attempts=0, outcome=outcome)
         attempts = 1 + max(0, int(dest.retries))
         error = ""
         for attempt in range(attempts):
@@ -230,7 +235,7 @@ class Dispatcher:
                 continue
             LOGGER.info("%s: sent %d file(s) for %s", dest_name, len(paths), label)
             return
-        raise self._dead_letter(dest_name, dest, paths, label, error, attempts=attempts)
+        raise self._dead_letter(dest_name, dest, paths, label, error, attempts=attempts, outcome=outcome)
 
     # -- dead letters ---------------------------------------------------------------------------
 
@@ -247,7 +252,9 @@ class Dispatcher:
         """Re-send one dead-letter entry (or all); entries that succeed are removed.
 
         One attempt each, no backoff: an operator runs this and wants the answer now. A failure is
-        recorded in the entry's ``reason.json`` (``replay_attempts``, ``last_replay_error``).
+        recorded in the entry's ``reason.json`` (``replay_attempts``, ``last_replay_error``); a delivery in the
+        outcome record of the study generation the entry belongs to (:func:`daemon.outcomes.record_redelivery`),
+        so the status page and the metrics stop saying dead-lettered.
         """
         ids = [entry_id] if entry_id is not None else self.dead_letters()
         results: list[ReplayResult] = []
@@ -272,10 +279,26 @@ class Dispatcher:
                 LOGGER.warning("dead letter %s to %s still failing: %s", eid, name, exc.reason)
                 results.append(ReplayResult(eid, name, False, exc.reason))
                 continue
+            self._record_delivery(eid, reason)
             shutil.rmtree(entry)
             LOGGER.info("dead letter %s delivered to %s and removed", eid, name)
             results.append(ReplayResult(eid, name, True))
         return results
+
+    def _record_delivery(self, entry_id: str, reason: dict[str, Any]) -> None:
+        """Tell the entry's outcome record that it was delivered; the delivery itself stands if this fails."""
+        outcome = _entry_outcome(reason)
+        if outcome is None:
+            LOGGER.warning("dead letter %s names no study: no outcome record to update", entry_id)
+            return
+        from daemon.outcomes import record_redelivery
+
+        attempts = int(reason.get("attempts", 0)) + int(reason.get("replay_attempts", 0)) + 1
+        try:
+            record_redelivery(self.data_dir, outcome[0], outcome[1], str(reason.get("destination", "")),
+                              entry_id=entry_id, delivered_at=_now_iso(), attempts=attempts)
+        except (OSError, ValueError) as exc:
+            LOGGER.error("dead letter %s delivered, but its outcome record could not be updated: %s", entry_id, exc)
 
     def _dead_letter(
         self,
@@ -285,6 +308,7 @@ class Dispatcher:
         label: str,
         error: str,
         attempts: int,
+        outcome: tuple[str, int] | None = None,
     ) -> DeadLettered:
         """Copy *paths* into a new entry, built under a hidden name and renamed when complete."""
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -309,6 +333,8 @@ class Dispatcher:
             "time": _now_iso(),
             "files": names,
         }
+        if outcome is not None:
+            reason["study_uid"], reason["generation"] = str(outcome[0]), int(outcome[1])
         _write_json_atomic(building / "reason.json", reason)
         final = self.dead_letter_dir / entry_id
         os.replace(building, final)
@@ -323,6 +349,18 @@ class Dispatcher:
             error,
         )
         return DeadLettered(f"{dest_name}: {error}", entry_id, final)
+
+
+def _entry_outcome(reason: dict[str, Any]) -> tuple[str, int] | None:
+    """The (study UID, generation) a dead-letter entry belongs to; entries written before the field existed
+    are read from their label, ``<study>-<generation>`` or ``<study>-<generation>-failed``."""
+    if reason.get("study_uid") and reason.get("generation") is not None:
+        return str(reason["study_uid"]), int(reason["generation"])
+    match = _LABEL.fullmatch(str(reason.get("label", "")))
+    return (match["study"], int(match["generation"])) if match else None
+
+
+_LABEL = re.compile(r"(?P<study>[0-9]+(?:\.[0-9]+)*)-(?P<generation>[0-9]+)(?:-failed)?")
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:

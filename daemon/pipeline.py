@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from daemon.anatomy_tags import anatomy_from_tags
 from daemon.config import Config, Route
 from daemon.decode import DecodeError, read_display_image
+from daemon.header_values import as_int
 from daemon.results import (
     ImageProbability, MapPeak, ModelProvenance, StudyResult, build_heatmap_sc, build_sr, is_own_output,
 )
@@ -154,8 +155,7 @@ class Analyser:
         sources = [ds for ds in datasets if not is_own_output(ds)]
         if not sources:
             raise ValueError("no source images: every dataset is BoneBridge's own output")
-        sources.sort(key=lambda ds: (int(getattr(ds, "SeriesNumber", 0) or 0), int(getattr(ds, "InstanceNumber", 0) or 0),
-                                     str(ds.SOPInstanceUID)))
+        sources.sort(key=_source_order)
         images: list[np.ndarray] = []
         decoded: list[Dataset] = []
         skipped: list[str] = []
@@ -215,6 +215,17 @@ class Analyser:
             if hm is not None
         ]
         return StudyAnalysis(result, decision, facts, route, outputs, skipped)
+
+
+def _source_order(ds: Dataset) -> tuple[int, int, str]:
+    """Series, then instance number, then UID: numbers that are not numbers (IS ``abc``) count as 0, never raise."""
+    def number(keyword: str) -> int:
+        try:
+            return as_int(ds.get(keyword))
+        except Exception:  # noqa: BLE001 - an element pydicom cannot even decode sorts first
+            return 0
+
+    return number("SeriesNumber"), number("InstanceNumber"), str(ds.SOPInstanceUID)
 
 
 def _not_processed_reason(decision: RouteDecision, route: Route | None, facts: StudyFacts,

@@ -74,7 +74,6 @@ from dataclasses import dataclass, field
 
 import highdicom as hd
 import numpy as np
-import pydicom
 from highdicom.sr import (
     AlgorithmIdentification,
     CodedConcept,
@@ -101,6 +100,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from daemon.decode import read_display_image
+from daemon.header_values import Unreadable, copyable_header, unreadable_summary
 from daemon.heatmap_render import HEATMAP_FLOOR, render_heatmap
 from daemon.uids import derive_uid
 
@@ -171,6 +171,7 @@ CODE_MODEL_VERSION = _local("MODEL-VERSION", "Model version")
 CODE_MODEL_SHA256 = _local("MODEL-SHA256", "Model weights SHA-256")
 CODE_MODEL_TASK = _local("MODEL-TASK", "Model task")
 CODE_NOT_PROCESSED = _local("NOT-PROCESSED", "Not processed")
+CODE_UNREADABLE_ATTRIBUTE = _local("UNREADABLE-ATTR", "Unreadable source attribute")
 CODE_RADIOGRAPHY = CodedConcept(value="363680008", scheme_designator="SCT", meaning="Radiographic imaging procedure")
 
 UNIT_PROBABILITY = CodedConcept(value="{probability}", scheme_designator="UCUM", meaning="probability")
@@ -304,13 +305,6 @@ def _model_versions(result: StudyResult) -> list[str]:
     return sorted(f"{m.task}:{m.name}:{m.version}:{m.sha256}" for m in result.models)
 
 
-_PIXEL_TAGS = frozenset(
-    {
-        pydicom.tag.Tag("PixelData"),
-        pydicom.tag.Tag("FloatPixelData"),
-        pydicom.tag.Tag("DoubleFloatPixelData"),
-    }
-)
 # Type 2 attributes highdicom reads unconditionally from the first evidence dataset.
 _TYPE2_DEFAULTS = (
     "PatientID",
@@ -325,23 +319,24 @@ _TYPE2_DEFAULTS = (
 )
 
 
-def _header(ds: Dataset) -> Dataset:
-    """A copy of ``ds`` without pixel data, with empty Type 2 patient/study attributes filled in.
+def _checked_header(ds: Dataset) -> tuple[Dataset, list[Unreadable]]:
+    """A copy of ``ds`` without pixel data or values invalid for their VR, with empty Type 2 attributes filled in.
 
-    highdicom copies evidence datasets; the pixel data of a 1760 x 1760 CR is dead weight there, and a
-    source that lacks (rather than leaves empty) e.g. AccessionNumber would make highdicom fail.
+    highdicom copies evidence datasets and checks what it copies: the pixel data of a 1760 x 1760 CR is dead
+    weight there, a value invalid for its VR (PatientBirthDate ``abc``) would make it refuse the whole report, and
+    a source that lacks (rather than leaves empty) e.g. AccessionNumber would make it fail. What was left out is
+    returned, so the SR can say which attribute was unreadable.
     """
-    header = Dataset()
-    for element in ds:
-        if element.tag not in _PIXEL_TAGS and not element.tag.group == 0x0002:
-            header.add(element)
+    header, dropped = copyable_header(ds)
     for keyword in _TYPE2_DEFAULTS:
         if keyword not in header:
             setattr(header, keyword, "")
-    file_meta = getattr(ds, "file_meta", None)
-    if file_meta is not None:
-        header.file_meta = file_meta
-    return header
+    return header, dropped
+
+
+def _header(ds: Dataset) -> Dataset:
+    """:func:`_checked_header` without the list of what was left out."""
+    return _checked_header(ds)[0]
 
 
 def _task_model(result: StudyResult, finding: str) -> ModelProvenance | None:
@@ -586,7 +581,9 @@ def build_sr(sources: list[Dataset], result: StudyResult) -> Dataset:
     if study_uids != {result.study_uid}:
         raise ValueError(f"sources belong to {sorted(study_uids)}, result is for {result.study_uid}")
 
-    headers = [_header(ds) for ds in sources]
+    checked = [_checked_header(ds) for ds in sources]
+    headers = [header for header, _ in checked]
+    unreadable = unreadable_summary([item for _, dropped in checked for item in dropped], len(sources))
     series_uid, sop_uid = sr_uids(sources, result)
     model_name = " + ".join(m.name for m in result.models) or MANUFACTURER
 
@@ -636,7 +633,8 @@ def build_sr(sources: list[Dataset], result: StudyResult) -> Dataset:
         ],
     )
     # TID 1500 has no slot for these; Comprehensive SR allows TEXT/CODE items in the group container.
-    group[0].ContentSequence.extend(extra + _context_items(result))
+    group[0].ContentSequence.extend(extra + _context_items(result)
+                                    + [_text(CODE_UNREADABLE_ATTRIBUTE, line) for line in unreadable])
 
     regions = [] if result.not_processed_reason is not None else _map_peak_groups(result, finding_site)
     report = MeasurementReport(
@@ -755,8 +753,9 @@ def build_heatmap_sc(
     models = ", ".join(f"{m.name} {m.version} (sha256 {m.sha256[:12]})" for m in result.models) or "unknown model"
     software = _software_version()
 
+    header = _header(source)  # every value below is read from this checked copy, never from the source
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=_header(source),
+        ref_dataset=header,
         pixel_array=rgb,
         photometric_interpretation="RGB",
         bits_allocated=8,
@@ -780,27 +779,27 @@ def build_heatmap_sc(
             )
         ],
     )
-    if "PatientOrientation" in source:
-        sc.PatientOrientation = source.PatientOrientation
+    if "PatientOrientation" in header:
+        sc.PatientOrientation = header.PatientOrientation
     else:
         sc.PatientOrientation = ""
     sc.SeriesDescription = SC_SERIES_DESCRIPTION
     # A paired body part needs its side: as ImageLaterality (General Image) when the source says it, which makes
     # the series' Laterality (Type 2C) not allowed; else the source's own Laterality, as it was (dciodvfy checks).
-    side = str(source.get("ImageLaterality", "") or source.get("Laterality", "") or "").strip().upper()
+    side = str(header.get("ImageLaterality", "") or header.get("Laterality", "") or "").strip().upper()
     if side in ("R", "L", "U", "B"):
         sc.ImageLaterality = side
-    elif "Laterality" in source:
-        sc.Laterality = source.Laterality
+    elif "Laterality" in header:
+        sc.Laterality = header.Laterality
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
     # Lossy compression anywhere upstream makes the derived image lossy too (PS3.3 C.7.6.1.1.5).
-    if str(source.get("LossyImageCompression", "")) == "01":
+    if str(header.get("LossyImageCompression", "")) == "01":
         sc.LossyImageCompression = "01"
         for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
-            if keyword in source:
-                setattr(sc, keyword, source[keyword].value)
+            if keyword in header:
+                setattr(sc, keyword, header[keyword].value)
     else:
         sc.LossyImageCompression = "00"
     sc.ManufacturerModelName = (" + ".join(m.name for m in result.models) or MANUFACTURER)[:64]

@@ -23,6 +23,7 @@ from celery import Celery
 
 from daemon.config import Config, load_config
 from daemon.dispatch import DeadLettered, Dispatcher
+from daemon.outcomes import STATUS_IF_DELIVERED, record_path, write_record
 from daemon.pipeline import Analyser
 
 LOGGER = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class WorkerRuntime:
         return cls._instance
 
     def record_path(self, study_uid: str, generation: int) -> Path:
-        return self.data_dir / "results" / study_uid / f"{generation}.json"
+        return record_path(self.data_dir, study_uid, generation)
 
     def predecessors(self, study_uid: str, generation: int) -> list[tuple[str, str, str, str]]:
         """SRs sent for earlier generations of this study: the new report names them as predecessors."""
@@ -117,6 +118,7 @@ class WorkerRuntime:
             record["reason"] = analysis.result.not_processed_reason
         send_to = list(analysis.route.send_to) if analysis.route else []
         if self.deliver(record, analysis.outputs, send_to, f"{study_uid}-{generation}"):
+            record[STATUS_IF_DELIVERED] = record["status"]  # what `bonebridge retry` restores once it delivers
             record["status"] = "dead-lettered"
         finished = time.time()
         record["seconds"] = round(finished - began, 3)
@@ -166,6 +168,21 @@ class WorkerRuntime:
         self.deliver(record, [build_sr(headers, result)], send_to, f"{study_uid}-{generation}-failed")
         return self.write_record(self.record_path(study_uid, generation), record)
 
+    def give_up(self, study_uid: str, generation: int, reason: str, attempts: int) -> dict:
+        """The end of a study that failed for good: a not-processed report, else at least a ``failed`` record.
+
+        Either way the outcome record exists afterwards, so the assembler marks the study failed (the metric
+        ``bonebridge_studies{state="failed"}``) and no restart queues it again.
+        """
+        try:
+            return self.report_failure(study_uid, generation, reason, attempts)
+        except Exception:  # the report itself failed: the record and the log line still say why
+            LOGGER.exception("study %s: the failure report could not be sent either", study_uid)
+            return self.write_record(self.record_path(study_uid, generation), {
+                "study_uid": study_uid, "generation": generation, "status": "failed",
+                "reason": reason, "attempts": attempts, "destinations": {},
+            })
+
     def deliver(self, record: dict, outputs: list, send_to: list[str], entry: str) -> bool:
         """Write ``outputs`` to the study generation's outbox and send them to each destination.
 
@@ -184,7 +201,7 @@ class WorkerRuntime:
         dead_lettered = False
         for dest in send_to:
             try:
-                self.dispatcher.send(dest, paths, entry)
+                self.dispatcher.send(dest, paths, entry, outcome=(record["study_uid"], int(record["generation"])))
                 record["destinations"][dest] = "sent"
             except DeadLettered as exc:
                 record["destinations"][dest] = f"dead-lettered: {exc}"
@@ -193,15 +210,8 @@ class WorkerRuntime:
 
     @staticmethod
     def write_record(path: Path, record: dict) -> dict:
-        """Write an outcome record atomically (tmp, fsync, rename): the assembler reads it from another process."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as handle:
-            json.dump(record, handle, indent=2, default=str)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        return record
+        """Write an outcome record atomically: the assembler and ``bonebridge retry`` read it from other processes."""
+        return write_record(path, record)
 
 
 def _fault_injection_pause() -> None:
@@ -214,7 +224,8 @@ def _fault_injection_pause() -> None:
         time.sleep(pause)
 
 
-@app.task(bind=True, name="bonebridge.process_study", acks_late=True, reject_on_worker_lost=True)
+@app.task(bind=True, name="bonebridge.process_study", acks_late=True, reject_on_worker_lost=True,
+          max_retries=None)  # no Celery default (3): the limit is the config's queue.max_retries, passed below
 def process_study(self, study_uid: str, generation: int) -> dict:
     runtime = WorkerRuntime.get()
     try:
@@ -222,18 +233,10 @@ def process_study(self, study_uid: str, generation: int) -> dict:
     except Exception as exc:
         queue = runtime.config.queue
         if self.request.retries >= queue.max_retries:
-            LOGGER.exception("study %s generation %d failed for good; sending a not-processed report",
-                             study_uid, generation)
-            reason, attempts = f"{type(exc).__name__}: {exc}", self.request.retries + 1
-            try:
-                return runtime.report_failure(study_uid, generation, reason, attempts)
-            except Exception:  # the report itself failed: the record and the log line still say why
-                LOGGER.exception("study %s: the failure report could not be sent either", study_uid)
-                return runtime.write_record(runtime.record_path(study_uid, generation), {
-                    "study_uid": study_uid, "generation": generation, "status": "failed",
-                    "reason": reason, "attempts": attempts,
-                })
+            LOGGER.exception("study %s generation %d failed for good after %d attempts; sending a not-processed "
+                             "report", study_uid, generation, self.request.retries + 1)
+            return runtime.give_up(study_uid, generation, f"{type(exc).__name__}: {exc}", self.request.retries + 1)
         countdown = queue.retry_backoff_s * (2 ** self.request.retries)
-        LOGGER.warning("study %s generation %d: %s; retry %d in %.0f s", study_uid, generation, exc,
-                       self.request.retries + 1, countdown)
-        raise self.retry(exc=exc, countdown=countdown)
+        LOGGER.warning("study %s generation %d: %s; retry %d of %d in %.1f s", study_uid, generation, exc,
+                       self.request.retries + 1, queue.max_retries, countdown)
+        raise self.retry(exc=exc, countdown=countdown, max_retries=queue.max_retries)

@@ -141,6 +141,60 @@ def test_down_then_dead_letter_then_replay(tmp_path: Path) -> None:
     assert all(got[ds.SOPInstanceUID].PixelData == ds.PixelData for ds in originals)
 
 
+@pytest.mark.parametrize("status_if_delivered", ["sent", "not-processed"])
+def test_replay_updates_the_outcome_record(tmp_path: Path, status_if_delivered: str) -> None:
+    """Issue 28, case 4: after a successful ``bonebridge retry`` the outcome record (which the status page and the
+    metric ``bonebridge_results`` read) says delivered, when, and after how many attempts; not dead-lettered."""
+    from daemon.outcomes import STATUS_IF_DELIVERED, record_path, write_record
+
+    up = {"now": False}
+
+    def sender(dest: object, paths: object) -> None:
+        if not up["now"]:
+            raise DispatchError("no connection (destination down or unreachable)")
+
+    data_dir = tmp_path / "var"
+    f = tmp_path / "sr.dcm"
+    make_dx(f)
+    dispatcher = Dispatcher(data_dir, {"pacs": destination(1, retries=1, backoff_s=0)}, sender=sender,
+                            sleep=lambda s: None)
+    with pytest.raises(DeadLettered) as info:
+        dispatcher.send("pacs", [f], "1.2.3-2", outcome=("1.2.3", 2))
+    path = record_path(data_dir, "1.2.3", 2)
+    write_record(path, {"study_uid": "1.2.3", "generation": 2, "status": "dead-lettered",
+                        STATUS_IF_DELIVERED: status_if_delivered,
+                        "destinations": {"pacs": f"dead-lettered: {info.value}"}})
+
+    [still_down] = dispatcher.replay()
+    assert not still_down.ok and json.loads(path.read_text())["status"] == "dead-lettered"
+    up["now"] = True
+    [ok] = dispatcher.replay()
+    assert ok.ok
+    record = json.loads(path.read_text())
+    assert record["status"] == status_if_delivered and STATUS_IF_DELIVERED not in record
+    assert record["destinations"] == {"pacs": "sent"} and record["delivered_at"]
+    assert record["redelivered"]["pacs"]["attempts"] == 2 + 1 + 1  # two in the task, one failed replay, this one
+    assert record["redelivered"]["pacs"]["entry"] == info.value.entry_id
+
+
+def test_replay_of_an_entry_from_before_the_outcome_field_finds_its_record_by_label(tmp_path: Path) -> None:
+    from daemon.outcomes import record_path, write_record
+
+    data_dir = tmp_path / "var"
+    f = tmp_path / "sr.dcm"
+    make_dx(f)
+    failing = Dispatcher(data_dir, {"pacs": destination(1, retries=0)},
+                         sender=lambda d, p: (_ for _ in ()).throw(DispatchError("down")))
+    with pytest.raises(DeadLettered):
+        failing.send("pacs", [f], "1.2.840.5-1-failed")  # no outcome: as entries written by older versions
+    write_record(record_path(data_dir, "1.2.840.5", 1), {"study_uid": "1.2.840.5", "generation": 1,
+                                                         "status": "failed", "destinations": {"pacs": "dead-lettered"}})
+    [ok] = Dispatcher(data_dir, {"pacs": destination(1)}, sender=lambda d, p: None).replay()
+    record = json.loads(record_path(data_dir, "1.2.840.5", 1).read_text())
+    assert ok.ok and record["status"] == "failed"  # the study did fail; only its report was late
+    assert record["destinations"] == {"pacs": "sent"} and record["redelivered"]["pacs"]["attempts"] == 2
+
+
 def test_backoff_is_capped_and_success_after_retry(tmp_path: Path) -> None:
     calls: list[int] = []
 

@@ -31,6 +31,22 @@ from tests.test_integration import _by_modality
 pytestmark = pytest.mark.integration
 
 
+def _metric(proc: BoneBridgeProcess, name: str) -> float | None:
+    import urllib.request
+
+    port = proc.config["metrics"]["port"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    return values[0] if values else None
+
+
+def _status_page(proc: BoneBridgeProcess) -> str:
+    import urllib.request
+
+    port = proc.config["status"]["port"]
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
+
+
 def _chest_study(folder: Path, count: int) -> tuple[list[Path], str]:
     """``count`` instances of one chest study (routed to a not-processed report: no model runs); (files, uid)."""
     files = [Path(ds.filename) for ds in make_study(folder, count=count, size=64, body_part="CHEST")]
@@ -207,11 +223,20 @@ def test_pacs_down_past_the_retries_then_bonebridge_retry_delivers_once(tmp_path
         assert still_down.returncode == 1, still_down.stdout + still_down.stderr
         assert len(list(dead_letter.iterdir())) == 1
 
+        assert _metric(proc, 'bonebridge_results{status="dead-lettered"}') == 1.0
         with pacs:  # __enter__ starts it
             delivered = retry()
             assert delivered.returncode == 0, delivered.stdout + delivered.stderr
             assert list(dead_letter.iterdir()) == []
             assert len(_by_modality(pacs, study_uid).get("SR", [])) == 1
+            # issue 28, case 4: the outcome record, the metric and the status page say delivered now
+            [record] = proc.results(study_uid)
+            assert record["status"] == "sent" and record["destinations"] == {"pacs": "sent"}
+            assert record["delivered_at"] and record["redelivered"]["pacs"]["attempts"] == 2 + 1 + 1
+            assert _metric(proc, 'bonebridge_results{status="dead-lettered"}') is None
+            assert _metric(proc, 'bonebridge_results{status="sent"}') == 1.0
+            page = _status_page(proc)
+            assert "dead-lettered" not in page and "pacs: sent" in page
 
             again = retry()
             assert again.returncode == 0 and "dead-letter folder is empty" in again.stdout

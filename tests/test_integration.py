@@ -191,6 +191,71 @@ def test_study_failing_for_good_reaches_the_pacs_as_a_not_processed_report(tmp_p
     assert "failed for good" in proc.log_tail(400)
 
 
+def _sr_texts(ds, meaning: str) -> list[str]:
+    """Every TEXT value of an SR whose concept is ``meaning`` (``sr_values`` keeps only the last)."""
+    found = []
+
+    def walk(items) -> None:
+        for item in items:
+            if item.get("ValueType") == "TEXT" and item.ConceptNameCodeSequence[0].CodeMeaning == meaning:
+                found.append(str(item.TextValue))
+            walk(item.get("ContentSequence", []) or [])
+
+    walk(ds.ContentSequence)
+    return found
+
+
+def _metric(proc: BoneBridgeProcess, line_start: str) -> float | None:
+    import urllib.request
+
+    port = proc.config["metrics"]["port"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(line_start + " ")]
+    return values[0] if values else None
+
+
+def test_failing_for_good_under_the_shipped_retry_limit_ends_in_a_report_and_is_never_requeued(
+        tmp_path: Path, pacs) -> None:
+    """Issue 28, case 1, with the shipped queue.max_retries (5), not the tests' 3: Celery's own default of 3 must not
+    cut the retries short. Every attempt fails (a damaged file in the study), the source header has values invalid
+    for their VR (PatientBirthDate and InstanceNumber ``abc``): after 1 + 5 attempts a not-processed SR naming the
+    unreadable attributes reaches the PACS, the study counts as failed, and a restart does not queue it again."""
+    import yaml
+
+    from tests.bad_headers import put_raw
+
+    shipped = yaml.safe_load((REPO / "config" / "bonebridge.yaml").read_text())["queue"]
+    assert shipped["max_retries"] == 5
+    config = write_config(tmp_path, pacs_port=pacs.dicom_port, quiet_period_s=3.0,
+                          extra={"queue": {**shipped, "retry_backoff_s": 0.1}})  # 0.1 + 0.2 + ... + 1.6 s
+    hand = make_dx(tmp_path / "hand.dcm", body_part="HAND", age="010Y", size=128)
+    put_raw(hand, "PatientBirthDate", b"abc")
+    put_raw(hand, "InstanceNumber", b"abc")
+    hand.save_as(tmp_path / "hand.dcm", enforce_file_format=True)
+    study_uid = str(hand.StudyInstanceUID)
+    with BoneBridgeProcess(config) as proc:
+        assert storescu(proc.port, "BONEBRIDGE", [tmp_path / "hand.dcm"]).returncode == 0
+        (proc.data_dir / "incoming" / study_uid / "damaged.dcm").write_bytes(b"\0" * 64 + b"not DICOM")
+        found = _wait_for_sr(pacs, study_uid, timeout=120)
+        record = wait_for(lambda: (proc.results(study_uid) or [None])[0], 30, what="the outcome record")
+        wait_for(lambda: _metric(proc, 'bonebridge_studies{state="failed"}') == 1.0, 10,
+                 what="the failed study in the metrics")
+        assert _metric(proc, 'bonebridge_results{status="failed"}') == 1.0
+    report = pacs.get_instance_dataset(found["SR"][0]["id"])
+    assert "analysis failed after 6 attempts" in json.dumps(sr_values(report))
+    unreadable = _sr_texts(report, "Unreadable source attribute")
+    assert any(t.startswith("PatientBirthDate: not a valid DA") for t in unreadable), unreadable
+    assert any(t.startswith("InstanceNumber: not a valid IS") for t in unreadable), unreadable
+    assert record["status"] == "failed" and record["attempts"] == 6 and record["destinations"] == {"pacs": "sent"}
+
+    with BoneBridgeProcess(config) as again:  # a restart finds the record: nothing is queued again
+        time.sleep(4)
+        assert "re-enqueued" not in again.log_tail(400)
+        assert again.results(study_uid) == [record]
+        assert len(_by_modality(pacs, study_uid)["SR"]) == 1
+        assert _metric(again, 'bonebridge_studies{state="failed"}') == 1.0
+
+
 def test_unknown_caller_is_rejected(tmp_path: Path, pacs, bonebridge) -> None:
     hand = make_dx(tmp_path / "x.dcm")
     result = storescu(bonebridge.port, "BONEBRIDGE", [tmp_path / "x.dcm"], calling_aet="STRANGER")

@@ -40,7 +40,9 @@ from daemon.results import (
     is_own_output,
     referenced_instances,
 )
+from daemon.header_values import value_problem
 from daemon.heatmap_render import RESEARCH_NOTICE, picture_shape
+from tests.bad_headers import BAD_VALUES, BadValue, write_with_bad_value
 from tests.dicom_factory import make_study
 
 MODELS = [
@@ -533,3 +535,30 @@ def test_heatmap_caption_says_the_finding_in_words(sources: list[Dataset], findi
     band = sc.pixel_array[picture_shape(sources[0].Rows, sources[0].Columns)[0]:]
     assert band.max() >= 250 and ((band[..., 0] > 200) & (band[..., 2] < 50)).any()  # white text, amber notice
     assert RESEARCH_NOTICE.startswith("RESEARCH USE ONLY")
+
+
+# ------------------------------------------------------------------- bad source headers
+@pytest.mark.parametrize("bad", BAD_VALUES, ids=lambda bad: bad.case)
+def test_builders_never_fail_on_a_bad_source_header(tmp_path: Path, sources: list[Dataset], findings: StudyResult,
+                                                    bad: BadValue) -> None:
+    """A value invalid for its VR (PatientBirthDate ``abc``, InstanceNumber ``abc``, two PatientSex values...) is
+    left out of what the SR and the SC copy, the SR names the attribute, and neither builder raises."""
+    source = write_with_bad_value(Path(sources[0].filename), tmp_path / "bad.dcm", bad)
+    sources = [source, sources[1]]
+    report = _read_sr(build_sr(sources, findings))
+    named = [text for text in _texts(report, "Unreadable source attribute") if text.startswith(bad.keyword + ":")]
+    not_processed = _read_sr(build_sr(sources, dataclasses.replace(findings, not_processed_reason="it failed")))
+    sc = _roundtrip(build_heatmap_sc(source, _hot_corner(), findings, 0, display_image=np.zeros((32, 32))))
+    if bad.unreadable:
+        assert named == [named[0]] and "in 1 of 2 images" in named[0], named
+        assert any(text.startswith(bad.keyword + ":")
+                   for text in _texts(not_processed, "Unreadable source attribute"))
+        for written in (report, not_processed, sc):  # what was written holds no invalid value for it
+            assert bad.keyword not in written or value_problem(written[bad.keyword]) is None
+    else:
+        assert named == []
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_sr_names_no_unreadable_attribute_for_a_clean_header(sources: list[Dataset], findings: StudyResult) -> None:
+    assert _texts(_read_sr(build_sr(sources, findings)), "Unreadable source attribute") == []
