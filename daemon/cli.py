@@ -88,10 +88,15 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_route_explain(args: argparse.Namespace) -> int:
-    from daemon.explain import explain_files_text
+    from daemon.explain import explain_files
+    from daemon.pipeline import Analyser
 
-    print(explain_files_text(_load(args), args.files))
-    return 0
+    config = _load(args)
+    # The daemon's own anatomy decision (model and tags), so the dry run cannot tell IT something else.
+    text, all_read = explain_files(config, args.files, analyser=Analyser(config),
+                                   calling_ae=args.calling_ae)
+    print(text)
+    return 0 if all_read else 2
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -168,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = rsub.add_parser("explain", help="which route fires for these files, and why not the others")
     _config_arg(r)
     r.add_argument("files", type=Path, nargs="+")
+    r.add_argument("--calling-ae", default=None, help="calling AE title to route as (rules may match on it)")
     r.set_defaults(func=cmd_route_explain)
 
     p = sub.add_parser("predict", help="run the routed models on DICOM files offline and print the findings as JSON")

@@ -574,6 +574,18 @@ def anatomy_model_classes(weights: Path | None) -> list[str] | None:
     return [str(c) for c in classes] if isinstance(classes, list) else None
 
 
+def model_task(weights: Path | None) -> str | None:
+    """The task a model's card names (``boneage``, ``abnormality``...), None without a readable card: no torch."""
+    if weights is None:
+        return None
+    try:
+        card = json.loads(Path(weights).with_suffix(".card.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    task = card.get("task") if isinstance(card, dict) else None
+    return str(task) if task else None
+
+
 class _Context:
     """The slice of pydantic's ValidationInfo that :func:`_resolve_path` reads, for checks on plain data."""
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
+from daemon.anatomy_decision import Decision, ModelWitness, boneage_block, decide_anatomy
 from daemon.anatomy_tags import anatomy_from_tags
-from daemon.config import Config, Route
+from daemon.config import Config, Route, model_task
 from daemon.decode import DecodeError, read_display_image
 from daemon.header_values import as_int
 from daemon.results import (
@@ -39,6 +40,8 @@ class AnatomyDecision:
     probability: float | None
     evidence: dict[str, str]
     provenance: ModelProvenance | None = None
+    witness: ModelWitness | None = None          # the model's side (None: no usable model or no image)
+    decision: Decision | None = None             # the rule that decided (daemon.anatomy_decision)
 
 
 @dataclass
@@ -80,6 +83,10 @@ class Analyser:
         # Read once per process: models load once, so their availability is fixed for its lifetime too.
         self._model_status = config.model_status()
         self._route_status = config.route_status()
+        #: Routes that run a bone-age model: they take only a study the anatomy decision lets through as a hand.
+        self._boneage_routes = {route.name for route in config.routes
+                                if any(name in config.models and model_task(config.models[name].weights) == "boneage"
+                                       for name in route.run)}
 
     def warm_up(self) -> list[str]:
         """Load every usable model now, so the first study does not wait for torch and the weights."""
@@ -104,51 +111,48 @@ class Analyser:
     def _anatomy(self, sources: list[Dataset], images: list[np.ndarray]) -> AnatomyDecision:
         """The study's anatomy from the image model and the DICOM tags, with both witnesses kept for the SR.
 
-        The model decides when it is at least ``anatomy.min_probability`` sure (its probabilities averaged over
-        the study's images); otherwise the tags do. Model and tags *disagree* when the tags name a part that is
-        not among the model's two best guesses: "wrist" for a study tagged HAND is a near miss, "knee" is a
-        mislabelled study, and the SR says so for radiology IT.
+        The rules are :func:`daemon.anatomy_decision.decide_anatomy`'s: the model's calibrated probabilities
+        (averaged over the study's images) and its out-of-distribution score (the images' mean) against the tags;
+        a tag is overruled only by a sure, in-distribution model that does not have it among its two best guesses.
         """
         tag_label, tag_evidence = None, ""
         for ds in sources:
             tag_label, tag_evidence = anatomy_from_tags(ds)
             if tag_label is not None:
                 break
-        evidence: dict[str, str] = {"tags": f"{tag_label} ({tag_evidence})" if tag_label else f"none ({tag_evidence})"}
-        model_choice: list[tuple[str, float]] = []
-        provenance = None
+        witness, provenance = None, None
         model_name = self.config.anatomy.model
         if model_name and images and self._model_status.get(model_name, "not configured") is None:
             try:
                 predictor = self.predictor(model_name)
-                mean = predictor.class_probabilities(images).mean(axis=0)
+                probabilities, ood = predictor.anatomy_scores(images)
+                mean = probabilities.mean(axis=0)
                 order = np.argsort(-mean)[:2]
-                model_choice = [(predictor.card.classes[i], float(mean[i])) for i in order]
+                witness = ModelWitness(
+                    top=tuple((predictor.card.classes[i], float(mean[i])) for i in order),
+                    ood_score=float(np.mean(ood)) if ood is not None and len(ood) else None,
+                    ood_threshold=predictor.ood_threshold)
                 card = predictor.card
                 provenance = ModelProvenance(name=card.name, version=card.version, sha256=card.sha256, task=card.task)
             except Exception as exc:  # a broken model must not lose the study: the tags still decide
                 LOGGER.exception("anatomy model failed: %s; falling back to DICOM tags", exc)
-        for key, (name, probability) in zip(("model_top1", "model_top2"), model_choice):
-            evidence[key] = f"{name} {probability:.2f}"
-        if model_choice and tag_label is not None:
-            evidence["disagreement"] = "no" if tag_label in {n for n, _ in model_choice} else "yes"
-        if model_choice and model_choice[0][1] >= self.config.anatomy.min_probability:
-            label, probability = model_choice[0]
-            evidence["decided_by"] = "model"
-            return AnatomyDecision(label, f"model {provenance.name} {provenance.version}", probability, evidence,
-                                   provenance)
-        if model_choice:
-            LOGGER.info("anatomy model unsure (%.2f < %.2f): the DICOM tags decide",
-                        model_choice[0][1], self.config.anatomy.min_probability)
-        if tag_label is not None:
-            evidence["decided_by"] = "tags"
-            return AnatomyDecision(tag_label, f"DICOM tags ({tag_evidence})", None, evidence, provenance)
-        evidence["decided_by"] = "none"
-        source = "DICOM tags (no anatomy in BodyPartExamined, StudyDescription, SeriesDescription)"
-        if model_choice:
-            source = (f"model unsure ({model_choice[0][0]} {model_choice[0][1]:.2f} < "
-                      f"{self.config.anatomy.min_probability:g}) and {source}")
-        return AnatomyDecision(None, source, None, evidence, provenance)
+        found = decide_anatomy(tag_label, tag_evidence, witness, self.config.anatomy.min_probability,
+                               f"model {provenance.name} {provenance.version}" if provenance else "anatomy model")
+        return AnatomyDecision(found.label, found.source, found.probability, found.evidence, provenance,
+                               witness=witness, decision=found)
+
+    def decide(self, sources: list[Dataset], images: list[np.ndarray],
+               calling_ae: str | None = None) -> tuple[AnatomyDecision, StudyFacts, RouteDecision]:
+        """Anatomy, routing facts and route of a study: what ``analyse`` and ``route explain`` both run."""
+        found = self._anatomy(sources, images)
+        facts = facts_from_dataset(sources[0], calling_ae, found.label, found.source)
+        blocked = {}
+        if found.decision is not None:
+            why = boneage_block(found.decision, found.witness)
+            if why is not None:
+                blocked = {name: f"bone age needs a hand: {why}" for name in self._boneage_routes}
+        decision = decide_route(self.config, facts, self._route_status, blocked=blocked)
+        return found, facts, decision
 
     def analyse(self, datasets: list[Dataset], calling_ae: str | None = None,
                 predecessors: list[tuple[str, str, str, str]] | None = None) -> StudyAnalysis:
@@ -167,10 +171,8 @@ class Analyser:
                 skipped.append(f"{ds.SOPInstanceUID}: {exc}")
                 LOGGER.warning("study %s: image %s not decodable: %s", ds.StudyInstanceUID, ds.SOPInstanceUID, exc)
 
-        found = self._anatomy(decoded or sources, images)
+        found, facts, decision = self.decide(decoded or sources, images, calling_ae)
         anatomy, anatomy_source, anatomy_p = found.label, found.source, found.probability
-        facts = facts_from_dataset(sources[0], calling_ae, anatomy, anatomy_source)
-        decision = decide_route(self.config, facts, self._route_status)
         route = decision.route
         base = dict(
             study_uid=str(sources[0].StudyInstanceUID), route=route.name if route else "none", anatomy=anatomy,
@@ -179,6 +181,8 @@ class Analyser:
             not_processed_reason=None, predecessor_sr=list(predecessors or []), anatomy_evidence=found.evidence,
         )
         reason = _not_processed_reason(decision, route, facts, images, skipped)
+        if reason is None and anatomy is None and found.witness is not None and route.run:
+            reason = f"anatomy unknown: {found.decision.rule.removeprefix('anatomy unknown: ')}"
         if reason is not None:
             result = StudyResult(**{**base, "not_processed_reason": reason})
             LOGGER.info("study %s not processed: %s", result.study_uid, reason)

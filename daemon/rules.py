@@ -203,13 +203,20 @@ def decide_route(
     config: Config,
     facts: StudyFacts,
     route_status: Mapping[str, str | None] | None = None,
+    blocked: Mapping[str, str] | None = None,
 ) -> RouteDecision:
     """First matching route in file order, with a verdict for every route.
 
     ``route_status`` (from ``config.route_status()``) may be passed in by callers that decide many
-    studies, since computing it looks at model files on disk.
+    studies, since computing it looks at model files on disk. ``blocked`` maps route names to a reason
+    they must not take this study although their conditions hold (bone age on a study the anatomy
+    model does not call a hand, :func:`daemon.anatomy_decision.boneage_block`): the study falls
+    through to the next route, and the verdict says why.
     """
     verdicts = [evaluate_route(route, facts) for route in config.routes]
+    for i, verdict in enumerate(verdicts):
+        if verdict.matched and blocked and verdict.route in blocked:
+            verdicts[i] = RuleVerdict(verdict.route, False, [*verdict.reasons, f"not taken: {blocked[verdict.route]}"])
     for route, verdict in zip(config.routes, verdicts):
         if verdict.matched:
             status = route_status if route_status is not None else config.route_status()

@@ -290,6 +290,13 @@ def train_classifier(args: argparse.Namespace, geometry: Geometry, cfg: TrainCon
         note = (f"{Path(source).name}: {len(splits['train'])} train / {len(splits['val'])} validation images "
                 f"(split by id block or case id; {len(splits['test'])} test held out); train per class {counts}")
         card = classifier_card("anatomy", geometry, architecture, classes, note, licence)
+        if clusters and getattr(args, "extra", None):
+            from models.anatomy_world import train_world_probe
+
+            extras = [(Path(item.partition("=")[0]), item.partition("=")[2]) for item in args.extra]
+            cache = getattr(args, "features_cache", None) or Path(cfg.out).with_suffix(".features.npz")
+            return train_world_probe(Path(clusters), extras, cfg.out, geometry, card, cache, seed=cfg.seed,
+                                     progress=cfg.progress)
         if clusters and not getattr(args, "finetune", False):
             from models.anatomy import train_linear_probe
 

@@ -19,6 +19,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune", action="store_true",
                    help="anatomy from --clusters: train the whole network instead of a linear probe on frozen features")
     p.add_argument("--licence", help="anatomy from --clusters: the licence/attribution note of the sorted images, for the card")
+    p.add_argument("--extra", action="append", metavar="DIR=PART",
+                   help="anatomy from --clusters (issue 25): also train on a folder whose images all show PART "
+                        "(knee-oai-224/images=knee), split by patient; adds contrast copies, temperature scaling and "
+                        "the OOD sidecar (models/anatomy_world.py); repeatable")
+    p.add_argument("--features-cache", type=Path, help="anatomy with --extra: .npz of the pooled features")
     p.add_argument("--out", type=Path, required=True, help="checkpoint path (.pt); its card is written beside it")
     p.add_argument("--arch", default="efficientnet_lite0")
     p.add_argument("--size", type=int, default=128)
@@ -149,6 +154,15 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--regions", type=Path, action="append",
                    help="anatomy: independent region labels (FracAtlas dataset.csv, RSNA labels.csv), repeatable; "
                         "adds region-level accuracy")
+    p.add_argument("--extra", action="append", metavar="DIR=PART",
+                   help="anatomy (issue 25): a folder whose images all show PART (e.g. knee-oai-224/images=knee), "
+                        "split by patient; repeatable. With --extra or --examples the report has calibration, OOD "
+                        "AUROC and the decision table (models/evaluate_anatomy.py)")
+    p.add_argument("--examples", type=Path, action="append",
+                   help="anatomy: a folder of test-only examples named by part (the MURA examples: ELBOW.png...)")
+    p.add_argument("--compare-with", type=Path, action="append", help="anatomy: another checkpoint, same features")
+    p.add_argument("--features-cache", type=Path, help="anatomy: .npz of the pooled features (reused when it matches)")
+    p.add_argument("--config", type=Path, help="anatomy decision table: the BoneBridge config (default: the shipped one)")
     p.add_argument("--json", type=Path, required=True, help="where to write the report")
     p.add_argument("--plots", type=Path, help="folder for the PNG plots (default: beside the JSON)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -160,6 +174,11 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from models.evaluate import run_evaluate as evaluate_command
+
+    if args.task == "anatomy" and (args.extra or args.examples):
+        from models.evaluate_anatomy import run
+
+        return run(args)
 
     if args.plots is None:
         args.plots = args.json.parent

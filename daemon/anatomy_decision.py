@@ -1,0 +1,137 @@
+"""Which body part a study shows, from two witnesses: the DICOM tags and the anatomy model (issue 25). Pure logic.
+
+The model's numbers are *calibrated* probabilities (temperature-scaled on validation) averaged over the study's
+images, plus whether its features lie within the training images' distribution (a Mahalanobis distance under a
+threshold chosen on validation; see ``models/anatomy_ood.py``). The rules, first that applies wins:
+
+1. **tag, model sure and in distribution, tag not among its two best** -> the model overrules the tag (a mislabelled
+   study), disagreement flagged;
+2. **tag** (any other case) -> the tag decides; where the model's first choice is another part the disagreement is
+   flagged and said ("elbow (tags); model said knee 0.89"); a tag is never overruled by a model that is unsure, out
+   of its depth, or has the tagged part as its second guess;
+3. **no tag, model sure and in distribution** -> the model decides;
+4. **no tag, model unsure or out of distribution (or no model)** -> anatomy unknown, with the reason: the study is
+   not processed.
+
+**Bone age** (:func:`boneage_block`) runs only on a study decided ``hand`` whose model witness (where there is one)
+also calls it a hand: never on an unknown, never where tags say hand and the image looks like another part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["ModelWitness", "Decision", "decide_anatomy", "boneage_block", "HAND"]
+
+HAND = "hand"
+
+
+@dataclass(frozen=True)
+class ModelWitness:
+    """What the anatomy model says of a study: its two best classes with calibrated probabilities, and OOD."""
+
+    top: tuple[tuple[str, float], ...]          # best first, calibrated probabilities
+    ood_score: float | None = None              # None: the model has no OOD measure
+    ood_threshold: float | None = None
+
+    @property
+    def in_distribution(self) -> bool:
+        if self.ood_score is None or self.ood_threshold is None:
+            return True
+        return self.ood_score <= self.ood_threshold
+
+    @property
+    def best(self) -> tuple[str, float]:
+        return self.top[0]
+
+    def names(self) -> set[str]:
+        return {name for name, _ in self.top[:2]}
+
+    def said(self) -> str:
+        """"knee 0.89" (with "out of distribution" when it is)."""
+        name, p = self.best
+        return f"{name} {p:.2f}" + ("" if self.in_distribution else " (out of distribution)")
+
+
+@dataclass(frozen=True)
+class Decision:
+    label: str | None                 # None: anatomy unknown
+    decided_by: str                   # "model", "tags" or "none"
+    rule: str                         # the rule that decided, in words
+    source: str                       # what the SR and caption say after "Anatomy: <label>"
+    probability: float | None         # the model's calibrated probability when it decided
+    disagreement: bool | None         # tags and model's first choice differ (None: one witness is missing)
+    evidence: dict[str, str] = field(default_factory=dict)
+
+
+def decide_anatomy(tag_label: str | None, tag_evidence: str, model: ModelWitness | None,
+                   min_probability: float, model_name: str = "anatomy model") -> Decision:
+    """Apply the rules above; ``tag_evidence`` is what the tag reader matched (``BodyPartExamined=ELBOW``).
+
+    ``model_name`` ("model bonebridge-anatomy 2.0.0") starts the source when the model decided.
+    """
+    evidence: dict[str, str] = {"tags": f"{tag_label} ({tag_evidence})" if tag_label else f"none ({tag_evidence})"}
+    confident_and_known = False
+    if model is not None:
+        for key, (name, p) in zip(("model_top1", "model_top2"), model.top):
+            evidence[key] = f"{name} {p:.2f}"
+        if model.ood_score is not None and model.ood_threshold is not None:
+            word = "in distribution" if model.in_distribution else "out of distribution"
+            evidence["model_ood"] = f"{word} ({model.ood_score:.0f} vs threshold {model.ood_threshold:.0f})"
+        confident_and_known = model.best[1] >= min_probability and model.in_distribution
+    disagreement = None
+    if model is not None and tag_label is not None:
+        disagreement = tag_label != model.best[0]
+        # As in earlier SRs: "yes" when the tagged part is not even among the model's two best guesses.
+        evidence["disagreement"] = "no" if tag_label in model.names() else "yes"
+
+    def done(label, by, rule, source, probability=None) -> Decision:
+        evidence["decided_by"] = by
+        evidence["rule"] = rule
+        return Decision(label, by, rule, source, probability, disagreement, evidence)
+
+    tags = f"DICOM tags ({tag_evidence})"
+    if tag_label is not None:
+        if model is None:
+            return done(tag_label, "tags", "tags decide (no anatomy model)", tags)
+        name, p = model.best
+        if confident_and_known and tag_label not in model.names():
+            return done(name, "model",
+                        f"model overrules the tags: sure ({p:.2f} >= {min_probability:g}), in distribution, "
+                        f"and the tagged {tag_label} is not among its two best",
+                        f"{model_name}, overruling the DICOM tags' {tag_label}", p)
+        if not disagreement:
+            if confident_and_known:
+                return done(name, "model", "model and tags agree", f"{model_name}; the DICOM tags agree", p)
+            return done(tag_label, "tags", "tags decide; the model agrees but is unsure or out of distribution",
+                        f"{tags}; model agrees: {model.said()}")
+        why = ("the tagged part is the model's second choice" if tag_label in model.names()
+               else "the model is out of distribution" if not model.in_distribution
+               else f"the model is unsure ({p:.2f} < {min_probability:g})")
+        return done(tag_label, "tags", f"tags decide: {why}", f"{tags}; model said {model.said()}")
+    if model is None:
+        return done(None, "none", "anatomy unknown: no anatomy in the tags and no anatomy model",
+                    f"unknown: no anatomy in the DICOM tags ({tag_evidence}) and no anatomy model")
+    name, p = model.best
+    if confident_and_known:
+        return done(name, "model", f"no tag; model sure ({p:.2f} >= {min_probability:g}) and in distribution",
+                    model_name, p)
+    why = (f"the model is out of distribution ({evidence['model_ood']}; it said {name} {p:.2f})"
+           if not model.in_distribution else f"the model is unsure ({name} {p:.2f} < {min_probability:g})")
+    return done(None, "none", f"anatomy unknown: no anatomy in the tags and {why}",
+                f"unknown: no anatomy in the DICOM tags and {why}")
+
+
+def boneage_block(decision: Decision, model: ModelWitness | None) -> str | None:
+    """Why bone age must not run on this study (None: it may). Only a study decided ``hand`` can get one.
+
+    Without a model witness (a tags-only configuration, or an undecodable image) an unknown anatomy is left to the
+    routes' own conditions, as before; a part that is not a hand still never gets a bone age.
+    """
+    if decision.label is None and model is None:
+        return None
+    if decision.label != HAND:
+        return f"anatomy is {decision.label or 'unknown'}, not a hand"
+    if model is not None and model.best[0] != HAND:
+        return f"the anatomy model does not call it a hand (it said {model.said()})"
+    return None

@@ -1,0 +1,130 @@
+"""Issue 25: the anatomy decision table (tags against a calibrated, OOD-aware model) and its calibration maths.
+
+Pure logic: the model witness is a stand-in with fixed numbers, so every row of the decision table is pinned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from daemon.anatomy_decision import ModelWitness, boneage_block, decide_anatomy
+from models.anatomy_ood import (
+    MahalanobisOOD, auroc, expected_calibration_error, fit_temperature, softmax, threshold_for_acceptance,
+)
+
+MIN_P = 0.5
+THRESHOLD = 100.0
+
+
+def model(first: str, p1: float, second: str = "wrist", p2: float = 0.05, ood: float = 10.0) -> ModelWitness:
+    return ModelWitness(top=((first, p1), (second, p2)), ood_score=ood, ood_threshold=THRESHOLD)
+
+
+def test_a_sure_in_distribution_model_overrules_a_tag_not_among_its_two_best() -> None:
+    d = decide_anatomy("hand", "BodyPartExamined=HAND", model("leg", 0.95, "ankle"), MIN_P)
+    assert (d.label, d.decided_by, d.disagreement) == ("leg", "model", True)
+    assert d.evidence["disagreement"] == "yes" and "overrul" in d.rule and "overruling" in d.source
+
+
+@pytest.mark.parametrize("witness, why", [
+    (model("knee", 0.89, "leg", ood=500.0), "out of distribution"),      # the MURA elbow case of the issue
+    (model("knee", 0.40, "leg"), "unsure"),
+    (model("hand", 0.80, "elbow"), "second choice"),
+])
+def test_the_tag_decides_and_the_disagreement_is_said(witness: ModelWitness, why: str) -> None:
+    d = decide_anatomy("elbow", "BodyPartExamined=ELBOW", witness, MIN_P)
+    assert (d.label, d.decided_by, d.disagreement) == ("elbow", "tags", True)
+    assert why in d.rule
+    assert f"model said {witness.best[0]} {witness.best[1]:.2f}" in d.source  # "elbow (tags); model said knee 0.89"
+
+
+def test_agreement_sure_model_decides_unsure_model_leaves_it_to_the_tags() -> None:
+    sure = decide_anatomy("hand", "BodyPartExamined=HAND", model("hand", 0.97), MIN_P)
+    assert (sure.label, sure.decided_by, sure.disagreement, sure.evidence["disagreement"]) == ("hand", "model", False, "no")
+    unsure = decide_anatomy("hand", "BodyPartExamined=HAND", model("hand", 0.45), MIN_P)
+    assert (unsure.label, unsure.decided_by) == ("hand", "tags")
+
+
+def test_no_tag_sure_model_decides_else_unknown_with_the_reason() -> None:
+    assert decide_anatomy(None, "no anatomy", model("knee", 0.9), MIN_P).label == "knee"
+    ood = decide_anatomy(None, "no anatomy", model("pelvis", 0.9, ood=300.0), MIN_P)
+    assert ood.label is None and ood.decided_by == "none" and "out of distribution" in ood.rule
+    unsure = decide_anatomy(None, "no anatomy", model("pelvis", 0.30), MIN_P)
+    assert unsure.label is None and "unsure" in unsure.rule and "pelvis 0.30" in unsure.source
+    nothing = decide_anatomy(None, "no anatomy", None, MIN_P)
+    assert nothing.label is None and "no anatomy model" in nothing.rule
+
+
+def test_no_model_tags_decide() -> None:
+    d = decide_anatomy("wrist", "BodyPartExamined=WRIST", None, MIN_P)
+    assert (d.label, d.decided_by, d.disagreement) == ("wrist", "tags", None)
+
+
+def test_without_an_ood_measure_the_model_counts_as_in_distribution() -> None:
+    witness = ModelWitness(top=(("leg", 0.9), ("ankle", 0.05)))
+    assert witness.in_distribution
+    assert decide_anatomy("hand", "x", witness, MIN_P).label == "leg"
+
+
+def test_bone_age_only_on_a_hand_the_model_also_calls_a_hand() -> None:
+    wrist_tagged_hand_looking = decide_anatomy("wrist", "BodyPartExamined=WRIST", model("hand", 0.80, "wrist"), MIN_P)
+    assert wrist_tagged_hand_looking.label == "wrist"  # the tag decides: wrist is the model's second choice
+    assert boneage_block(wrist_tagged_hand_looking, model("hand", 0.80, "wrist")) is not None
+    tagged_hand_model_wrist = model("wrist", 0.7, "hand")
+    d = decide_anatomy("hand", "BodyPartExamined=HAND", tagged_hand_model_wrist, MIN_P)
+    assert d.label == "hand" and "does not call it a hand" in boneage_block(d, tagged_hand_model_wrist)
+    ok = model("hand", 0.95)
+    assert boneage_block(decide_anatomy("hand", "x", ok, MIN_P), ok) is None
+    unknown = decide_anatomy(None, "x", model("hand", 0.95, ood=1e4), MIN_P)
+    assert boneage_block(unknown, model("hand", 0.95, ood=1e4)) is not None
+    tags_only = decide_anatomy("hand", "x", None, MIN_P)
+    assert boneage_block(tags_only, None) is None
+    assert boneage_block(decide_anatomy("knee", "x", None, MIN_P), None) is not None
+
+
+def test_temperature_scaling_fixes_overconfident_logits_and_lowers_ece() -> None:
+    rng = np.random.default_rng(0)
+    n, c = 4000, 4
+    labels = rng.integers(0, c, n)
+    true_logits = rng.normal(0, 1, (n, c))
+    true_logits[np.arange(n), labels] += 1.5
+    # Sample what is "really" right from the true probabilities, then make the model 3x overconfident.
+    p = softmax(true_logits)
+    outcome = np.array([rng.choice(c, p=row) for row in p])
+    over = true_logits * 3.0
+    t = fit_temperature(over, outcome)
+    assert 2.4 < t < 3.6
+    before = expected_calibration_error(softmax(over), outcome)
+    after = expected_calibration_error(softmax(over, t), outcome)
+    assert after < before / 2 and after < 0.03
+    assert np.array_equal(softmax(over, t).argmax(1), softmax(over).argmax(1))  # top-1 unchanged
+
+
+def test_ece_of_a_perfectly_calibrated_and_a_wrong_model() -> None:
+    probs = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert expected_calibration_error(probs, np.array([0, 1])) == 0.0
+    assert expected_calibration_error(probs, np.array([1, 0])) == 1.0
+
+
+def test_mahalanobis_scores_far_features_higher_and_the_threshold_accepts_the_share_asked(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 5, (3, 20))
+    y = rng.integers(0, 3, 600)
+    x = centres[y] + rng.normal(0, 1, (600, 20))
+    ood = MahalanobisOOD.fit(x, y)
+    inside = ood.score(centres[y[:200]] + rng.normal(0, 1, (200, 20)))
+    outside = ood.score(rng.normal(0, 1, (200, 20)) + 30)
+    assert auroc(inside, outside) > 0.99
+    threshold = threshold_for_acceptance(inside, 0.95)
+    assert abs((inside <= threshold).mean() - 0.95) < 0.01
+    sha = ood.save(tmp_path / "ood.npz")
+    again = MahalanobisOOD.load(tmp_path / "ood.npz", sha)
+    assert np.allclose(again.score(x[:5]), ood.score(x[:5]), rtol=1e-2)
+    with pytest.raises(ValueError, match="sha256"):
+        MahalanobisOOD.load(tmp_path / "ood.npz", "0" * 64)
+
+
+def test_auroc_ties_count_half() -> None:
+    assert auroc(np.array([1.0, 2.0]), np.array([3.0, 4.0])) == 1.0
+    assert auroc(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == 0.5

@@ -1,0 +1,119 @@
+"""Issue 25: ``route explain`` runs the daemon's own anatomy decision, so it and ``predict`` decide alike.
+
+A stand-in anatomy model (a tiny network whose head always says "hand 0.80, wrist 0.15": the issue's MURA wrist that
+the shipped model misread) with a calibration and an OOD sidecar in its card, as the real one has. A wrist tagged
+WRIST at 10 years: the tag is the model's second choice, so the tag decides, the study takes the fracture route
+and never bone age, and both commands say so with both witnesses. An untagged image the model is out of its depth
+on is "anatomy unknown" in both. No shared data needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from daemon.config import load_config
+from daemon.explain import explain_files
+from daemon.pipeline import Analyser
+from models.anatomy_ood import MahalanobisOOD
+from models.checkpoint import ModelCard, save_checkpoint
+from models.networks import ClassifierNet
+from models.preprocess import Geometry
+from tests.bonebridge_process import REPO, write_config
+from tests.dicom_factory import make_dx
+from tests.orthanc_fixture import free_port
+from tests.test_cli import bonebridge
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CLASSES = ["elbow", "hand", "wrist", "knee"]
+PROBABILITIES = [0.02, 0.80, 0.15, 0.03]
+
+
+def stand_in_anatomy(folder: Path, ood_threshold: float) -> Path:
+    """A tiny anatomy checkpoint whose calibrated output is PROBABILITIES for every image; OOD score always 0."""
+    geometry = Geometry(size=32, aspect="pad")
+    model = ClassifierNet("tiny_cnn", len(CLASSES), pretrained=False)
+    linear = model.head[-1]
+    torch.nn.init.zeros_(linear.weight)
+    linear.bias.data = torch.log(torch.tensor(PROBABILITIES)) * 2.0  # temperature 2 in the card undoes the x2
+    width = linear.in_features
+    sidecar = folder / "anatomy.ood.npz"
+    sha = MahalanobisOOD(np.zeros((len(CLASSES), width), np.float32), np.zeros((width, 2), np.float32)).save(sidecar)
+    card = ModelCard(task="anatomy", name="stand-in-anatomy", version="0.1.0", architecture="tiny_cnn", input_size=32,
+                     normalisation={"mean": list(geometry.mean), "std": list(geometry.std)},
+                     preprocessing=geometry.to_dict(), classes=CLASSES, trained=True,
+                     calibration={"temperature": 2.0, "ood": {"file": sidecar.name, "sha256": sha,
+                                                               "threshold": ood_threshold}})
+    return save_checkpoint(model, card, folder / "anatomy.pt")
+
+
+def config_with(tmp_path: Path, weights: Path) -> Path:
+    shipped = yaml.safe_load((REPO / "config" / "bonebridge.yaml").read_text())
+    models = {**shipped["models"], "anatomy": {"weights": str(weights)}}
+    return write_config(tmp_path, pacs_port=free_port(), anatomy_model=True, extra={"models": models})
+
+
+def test_explain_and_predict_decide_alike_on_a_wrist_tagged_wrist_the_model_reads_as_a_hand(tmp_path: Path) -> None:
+    weights = stand_in_anatomy(tmp_path, ood_threshold=10.0)
+    config = config_with(tmp_path, weights)
+    wrist = tmp_path / "wrist.dcm"
+    make_dx(wrist, body_part="WRIST", age="010Y")
+
+    predicted = bonebridge("predict", "--config", str(config), str(wrist))
+    assert predicted.returncode == 0, predicted.stderr
+    summary = json.loads(predicted.stdout)
+    assert summary["anatomy"] == "wrist" and summary["route"] == "fracture"
+    assert "bone_age_months" not in summary["findings"]
+    evidence = summary["anatomy_evidence"]
+    assert evidence["decided_by"] == "tags" and evidence["model_top1"] == "hand 0.80"
+    assert "second choice" in evidence["rule"]
+    assert "model said hand 0.80" in summary["anatomy_source"]  # the SR and caption say which decided
+
+    explained = bonebridge("route", "explain", "--config", str(config), str(wrist))
+    assert explained.returncode == 0, explained.stderr
+    out = explained.stdout
+    assert "anatomy: wrist (DICOM tags (BodyPartExamined=WRIST); model said hand 0.80)" in out
+    assert "witness, DICOM tags: wrist (BodyPartExamined=WRIST)" in out
+    assert "witness, anatomy model: first hand 0.80 second wrist 0.15 (in distribution" in out
+    assert "anatomy rule: tags decide: the tagged part is the model's second choice" in out
+    assert f"decision: route '{summary['route']}'" in out
+
+
+def test_hand_tag_the_model_reads_as_a_hand_gets_bone_age_route_in_both(tmp_path: Path) -> None:
+    weights = stand_in_anatomy(tmp_path, ood_threshold=10.0)
+    config = load_config(config_with(tmp_path, weights))
+    hand = tmp_path / "hand.dcm"
+    make_dx(hand, body_part="HAND", age="010Y")
+    text, ok = explain_files(config, [hand], analyser=Analyser(config))
+    assert ok and "decision: route 'pediatric-hand'" in text
+
+
+def test_untagged_and_out_of_distribution_is_anatomy_unknown_in_both(tmp_path: Path) -> None:
+    import pydicom
+
+    weights = stand_in_anatomy(tmp_path, ood_threshold=-1.0)  # every image is out of distribution
+    config = load_config(config_with(tmp_path, weights))
+    untagged = tmp_path / "untagged.dcm"
+    make_dx(untagged, body_part=None, study_description="", age="010Y")
+    analyser = Analyser(config)
+    analysis = analyser.analyse([pydicom.dcmread(untagged)])
+    assert analysis.result.anatomy is None
+    assert "not processed" in analysis.result.not_processed_reason or "anatomy unknown" in \
+        analysis.result.not_processed_reason
+    assert "out of distribution" in analysis.result.anatomy_source
+    text, ok = explain_files(config, [untagged], analyser=analyser)
+    assert ok and "anatomy: unknown (unknown: no anatomy in the DICOM tags and the model is out of distribution" in text
+    assert f"decision: route '{analysis.result.route}'" in text and "not-processed report" in text
+
+
+def test_explain_exits_2_on_a_file_it_cannot_read(tmp_path: Path) -> None:
+    config = write_config(tmp_path, pacs_port=free_port())
+    (tmp_path / "junk.dcm").write_bytes(b"not dicom at all")
+    out = bonebridge("route", "explain", "--config", str(config), str(tmp_path / "junk.dcm"))
+    assert out.returncode == 2 and "cannot read as DICOM" in out.stdout
