@@ -120,9 +120,10 @@ def extract_features(features: torch.nn.Module, images: list[WorldImage], geomet
     }
     if cache.exists():
         with np.load(cache, allow_pickle=False) as stored:
-            if np.array_equal(stored["key"], keys):
+            where = {key: i for i, key in enumerate(stored["key"].tolist())}
+            if all(key in where for key in keys.tolist()):
                 LOGGER.info("reusing features from %s", cache)
-                return {"x": stored["x"], **meta}
+                return {"x": stored["x"][[where[key] for key in keys.tolist()]], **meta}
     features.eval()
     out = []
     by_image: dict[Path, np.ndarray] = {}
@@ -152,18 +153,20 @@ def world_images(clusters_yaml: Path, extras: list[tuple[Path, str]], include_di
     """The named clusters' images (FracAtlas, RSNA: their id-block / case-id split), the extra sources' images, and
     (for OOD measurement only, never training) the validation and test images of the clusters a person discarded."""
     from models.anatomy import split_key
+    from models.anatomy_vocabulary import canonical_name
     from models.cluster import read_named_clusters
 
     images = []
     for listed, path, name in read_named_clusters(Path(clusters_yaml), include_discarded=include_discarded):
-        source = "rsna" if "rsna" in listed else "fracatlas"
+        first = Path(listed).parts[0] if len(Path(listed).parts) > 1 else "clusters"
+        source = "rsna" if "rsna" in listed else "fracatlas" if "fracatlas" in listed else first
         split = split_of(split_key(listed))
         if name == "discard":
             if split == "train":
                 continue
             images.append(WorldImage(path, None, split, source + "-discarded"))
         else:
-            images.append(WorldImage(path, name, split, source))
+            images.append(WorldImage(path, canonical_name(name), split, source))
     for folder, label in extras:
         images += folder_images(folder, label, Path(folder).parent.name if Path(folder).name == "images"
                                 else Path(folder).name)

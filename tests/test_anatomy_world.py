@@ -1,0 +1,95 @@
+"""Issue 25's training pipeline end to end on synthetic shapes: extra sources split by patient, contrast copies,
+one cached feature pass, calibration and the OOD sidecar in the card, loaded by the predictor; then ``evaluate
+anatomy`` with its decision table. Tiny network, no shared data (the real run's figures: models/weights/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from models import cli
+from models.anatomy_world import contrast_copy, folder_images, patient_key, training_style, views_of
+from models.checkpoint import read_card
+from tests.test_models_classify import shape_image
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_patient_keys_keep_both_knees_and_a_childs_films_together() -> None:
+    assert patient_key("x/9001695L.jpg", "knee") == patient_key("x/9001695R.jpg", "knee") == "knee/9001695"
+    assert patient_key("x/person12_virus_33.jpeg", "chest") == patient_key("x/person12_bacteria_1.jpeg", "chest")
+    assert patient_key("x/IM-0131-0001.jpg", "chest") == "chest/im-0131"
+    assert patient_key("x/odd.png", "s") == "s/odd"
+
+
+def test_contrast_copies_keep_the_image_in_range_and_change_its_look() -> None:
+    rng = np.random.default_rng(0)
+    image = np.clip(rng.normal(0.4, 0.1, (64, 64)), 0, 1).astype(np.float32)
+    for style in ("clahe", "equalised", "gamma"):
+        out = contrast_copy(image, style, np.random.default_rng(1))
+        assert out.shape == image.shape and 0 <= out.min() and out.max() <= 1 and not np.allclose(out, image)
+    assert views_of(type("I", (), {"path": Path("a.png")})(), True) == ["original", "clahe", "equalised", "gamma"]
+    assert training_style(Path("a.png")) == training_style(Path("/elsewhere/a.png"))
+    with pytest.raises(ValueError, match="unknown contrast style"):
+        contrast_copy(image, "sepia", rng)
+
+
+def test_world_probe_trains_calibrates_and_evaluates(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    root = tmp_path / "data"
+    (root / "site").mkdir(parents=True)
+    (root / "knees" / "images").mkdir(parents=True)
+    clusters = {"hand": [], "wrist": [], "discard": []}
+    kinds = {"hand": "disk", "wrist": "hbar", "discard": "vbar"}
+    for i in range(150):
+        name = ("hand", "wrist", "discard")[i % 3]
+        file = f"IMG{i * 40:07d}.png"  # a block of its own per image: the id-block split spreads them
+        Image.fromarray((shape_image(kinds[name], rng, 40) * 255).astype(np.uint8)).save(root / "site" / file)
+        clusters[name].append(f"site/{file}")
+    for i in range(60):
+        Image.fromarray((shape_image("ring", rng, 40) * 255).astype(np.uint8)).save(
+            root / "knees" / "images" / f"{9000000 + i}{'LR'[i % 2]}.png")
+    document = {"root": str(root), "clusters": [{"cluster": k, "name": name, "images": images}
+                                                for k, (name, images) in enumerate(clusters.items())]}
+    named = tmp_path / "clusters.yaml"
+    named.write_text(yaml.safe_dump(document))
+    assert {img.split for img in folder_images(root / "knees" / "images", "knee", "knee")} >= {"train"}
+
+    weights = tmp_path / "anatomy.pt"
+    assert cli.main(["train", "anatomy", "--clusters", str(named), "--extra", f"{root / 'knees' / 'images'}=knee",
+                     "--arch", "tiny_cnn", "--size", "32", "--out", str(weights), "--no-progress",
+                     "--features-cache", str(tmp_path / "features.npz")]) == 0
+    card = read_card(weights)
+    assert card.classes == ["hand", "wrist", "knee"]  # vocabulary order
+    calibration = card.calibration
+    assert calibration["temperature"] > 0 and calibration["ood"]["file"] == "anatomy.ood.npz"
+    assert (tmp_path / "anatomy.ood.npz").exists() and "95%" in calibration["ood"]["rule"]
+    assert 0.9 <= card.metrics["validation"]["ood_accepted"] <= 1.0
+
+    from models.inference import load_predictor
+    from models.preprocess import load_image
+
+    predictor = load_predictor(weights)
+    probabilities, ood = predictor.anatomy_scores([load_image(root / clusters["hand"][0])])
+    assert probabilities.shape == (1, 3) and abs(float(probabilities.sum()) - 1) < 1e-5
+    assert ood is not None and ood.shape == (1,) and np.isfinite(ood).all()
+
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    Image.fromarray((shape_image("disk", rng, 40) * 255).astype(np.uint8)).save(examples / "HAND.png")
+    report_path = tmp_path / "report.json"
+    assert cli.main(["evaluate", "anatomy", "--weights", str(weights), "--data", str(named),
+                     "--extra", f"{root / 'knees' / 'images'}=knee", "--examples", str(examples),
+                     "--features-cache", str(tmp_path / "eval-features.npz"), "--json", str(report_path),
+                     "--no-progress"]) == 0
+    report = json.loads(report_path.read_text())["model"]
+    assert set(report["decisions"]) >= {"site", "mura"}
+    for row in report["decisions"]["site"].values():
+        assert 0 <= row["right"] <= 1 and 0 <= row["forbidden_model"] <= 1
+    assert "ece_calibrated_original" in report["calibration"] and "all other sets" in report["ood"]["auroc"]
