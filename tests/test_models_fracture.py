@@ -174,3 +174,42 @@ def test_real_fracatlas_reads_as_published() -> None:
     assert sum(len(c.boxes) for c in cases) == 790
     sizes = {name: len(items) for name, items in split_cases(cases).items()}
     assert sizes == {"train": 2824, "val": 307, "test": 317}
+
+
+def test_a_resumed_fracture_run_reaches_the_weights_of_an_uninterrupted_one(fracatlas: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fracture model trains in the shared loop: cut after its first epoch and resumed, with an EMA, it ends
+    with exactly the weights of a run that never stopped (issue 29's ``--resume``: rerunning the command resumes)."""
+    import models.fracture as fracture
+    from models.fracatlas import read_fracatlas
+    from models.train import TrainConfig
+
+    cases = read_fracatlas(fracatlas)
+    options = dict(epochs=2, batch_size=8, max_steps_per_epoch=2, lr=1e-3, progress=False, ema_decay=0.9)
+    geometry = Geometry(size=32)
+    whole = tmp_path / "whole" / "f.pt"
+    fracture.train_fracture(cases, fracatlas, geometry, TrainConfig(out=whole, resume=False, **options))
+
+    real = fracture.validation_metrics
+    calls = {"n": 0}
+
+    def dies_at_the_second_validation(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("power cut")
+        return real(*args, **kwargs)
+
+    cut = tmp_path / "cut" / "f.pt"
+    monkeypatch.setattr(fracture, "validation_metrics", dies_at_the_second_validation)
+    with pytest.raises(KeyboardInterrupt):
+        fracture.train_fracture(cases, fracatlas, geometry, TrainConfig(out=cut, resume=True, **options))
+    monkeypatch.setattr(fracture, "validation_metrics", real)
+    fracture.train_fracture(cases, fracatlas, geometry, TrainConfig(out=cut, resume=True, **options))
+
+    a = torch.load(whole.with_suffix(".state.pt"), weights_only=False)
+    b = torch.load(cut.with_suffix(".state.pt"), weights_only=False)
+    assert a["epoch"] == b["epoch"] == 1 and [h["epoch"] for h in b["history"]] == [0, 1]
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    assert json.loads(cut.with_suffix(".card.json").read_text())["training"]["ema_decay"] == 0.9
