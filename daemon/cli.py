@@ -137,7 +137,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bonebridge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="bonebridge",
+        description="BoneBridge: receives radiographs by DICOM C-STORE, works out the body part, runs the models a "
+                    "route names (bone age, fracture) and sends a DICOM SR and heatmaps back to the PACS. Without "
+                    "--config every command uses the embedded default configuration.")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 

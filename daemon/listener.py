@@ -88,6 +88,26 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 
 
+
+#: How many SOP class names a refused-context summary names per reason before it says "and N more".
+REFUSED_NAMES_SHOWN = 3
+
+
+def refused_contexts_summary(contexts: list) -> str:
+    """``"116 presentation context(s) refused: abstract syntax not supported (114: CT Image Storage, ...; and 111
+    more); transfer syntax not supported (2: ...)"``, from pynetdicom's rejected contexts (their ``status``)."""
+    groups: dict[str, list[str]] = {}
+    for cx in contexts:
+        reason = str(getattr(cx, "status", "") or "refused").lower().replace("_", " ")
+        groups.setdefault(reason, []).append(str(getattr(cx.abstract_syntax, "name", cx.abstract_syntax)))
+    parts = []
+    for reason, names in sorted(groups.items(), key=lambda item: -len(item[1])):
+        shown = ", ".join(names[:REFUSED_NAMES_SHOWN])
+        more = f"; and {len(names) - REFUSED_NAMES_SHOWN} more" if len(names) > REFUSED_NAMES_SHOWN else ""
+        parts.append(f"{reason} ({len(names)}: {shown}{more})")
+    return f"{len(contexts)} presentation context(s) refused: " + "; ".join(parts)
+
+
 class CallerLike(Protocol):
     """What the listener needs of ``config.Caller``."""
 
@@ -268,14 +288,20 @@ class _Handlers:
         return STATUS_SUCCESS
 
     def accepted(self, event: Event) -> None:
-        """Log the presentation contexts refused in an accepted association: why a modality cannot send."""
+        """One line per accepted association that had presentation contexts refused: how many, and why.
+
+        storescu proposes every storage class it knows (116 of them), so a line per refused context drowned the log
+        (580 of 709 lines in one short run). :func:`refused_contexts_summary` groups them by reason and names the
+        first few SOP classes of each group. INFO while some context was accepted (the caller can send what it
+        meant to); WARNING when none was, since then nothing can be sent on that association.
+        """
+        refused = list(event.assoc.rejected_contexts)
+        if not refused:
+            return
         title = str(event.assoc.requestor.ae_title or "").strip()
-        for cx in event.assoc.rejected_contexts:
-            LOGGER.warning(
-                "association from %r at %s: refused presentation context %s (%s) with transfer syntax(es) %s: %s",
-                title, event.assoc.requestor.address, cx.abstract_syntax, cx.abstract_syntax.name,
-                ", ".join(str(ts) for ts in cx.transfer_syntax), cx.status,
-            )
+        level = logging.INFO if event.assoc.accepted_contexts else logging.WARNING
+        LOGGER.log(level, "association from %r at %s: %s", title, event.assoc.requestor.address,
+                   refused_contexts_summary(refused))
 
     def closed(self, event: Event) -> None:
         """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: announce the close once, free what the association held.

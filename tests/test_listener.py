@@ -292,3 +292,30 @@ def test_pynetdicom_logging_handlers_are_bound_only_when_they_would_print(
     finally:
         logger.setLevel(saved_level)
         _config.LOG_HANDLER_LEVEL = saved_setting
+
+
+def test_refused_contexts_make_one_line_per_association(listener, caplog: pytest.LogCaptureFixture) -> None:
+    """A caller proposing every storage class it knows (as storescu and many PACS do) gets one INFO line naming how
+    many contexts were refused and why, not a WARNING per context; a caller left with nothing gets a WARNING."""
+    from pynetdicom import AE, StoragePresentationContexts
+
+    port, _, _ = listener
+    ae = AE(ae_title="STORESCU")
+    ae.requested_contexts = StoragePresentationContexts[:120]
+    with caplog.at_level(logging.INFO, logger="daemon.listener"):
+        assoc = ae.associate("127.0.0.1", port, ae_title="BONEBRIDGE")
+        assert assoc.is_established and assoc.accepted_contexts and assoc.rejected_contexts
+        refused = len(assoc.rejected_contexts)
+        assoc.release()
+        lines = [r for r in caplog.records if "presentation context(s) refused" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].levelno == logging.INFO
+        assert lines[0].getMessage().count(f"{refused} presentation context(s) refused: abstract syntax not supported")
+
+        caplog.clear()
+        ct_only = AE(ae_title="STORESCU")
+        ct_only.add_requested_context("1.2.840.10008.5.1.4.1.1.2")  # CT Image Storage: not a radiograph
+        assoc = ct_only.associate("127.0.0.1", port, ae_title="BONEBRIDGE")
+        if assoc.is_established:
+            assoc.release()
+        lines = [r for r in caplog.records if "presentation context(s) refused" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].levelno == logging.WARNING and "CT Image Storage" in lines[0].getMessage()
