@@ -21,7 +21,6 @@ loop instead.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,28 +29,13 @@ import torch
 
 from models.anatomy_vocabulary import canonical_name, in_vocabulary_order
 from models.checkpoint import ModelCard, code_version, save_checkpoint
-from models.data import split_of
+from models.data import BLOCK, split_key, split_of  # noqa: F401 (split_key, BLOCK re-exported)
 from models.preprocess import Geometry
 from models.train import Example
 
 LOGGER = logging.getLogger(__name__)
 
-#: Consecutive image numbers grouped into one split unit (a patient's images are usually within a few numbers).
-BLOCK = 20
-_RUNNING_NUMBER = re.compile(r"^(?P<prefix>[A-Za-z_\-]+)(?P<number>\d+)$")
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
-
-
-def split_key(listed_path: str) -> str:
-    """The unit an image is split by: its id block, its case id, or (for any other name) its path."""
-    path = Path(listed_path)
-    stem = path.stem
-    if stem.isdigit():
-        return stem  # an RSNA-style case id: the same key the bone-age split uses
-    match = _RUNNING_NUMBER.match(stem)
-    if match:
-        return f"{path.parent.as_posix()}/{match['prefix']}#{int(match['number']) // BLOCK}"
-    return path.as_posix()
 
 
 @dataclass
@@ -103,7 +87,7 @@ def train_linear_probe(clusters_yaml: Path, out: Path, geometry: Geometry, card:
                        progress: bool = True) -> tuple[Path, dict]:
     """Fit the probe on the train split, choose C on validation, save a ClassifierNet checkpoint with its card."""
     from models.checkpoint import build_network
-    from models.classify import topk_accuracy
+    from models.metrics import topk_accuracy
     from models.cluster import pooled_features
 
     data = examples_from_clusters(clusters_yaml)

@@ -30,6 +30,14 @@ class CheckpointError(Exception):
     """A checkpoint that must not be used, with the reason."""
 
 
+#: The intended-use line of a card, per classifier task (bone age writes its own in :mod:`models.boneage`).
+INTENDED_USE = {
+    "sex": "Research use only. Not for clinical use. Sex from pediatric hand radiographs (a PatientSex check).",
+    "abnormality": "Research use only. Not for clinical use. Abnormality triage of upper-extremity radiographs.",
+    "anatomy": "Research use only. Not for clinical use. Sorting radiographs by body region for routing.",
+}
+
+
 class ModelCard(BaseModel):
     task: Task
     name: str

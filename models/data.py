@@ -7,13 +7,16 @@
 - One folder per class (anatomy): ``ROOT/<class>/*.png|*.dcm``.
 
 Splits are cut by hashing each case's id, so the same case lands in the same split on every machine and every run,
-and a patient's images never straddle train and validation when the id is the patient.
+and a patient's images never straddle train and validation when the id is the patient. :func:`split_key` names the
+unit a listed image is split by (its block of consecutive FracAtlas ids, its RSNA case id), so the anatomy, fracture
+and bone-age splits agree on every image they share.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,3 +140,20 @@ def read_class_folders(root: str | Path, classes: list[str] | None = None) -> tu
 
 def stack_images(images: list[np.ndarray]) -> np.ndarray:
     return np.stack([np.asarray(img, dtype=np.float32) for img in images])
+
+
+#: Consecutive image numbers grouped into one split unit (a patient's images are usually within a few numbers).
+BLOCK = 20
+_RUNNING_NUMBER = re.compile(r"^(?P<prefix>[A-Za-z_\-]+)(?P<number>\d+)$")
+
+
+def split_key(listed_path: str) -> str:
+    """The unit an image is split by: its id block, its case id, or (for any other name) its path."""
+    path = Path(listed_path)
+    stem = path.stem
+    if stem.isdigit():
+        return stem  # an RSNA-style case id: the same key the bone-age split uses
+    match = _RUNNING_NUMBER.match(stem)
+    if match:
+        return f"{path.parent.as_posix()}/{match['prefix']}#{int(match['number']) // BLOCK}"
+    return path.as_posix()

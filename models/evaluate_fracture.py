@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from models.classify import binary_metrics
+from models.metrics import binary_metrics
 from models.confidence import mean_interval
 from models.fracatlas import REGIONS, FractureCase, case_split, pointing_hit, read_fracatlas
 from models.inference import Predictor
@@ -150,7 +150,7 @@ def worst_misses_sheet(cases: list[FractureCase], rows: list[dict[str, Any]], pa
 def evaluate_fracatlas(predictor: Predictor, data: Path, split: str, plots: Path | None, batch_size: int,
                        progress: bool) -> tuple[dict[str, Any], list[Path], str]:
     """The report (top-level ``auroc``, ``pointing_hit_rate``, ``pointing_hit_rate_strict``), plots and headline."""
-    from models.evaluate import plot_calibration, plot_roc
+    from models.plots import plot_calibration, plot_roc
 
     cases, source = fracatlas_cases(data, split)
     if not cases:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.anatomy import split_key
+from models.data import split_key
 from models.data import split_of
 from models.preprocess import Geometry, body_box, crop_box, resize_to_square, to_unit_square
 

@@ -123,7 +123,7 @@ def cache_pointing(maps: np.ndarray, masks: torch.Tensor, labels: torch.Tensor, 
 
 def validation_metrics(model: torch.nn.Module, cache: FractureCache, geometry: Geometry,
                        device: torch.device) -> tuple[dict[str, float], str]:
-    from models.classify import youden_threshold
+    from models.metrics import youden_threshold
 
     image_prob, map_peak, maps = predict_fracture_cache(model, cache, geometry, device)
     y = cache.labels.numpy()
@@ -141,7 +141,7 @@ def validation_metrics(model: torch.nn.Module, cache: FractureCache, geometry: G
 
 
 def fracture_card(geometry: Geometry, splits: dict[str, list[FractureCase]], source: Path) -> ModelCard:
-    from models.classify import INTENDED_USE
+    from models.checkpoint import INTENDED_USE
 
     counts = {name: (len(cases), sum(c.fractured for c in cases)) for name, cases in splits.items()}
     note = (f"FracAtlas ({source.name}): {counts['train'][0]} train ({counts['train'][1]} fractured) / "
