@@ -58,7 +58,7 @@ def examples_from_clusters(clusters_yaml: Path) -> AnatomyExamples:
 
 
 def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-              seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+              seed: int = 0, grid: tuple[float, ...] = C_GRID) -> tuple[np.ndarray, np.ndarray, dict]:
     """Multinomial logistic regression on standardised features, C picked by validation top-1 (ties: smaller C).
 
     Returns the head's weight and bias on the *raw* features (the standardisation folded in) and the choice.
@@ -69,7 +69,7 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
     scaler = StandardScaler().fit(x_train)
     xt, xv = scaler.transform(x_train), scaler.transform(x_val)
     trials = []
-    for c in C_GRID:
+    for c in grid:
         model = LogisticRegression(C=c, max_iter=3000, class_weight="balanced", random_state=seed).fit(xt, y_train)
         trials.append((float((model.predict(xv) == y_val).mean()), -c, c, model))
     accuracy, _, best_c, best = max(trials, key=lambda t: (t[0], t[1]))

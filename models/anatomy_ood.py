@@ -145,7 +145,10 @@ class MahalanobisOOD:
         """Write the sidecar; returns its sha256 (the card records it)."""
         path = Path(path)
         with open(path, "wb") as handle:
-            np.savez(handle, means=self.means.astype(np.float32), whiten=self.whiten.astype(np.float16))
+            # float16 halves the file; kept only where every value fits it (shrinkage keeps the whitening bounded)
+            small = float(np.abs(self.whiten).max()) < 6e4
+            np.savez(handle, means=self.means.astype(np.float32),
+                     whiten=self.whiten.astype(np.float16 if small else np.float32))
         return hashlib.sha256(path.read_bytes()).hexdigest()
 
     @classmethod
