@@ -9,7 +9,8 @@ has passed since its last instance. Completion enqueues one task ``(study_uid, g
 An instance that arrives after completion re-opens the study with ``generation + 1``; the SR
 references reported for earlier generations are kept so the next report can name them as
 predecessors. Duplicates of instances already processed (a sender's blind retry) do not re-open a
-finished study: they change nothing.
+finished study: they change nothing. An instance re-sent with *other* content under the same UID does: the spool
+kept the earlier file (``InstanceEvent.superseded``) and the new generation's report supersedes the old one.
 
 State lives in ``data_dir/studies/<study_uid>.json``, each write atomic (tmp + fsync + rename), so
 :meth:`StudyAssembler.recover` can resume after a crash: studies that were receiving get a fresh
@@ -165,7 +166,7 @@ class StudyAssembler:
                 self._studies[ev.study_uid] = st
                 LOGGER.info("study %s: first instance from %s", ev.study_uid, ev.calling_ae)
             elif st.state != "receiving":
-                if ev.sop_instance_uid in st.instances and st.state != "failed":
+                if ev.sop_instance_uid in st.instances and st.state != "failed" and not ev.superseded:
                     LOGGER.info(
                         "study %s: duplicate of %s after %s; nothing new, not re-opening",
                         ev.study_uid,
@@ -174,12 +175,19 @@ class StudyAssembler:
                     )
                     return
                 st.generation += 1
-                LOGGER.info(
-                    "study %s: late instance after %s; re-opened as generation %d",
-                    ev.study_uid,
-                    st.state,
-                    st.generation,
-                )
+                if ev.superseded:  # other content under a UID already reported on: the report must be redone
+                    LOGGER.warning(
+                        "study %s: instance %s re-sent with other content after %s (the earlier file is kept as "
+                        "%s); re-opened as generation %d, whose report supersedes the earlier one",
+                        ev.study_uid, ev.sop_instance_uid, st.state, ev.superseded, st.generation,
+                    )
+                else:
+                    LOGGER.info(
+                        "study %s: late instance after %s; re-opened as generation %d",
+                        ev.study_uid,
+                        st.state,
+                        st.generation,
+                    )
                 st.state = "receiving"
                 st.queued_at = st.finished_at = None
                 st.failure_reason = None

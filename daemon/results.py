@@ -102,6 +102,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from daemon.decode import read_display_image
 from daemon.header_values import Unreadable, copyable_header, unreadable_summary
 from daemon.heatmap_render import HEATMAP_FLOOR, render_heatmap
+from daemon.revisions import source_revision
 from daemon.uids import derive_uid
 
 __all__ = [
@@ -505,9 +506,15 @@ def sr_uids(sources: Sequence[Dataset], result: StudyResult) -> tuple[str, str]:
     series_uid = derive_uid(study_uid, result.route, "sr")
     kind = "not-processed" if result.not_processed_reason is not None else "findings"
     sop_uid = derive_uid(
-        *sorted(str(ds.SOPInstanceUID) for ds in sources), result.route, *_model_versions(result), "sr", kind
+        *sorted(_source_identity(ds) for ds in sources), result.route, *_model_versions(result), "sr", kind
     )
     return series_uid, sop_uid
+
+
+def _source_identity(ds: Dataset) -> str:
+    """A source's UID, with its revision when the spool replaced its content (:mod:`daemon.revisions`)."""
+    revision = source_revision(ds)
+    return str(ds.SOPInstanceUID) + (f"#{revision}" if revision else "")
 
 
 def _library_entries(headers: list[Dataset]) -> list[Dataset]:
@@ -722,7 +729,7 @@ def heatmap_caption(result: StudyResult, source: Dataset) -> list[str]:
 def sc_uids(source: Dataset, result: StudyResult, index: int) -> tuple[str, str]:
     """(SeriesInstanceUID, SOPInstanceUID) of the heatmap SC for this source image."""
     series_uid = derive_uid(str(source.StudyInstanceUID), result.route, "sc")
-    sop_uid = derive_uid(str(source.SOPInstanceUID), result.route, *_model_versions(result), "sc", str(index))
+    sop_uid = derive_uid(_source_identity(source), result.route, *_model_versions(result), "sc", str(index))
     return series_uid, sop_uid
 
 

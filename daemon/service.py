@@ -23,7 +23,7 @@ from celery.signals import worker_ready, worker_shutdown
 from daemon.anatomy_tags import anatomy_from_tags
 from daemon.assembler import StudyAssembler, StudyState
 from daemon.broker import EmbeddedRedis
-from daemon.children import die_with_parent
+from daemon.children import WORKER_PARENT_DEATH_SIGNAL, die_with_parent, stop_orphaned_workers
 from daemon.config import Config, load_config
 from daemon.listener import start_listener
 from daemon.logformat import FloodGuard, SafeFormatter
@@ -138,7 +138,7 @@ class SupervisedWorker:
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, env=self.env,
-                                        preexec_fn=die_with_parent())
+                                        preexec_fn=die_with_parent(WORKER_PARENT_DEATH_SIGNAL))
         self.pid_file.write_text(str(self.process.pid))
         LOGGER.info("worker started (pid %d)", self.process.pid)
 
@@ -199,7 +199,8 @@ def serve(config_path: Path, workers: int = 1, demo: bool = False) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     stop = _Stop()
     demo_pacs = None
-    broker_url, embedded = _broker(config)
+    broker_url, embedded = _broker(config)  # refuses to start beside a live serve of this data directory
+    stop_orphaned_workers(run_dir)  # so no worker of a dead serve shares the new broker
     (run_dir / "broker.url").write_text(broker_url)
     listener = Listener(config, broker_url)
     pool = [SupervisedWorker(config_path, broker_url, run_dir, max(1, workers)) for _ in range(max(1, workers))]

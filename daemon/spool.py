@@ -15,7 +15,8 @@ temporary file into a durable one:
    calling AE title beside it as the extended attribute ``user.bonebridge.calling_ae`` rather than rewriting
    the file;
 3. ``os.replace`` it into ``data_dir/incoming/<StudyInstanceUID>/<SOPInstanceUID>.dcm`` and fsync
-   the directory, so that the rename itself survives a power cut.
+   the directory, so that the rename itself survives a power cut. An identical re-send leaves the stored file
+   alone; one with other content keeps the stored file under ``superseded/`` first (:mod:`daemon.revisions`).
 
 A data set that arrived some other way (pynetdicom's own temporary file elsewhere, or in memory) is copied
 into ``data_dir/tmp/`` with its File Meta plus *Source Application Entity Title*, then steps 2 and 3 follow.
@@ -48,6 +49,7 @@ from pydicom.uid import UID
 from pynetdicom.dsutils import split_dataset
 
 from daemon.receive_file import ReceiveFile, ReceiveTarget, under_floor
+from daemon.revisions import same_data_set, superseded_copy_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from pynetdicom.events import Event
@@ -96,6 +98,8 @@ class InstanceEvent:
     assoc_id: str
     own_output: bool = False  # one of BoneBridge's own SR/SC coming back: never re-processed
     accession_number: str = ""  # for finding the study on the status page (not a patient identifier)
+    #: Set when this instance replaced other content under the same UID: where the earlier file is kept.
+    superseded: str = ""
 
 
 class SpoolError(Exception):
@@ -337,8 +341,28 @@ class Spool:
         dest_dir = (self.returned_dir if own else self.incoming_dir) / study
         dest = dest_dir / f"{sop_instance}.dcm"
         _mkdir_durable(dest_dir)
+        superseded = ""
+        if not own and dest.exists():
+            if _same_content(dest, tmp):
+                # An identical re-send: the file already here (which a report may describe) stays as it is.
+                return self._event(ident, dest, own, calling_ae, assoc_id)
+            # Other content under the same UID: never overwrite what a report may have been made from. The earlier
+            # file gets a second name first, so a crash before the rename below loses neither.
+            keep = superseded_copy_path(dest)
+            _mkdir_durable(keep.parent)
+            os.link(dest, keep)
+            fsync_dir(keep.parent)
+            superseded = str(keep)
+            LOGGER.warning("study %s: instance %s re-sent with other content; the earlier file is kept as %s",
+                           study, sop_instance, keep.relative_to(self.incoming_dir))
         os.replace(tmp, dest)
         fsync_dir(dest_dir)
+        return self._event(ident, dest, own, calling_ae, assoc_id, superseded)
+
+    @staticmethod
+    def _event(ident: dict[str, str], dest: Path, own: bool, calling_ae: str, assoc_id: str,
+               superseded: str = "") -> InstanceEvent:
+        study, sop_instance = ident["StudyInstanceUID"], ident["SOPInstanceUID"]
         return InstanceEvent(
             study_uid=study,
             series_uid=ident["SeriesInstanceUID"],
@@ -349,6 +373,7 @@ class Spool:
             assoc_id=assoc_id,
             own_output=own,
             accession_number=ident["AccessionNumber"],
+            superseded=superseded,
         )
 
     @staticmethod
@@ -402,6 +427,16 @@ class Spool:
             _copy(fin, fout)
             fout.flush()
             os.fsync(fout.fileno())
+
+
+def _same_content(stored: Path, received: Path) -> bool:
+    """Whether ``received`` holds the data set already ``stored``; a stored file that cannot be read is "other"."""
+    try:
+        return same_data_set(stored, received)
+    except OSError:
+        raise
+    except Exception:  # noqa: BLE001 - keep both rather than guess
+        return False
 
 
 def _discard(path: Path) -> None:

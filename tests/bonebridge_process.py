@@ -65,14 +65,19 @@ class BoneBridgeProcess:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 90.0) -> "BoneBridgeProcess":
+    def start(self, timeout: float = 180.0) -> "BoneBridgeProcess":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "serve", "--config", str(self.config_path), *self.args],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=self.env, start_new_session=True,
         )
-        wait_for(lambda: self._answers(), timeout, interval=0.3, what=f"bonebridge echo on {self.port}\n{self.log_tail()}")
-        wait_for(self.worker_ready, timeout, interval=0.2, what=f"a ready worker\n{self.log_tail()}")
+        try:
+            wait_for(lambda: self._answers(), timeout, interval=0.3,
+                     what=f"bonebridge echo on {self.port}\n{self.log_tail()}")
+            wait_for(self.worker_ready, timeout, interval=0.2, what=f"a ready worker\n{self.log_tail()}")
+        except BaseException:
+            self.stop()  # a serve that did not come up in time must not outlive the test (no __exit__ runs)
+            raise
         return self
 
     def _answers(self) -> bool:

@@ -115,6 +115,36 @@ def test_late_instance_reopens_with_next_generation_and_keeps_sr_refs(env) -> No
     assert len(asm.list_instances(study)) == 2
 
 
+def test_resend_with_other_content_reopens_a_finished_study(env, caplog) -> None:
+    """Issue 28, case 3, at the assembler: an instance whose content the spool replaced (the earlier file kept)
+    re-opens a finished study as a new generation, logged at WARNING; an identical re-send still changes nothing."""
+    import dataclasses
+    import logging
+
+    asm, clock, queue = env
+    study = generate_uid()
+    first = event(study)
+    asm.instance_received(first)
+    asm.association_closed("a1")
+    asm.poll(clock.t + QUIET)
+    sr = (study, "1.2.9", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.9.1")
+    asm.mark_done(study, 1, sr)
+    asm.instance_received(event(study, "a2", sop=first.sop_instance_uid))
+    assert (asm.get(study).state, asm.get(study).generation) == ("done", 1)
+
+    clock.t += 10
+    with caplog.at_level(logging.WARNING, logger="daemon.assembler"):
+        asm.instance_received(dataclasses.replace(event(study, "a3", sop=first.sop_instance_uid),
+                                                  superseded="/spool/superseded/x.dcm"))
+    st = asm.get(study)
+    assert (st.state, st.generation, st.sr_refs) == ("receiving", 2, [sr])
+    assert any(r.levelno == logging.WARNING and "re-sent with other content" in r.getMessage() for r in caplog.records)
+    asm.association_closed("a2")
+    asm.association_closed("a3")
+    assert asm.poll(clock.t + QUIET) == [(study, 2)]
+    assert len(asm.list_instances(study)) == 1
+
+
 def test_result_of_superseded_generation_is_kept_as_predecessor(env) -> None:
     asm, clock, queue = env
     study = generate_uid()

@@ -6,10 +6,12 @@ SIGKILL, which runs none of its cleanup.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,42 @@ def test_serve_killed_hard_takes_its_redis_and_worker_with_it(tmp_path: Path) ->
     # A new serve on the same data directory starts cleanly and answers.
     with BoneBridgeProcess(config) as again:
         assert again.worker_ready()
+
+
+@pytest.mark.integration
+def test_serve_killed_while_its_worker_waits_to_redeliver_leaves_no_worker_and_one_result(tmp_path: Path) -> None:
+    """Issue 28, case 2: ``kill -9`` of serve while its worker sleeps between delivery retries (the PACS is down).
+    The worker must not "finish the current task first" (SIGTERM, Celery's warm shutdown, kept it delivering for a
+    minute beside the next serve): it is gone at once. A new serve, with the PACS back, delivers the study's
+    result exactly once."""
+    from tests.dicom_factory import make_dx
+    from tests.orthanc_fixture import OrthancServer, storescu
+    from tests.test_integration import _by_modality
+
+    pacs = OrthancServer(tmp_path / "pacs")  # not started yet: the PACS is down
+    config = write_config(tmp_path, pacs_port=pacs.dicom_port, dest_retries=8, dest_backoff_s=2.0)
+    study = make_dx(tmp_path / "leg.dcm", body_part="LEG", age="040Y", size=128)
+    study_uid = str(study.StudyInstanceUID)
+    proc = BoneBridgeProcess(config).start()
+    try:
+        worker_pid = proc.worker_pid()
+        assert storescu(proc.port, "BONEBRIDGE", [tmp_path / "leg.dcm"]).returncode == 0
+        wait_for(lambda: "pacs: retry 2/8" in proc.log_tail(200), 60, interval=0.1,
+                 what="the worker waiting between delivery retries")
+        assert proc.proc is not None
+        os.kill(proc.proc.pid, signal.SIGKILL)  # serve alone: no cleanup runs
+        proc.proc.wait()
+        wait_for(lambda: not _alive(worker_pid), 3, interval=0.05,
+                 what="the worker to die with serve (a warm shutdown would have kept it for a minute)")
+    finally:
+        proc.stop()
+        if _alive(worker_pid):
+            os.kill(worker_pid, signal.SIGKILL)
+    with pacs, BoneBridgeProcess(config) as again:
+        assert again.worker_pid() != worker_pid
+        wait_for(lambda: "SR" in _by_modality(pacs, study_uid), 120, interval=0.3, what="the SR after the restart")
+        time.sleep(5)  # a second delivery (an orphan's, a redelivered task's) would land by now
+        found = _by_modality(pacs, study_uid)
+        assert len(found["SR"]) == 1
+        assert [r["generation"] for r in again.results(study_uid)] == [1]
+        assert "dead-lettered" not in json.dumps(again.results(study_uid))

@@ -256,6 +256,47 @@ def test_failing_for_good_under_the_shipped_retry_limit_ends_in_a_report_and_is_
         assert _metric(again, 'bonebridge_studies{state="failed"}') == 1.0
 
 
+def test_resent_instance_with_other_content_is_kept_and_the_study_reported_again(tmp_path: Path, pacs,
+                                                                                 bonebridge) -> None:
+    """Issue 28, case 3: after the study's report, the same SOP Instance UID arrives with a chest instead of the
+    leg. Both files are kept (the leg, which the first report describes, under ``superseded/``), a WARNING says so,
+    and the study is reported again as generation 2, whose SR names the first as its predecessor and gets UIDs of
+    its own. Sending the chest once more is a duplicate: nothing new."""
+    leg = make_dx(tmp_path / "leg.dcm", body_part="LEG", age="040Y", size=128, seed=1)
+    study_uid, sop_uid = str(leg.StudyInstanceUID), str(leg.SOPInstanceUID)
+    assert storescu(bonebridge.port, "BONEBRIDGE", [tmp_path / "leg.dcm"]).returncode == 0
+    earlier = _wait_for_sr(pacs, study_uid)["SR"][0]
+    wait_for(lambda: bonebridge.results(study_uid), 30, what="the first outcome record")
+    stored = bonebridge.data_dir / "incoming" / study_uid / f"{sop_uid}.dcm"
+    leg_bytes = stored.read_bytes()
+
+    make_dx(tmp_path / "chest.dcm", study_uid=study_uid, series_uid=str(leg.SeriesInstanceUID),
+            sop_instance_uid=sop_uid, body_part="CHEST", age="040Y", size=128, seed=7)
+    assert storescu(bonebridge.port, "BONEBRIDGE", [tmp_path / "chest.dcm"]).returncode == 0
+    newer = wait_for(lambda: [i for i in _by_modality(pacs, study_uid)["SR"] if i["id"] != earlier["id"]], 120,
+                     what="a second SR after the re-sent instance")
+    assert len(newer) == 1 and newer[0]["SOPInstanceUID"] != earlier["SOPInstanceUID"]
+    sr = pacs.get_instance_dataset(newer[0]["id"])
+    predecessors = [ref.ReferencedSOPInstanceUID for s in sr.PredecessorDocumentsSequence
+                    for series in s.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence]
+    assert predecessors == [earlier["SOPInstanceUID"]]
+    assert "chest" in json.dumps(sr_values(sr)).lower()
+    [kept] = (stored.parent / "superseded").glob("*.dcm")
+    assert kept.read_bytes() == leg_bytes and pydicom.dcmread(stored).BodyPartExamined == "CHEST"
+    log = bonebridge.log_tail(400)
+    assert any("WARNING" in line and "re-sent with other content" in line for line in log.splitlines()), log
+    records = wait_for(lambda: r if len(r := bonebridge.results(study_uid)) == 2 else None, 30,
+                       what="the second outcome record")
+    assert [r["generation"] for r in records] == [1, 2]
+
+    assert storescu(bonebridge.port, "BONEBRIDGE", [tmp_path / "chest.dcm"]).returncode == 0  # identical now
+    time.sleep(3)  # > quiet period
+    assert [r["generation"] for r in bonebridge.results(study_uid)] == [1, 2]
+    assert len(_by_modality(pacs, study_uid)["SR"]) == 2
+    assert len(list((stored.parent / "superseded").glob("*.dcm"))) == 1
+    assert "nothing new, not re-opening" in bonebridge.log_tail(100)
+
+
 def test_unknown_caller_is_rejected(tmp_path: Path, pacs, bonebridge) -> None:
     hand = make_dx(tmp_path / "x.dcm")
     result = storescu(bonebridge.port, "BONEBRIDGE", [tmp_path / "x.dcm"], calling_aet="STRANGER")

@@ -562,3 +562,21 @@ def test_builders_never_fail_on_a_bad_source_header(tmp_path: Path, sources: lis
 
 def test_sr_names_no_unreadable_attribute_for_a_clean_header(sources: list[Dataset], findings: StudyResult) -> None:
     assert _texts(_read_sr(build_sr(sources, findings)), "Unreadable source attribute") == []
+
+
+def test_a_replaced_source_gives_new_result_uids(tmp_path: Path, findings: StudyResult) -> None:
+    """A source whose content the spool replaced (an earlier file under ``superseded/``) is another revision: the
+    report and heatmap made from it get new UIDs, so the PACS keeps both reports; unreplaced sources keep theirs."""
+    from daemon.results import sc_uids, sr_uids
+
+    folder = tmp_path / "incoming" / findings.study_uid
+    sources = [pydicom.dcmread(ds.filename) for ds in make_study(folder, count=2, size=32,
+                                                                  study_uid=findings.study_uid)]
+    before_sr, before_sc = sr_uids(sources, findings), sc_uids(sources[0], findings, 0)
+    other_sc = sc_uids(sources[1], findings, 1)
+    kept = Path(sources[0].filename).parent / "superseded" / (Path(sources[0].filename).stem + ".20260101T000000Z-1.dcm")
+    kept.parent.mkdir()
+    shutil.copyfile(sources[0].filename, kept)
+    assert sr_uids(sources, findings) != before_sr and sc_uids(sources[0], findings, 0) != before_sc
+    assert sc_uids(sources[1], findings, 1) == other_sc
+    assert sr_uids(sources, findings) == sr_uids(sources, findings)  # still derived: a redelivered task agrees

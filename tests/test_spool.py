@@ -91,6 +91,35 @@ def test_redelivery_of_same_instance_overwrites(tmp_path: Path) -> None:
     assert len(list(first.path.parent.iterdir())) == 1
 
 
+def test_resend_with_other_content_keeps_both_files(tmp_path: Path) -> None:
+    """Issue 28, case 3, at the spool: the same SOP Instance UID with other bytes never overwrites the stored file
+    (a report may have been made from it); the earlier file stays under ``superseded/`` and the event says where.
+    An identical re-send (the File Meta may differ: it records the sender) leaves the stored file alone."""
+    from daemon.revisions import revision_of
+
+    src = tmp_path / "src.dcm"
+    original = make_dx(src, seed=1)
+    spool = Spool(tmp_path / "var", is_own_output=False)
+    first = spool.store_file(src, "A", "1")
+    first_bytes = first.path.read_bytes()
+    inode = first.path.stat().st_ino
+
+    same = spool.store_file(src, "B", "2")  # other calling AE: other File Meta, same data set
+    assert same.superseded == "" and same.path == first.path and first.path.stat().st_ino == inode
+    assert not (first.path.parent / "superseded").exists() and revision_of(first.path) == 0
+
+    other = tmp_path / "other.dcm"
+    make_dx(other, seed=2, study_uid=original.StudyInstanceUID, SOPInstanceUID=original.SOPInstanceUID,
+            SeriesInstanceUID=original.SeriesInstanceUID, BodyPartExamined="CHEST")
+    replaced = spool.store_file(other, "A", "3")
+    assert replaced.path == first.path and replaced.superseded
+    kept = Path(replaced.superseded)
+    assert kept.parent == first.path.parent / "superseded" and kept.read_bytes() == first_bytes
+    assert pydicom.dcmread(first.path).BodyPartExamined == "CHEST"
+    assert revision_of(first.path) == 1
+    assert sorted(p.name for p in first.path.parent.glob("*.dcm")) == [first.path.name]  # the study's files
+
+
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
