@@ -76,7 +76,8 @@ BAD_VALUES: list[BadValue] = [
     _case("SeriesDescription", "two-values", b"HAND\\KNEE"),
     _case("PatientName", "long", b"A" * 500),
 ]
-"""41 cases over 16 attributes; every attribute is one the pipeline or the result builders read."""
+"""42 cases over 16 attributes (34 invalid for the VR or multiplicity); each attribute is one the pipeline or the
+result builders read."""
 
 
 def put_raw(ds: Dataset, keyword: str, raw: bytes) -> None:
