@@ -76,7 +76,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from daemon.service import worker
 
-    return worker(_config_path(args), args.broker, args.concurrency)
+    return worker(_config_path(args), args.broker, args.concurrency, args.queues)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -136,7 +136,23 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0 if all(item.ok for item in results) else 1  # scripts and cron jobs see a failed replay
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: Commands that never need the model commands' parsers (which import torch: 40 s and 600 MB on a busy machine, for
+#: nothing, in a dispatch-only worker or `bonebridge retry`).
+_DAEMON_COMMANDS = frozenset({"serve", "sample", "listen", "worker", "config", "route", "predict", "retry"})
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand in ``argv`` (the first word that is not ``--log-level`` or its value)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(daemon_only: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bonebridge",
         description="BoneBridge: receives radiographs by DICOM C-STORE, works out the body part, runs the models a "
@@ -160,10 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.set_defaults(func=cmd_listen)
 
-    p = sub.add_parser("worker", help="only a Celery worker that analyses studies (needs a broker URL)")
+    p = sub.add_parser("worker", help="only a Celery worker that analyses studies and/or delivers results "
+                                      "(needs a broker URL)")
     _config_arg(p)
     p.add_argument("--broker", help="broker URL (default: the config's `broker`)")
-    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--queues", default="studies,dispatch",
+                   help="studies (analysis), dispatch (delivery to the destinations) or both (default), "
+                        "comma-separated: run them apart so a PACS that hangs never holds an analysis slot")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="tasks at once (default 1; 4 threads for a dispatch-only worker)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("config", help="configuration tools")
@@ -191,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.add_argument("entry", nargs="?", help="one dead-letter entry (default: all)")
     p.set_defaults(func=cmd_retry)
+    if daemon_only:
+        return parser
 
     from models import cli as models_cli
 
@@ -203,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(daemon_only=_command(words) in _DAEMON_COMMANDS and "-h" not in words[:1])
+    args = parser.parse_args(words)
     from daemon.service import setup_logging
 
     setup_logging(args.log_level)

@@ -24,13 +24,15 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -47,7 +49,13 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConfigIssue",
+    "AnyDestination",
+    "BasicAuth",
+    "DESTINATION_TYPES",
     "Destination",
+    "DestinationAuth",
+    "DicomDestination",
+    "DicomWebDestination",
     "ListenerConfig",
     "ModelRef",
     "QueueConfig",
@@ -270,19 +278,140 @@ class QueueConfig(_Strict):
         return [] if value is None else _as_list(value)
 
 
-class Destination(_Strict):
+class _Delivery(_Strict):
+    """What every destination type shares: how often the dispatch stage retries it, and how long it waits.
+
+    ``retries`` is the one place the retry limit comes from (the ``dispatch`` task reads it); the wait before retry
+    ``i`` is ``backoff_s * 2**i`` seconds, capped at a minute, with jitter (``daemon.dispatch.retry_countdown``).
+    """
+
+    retries: int = Field(5, ge=0)
+    backoff_s: float = Field(2.0, ge=0)
+
+
+class DicomDestination(_Delivery):
+    """``type: dicom`` (the default): C-STORE SCU to a PACS, DICOM TLS optional."""
+
+    type: Literal["dicom"] = "dicom"
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
     calling_ae: str = "BONEBRIDGE"
-    retries: int = Field(5, ge=0)
-    backoff_s: float = Field(2.0, ge=0)
     tls: DestinationTls | None = None  # DICOM TLS to this destination; null = plain TCP
 
     @field_validator("ae_title", "calling_ae")
     @classmethod
     def _ae_titles(cls, value: str) -> str:
         return _check_ae_title(value)
+
+    def describe(self) -> str:
+        """Where it sends, in words (no secret: a DICOM destination has none)."""
+        return f"{self.ae_title} at {self.host}:{self.port}" + (" (DICOM TLS)" if self.tls else "")
+
+
+#: The DICOM destination keeps its old name: code and tests written before destination types say ``Destination``.
+Destination = DicomDestination
+
+
+def _readable_file(path: Path, what: str) -> Path:
+    if not Path(path).is_file():
+        raise ValueError(f"{what}: {path} is not a readable file")
+    return path
+
+
+class BasicAuth(_Strict):
+    """HTTP basic authentication; the password is read from a file at each delivery, never from the config."""
+
+    user: str = Field(min_length=1)
+    password_file: Path
+
+    @field_validator("password_file", mode="before")
+    @classmethod
+    def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
+        return _resolve_path(value, info, allow_builtin=False)
+
+    @field_validator("password_file")
+    @classmethod
+    def _exists(cls, value: Path) -> Path:
+        return _readable_file(value, "password_file")
+
+
+class DestinationAuth(_Strict):
+    """``{basic: {user, password_file}}`` or ``{bearer_token_file: PATH}``: exactly one. Secrets live in files
+    (mode 0600, owned by the daemon's user), so the config can be shown, checked in and logged."""
+
+    basic: BasicAuth | None = None
+    bearer_token_file: Path | None = None
+
+    @field_validator("bearer_token_file", mode="before")
+    @classmethod
+    def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
+        return None if value is None else _resolve_path(value, info, allow_builtin=False)
+
+    @model_validator(mode="after")
+    def _one(self) -> "DestinationAuth":
+        if (self.basic is None) == (self.bearer_token_file is None):
+            raise ValueError("give exactly one of basic: {user, password_file} or bearer_token_file")
+        if self.bearer_token_file is not None:
+            _readable_file(self.bearer_token_file, "bearer_token_file")
+        return self
+
+    def kind(self) -> str:
+        return "basic auth" if self.basic is not None else "bearer token"
+
+
+class DicomWebDestination(_Delivery):
+    """``type: dicomweb``: STOW-RS to ``url`` (the DICOMweb service root, e.g. ``https://pacs/dicom-web``)."""
+
+    type: Literal["dicomweb"]
+    url: str
+    auth: DestinationAuth | None = None
+    ca_certificates: Path | None = None  # HTTPS: the CA bundle that signed the server's certificate
+    timeout_s: float = Field(30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        value = value.strip()
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"'{value}' is not an http:// or https:// URL")
+        if parts.username or parts.password:
+            raise ValueError("the URL must not carry credentials: use auth: {basic: {user, password_file}}")
+        if parts.query or parts.fragment:
+            raise ValueError("the URL is the DICOMweb service root: no query string or fragment")
+        return value.rstrip("/")
+
+    @field_validator("ca_certificates", mode="before")
+    @classmethod
+    def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
+        return None if value is None else _resolve_path(value, info, allow_builtin=False)
+
+    @field_validator("ca_certificates")
+    @classmethod
+    def _ca_exists(cls, value: Path | None) -> Path | None:
+        return None if value is None else _readable_file(value, "ca_certificates")
+
+    def describe(self) -> str:
+        """Where it sends, in words: the URL and the kind of authentication, never a secret or its file."""
+        return f"STOW-RS to {self.url}" + (f" ({self.auth.kind()})" if self.auth else "")
+
+
+#: Destination types by their ``type:`` value; a destination without ``type`` is ``dicom``.
+DESTINATION_TYPES: dict[str, type[_Delivery]] = {"dicom": DicomDestination, "dicomweb": DicomWebDestination}
+
+
+def _destination_type(value: Any) -> str:
+    kind = value.get("type", "dicom") if isinstance(value, dict) else getattr(value, "type", "dicom")
+    return kind if isinstance(kind, str) else repr(kind)
+
+
+AnyDestination = Annotated[
+    Union[Annotated[DicomDestination, Tag("dicom")], Annotated[DicomWebDestination, Tag("dicomweb")]],
+    Discriminator(_destination_type),
+]
 
 
 class ModelRef(_Strict):
@@ -391,7 +520,7 @@ class Config(_Strict):
     assembly: AssemblyConfig = Field(default_factory=AssemblyConfig)
     broker: str = "embedded"
     queue: QueueConfig = Field(default_factory=QueueConfig)
-    destinations: dict[str, Destination]
+    destinations: dict[str, AnyDestination]
     models: dict[str, ModelRef] = Field(default_factory=dict)
     anatomy: AnatomyConfig = Field(default_factory=AnatomyConfig)
     routes: list[Route] = Field(min_length=1)
@@ -646,9 +775,31 @@ def _format_loc(loc: Loc) -> str:
     return out
 
 
+def _destination_loc(loc: Loc) -> tuple[Loc, str | None]:
+    """pydantic puts a destination's type (the union's tag) into the location of its errors,
+    ``destinations.pacs.dicom.port``: drop it, so the location is the file's own (and finds its line)."""
+    if len(loc) >= 3 and loc[0] == "destinations" and loc[2] in DESTINATION_TYPES:
+        return (*loc[:2], *loc[3:]), str(loc[2])
+    return loc, None
+
+
 def _allowed_fields(loc: Loc) -> list[str]:
     """Field names valid at ``loc`` (a model's location), by walking the annotations from Config."""
-    annotation: Any = Config
+    loc, kind = _destination_loc(loc)
+    if kind is not None:  # the destination's own type, then on from there
+        loc = loc[2:]
+        annotation: Any = DESTINATION_TYPES[kind]
+        for part in loc:
+            annotation = _unwrap(annotation)
+            field = annotation.model_fields.get(str(part)) if isinstance(annotation, type) and issubclass(
+                annotation, BaseModel) else None
+            if field is None:
+                return []
+            annotation = field.annotation
+        annotation = _unwrap(annotation)
+        return list(annotation.model_fields) if isinstance(annotation, type) and issubclass(annotation, BaseModel) \
+            else []
+    annotation = Config
     for part in loc:
         annotation = _unwrap(annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -695,6 +846,9 @@ def _message(error: dict[str, Any]) -> str:
         return msg
     if kind == "missing":
         return "required field is missing"
+    if kind == "union_tag_invalid" and loc[:1] == ("destinations",):
+        tag = (error.get("ctx") or {}).get("tag", "?")
+        return f"unknown destination type {tag} (known: {', '.join(DESTINATION_TYPES)})"
     msg = str(error.get("msg", "invalid value"))
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
@@ -755,7 +909,9 @@ def load_config(path: str | Path) -> Config:
         )
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
-            loc = tuple(error.get("loc", ()))
+            loc, _ = _destination_loc(tuple(error.get("loc", ())))
+            if error.get("type") == "union_tag_invalid" and loc[:1] == ("destinations",):
+                loc = (*loc, "type")
             issues.append(ConfigIssue(file, located.line_of(loc), _format_loc(loc), _message(error)))
 
     for loc, msg in _cross_check(data, path.resolve().parent):

@@ -138,6 +138,8 @@ def demo_destination(config: Any) -> tuple[str, Any]:
         raise DemoPacsError("--demo: the config has no destinations for the demo PACS to play")
     name = "pacs" if "pacs" in destinations else next(iter(destinations))
     dest = destinations[name]
+    if getattr(dest, "type", "dicom") != "dicom":
+        raise DemoPacsError(f"--demo: destination {name!r} is {dest.type}; the demo PACS stands in for a DICOM one")
     if str(dest.host) not in LOCAL_HOSTS:
         raise DemoPacsError(f"--demo: destination {name!r} is {dest.host}:{dest.port}, not this machine; "
                             "the demo PACS can only stand in for a destination on 127.0.0.1")

@@ -1,12 +1,16 @@
-"""Dispatcher: C-STORE results to their destinations, with retries and a dead-letter folder.
+"""The dispatch stage: results leave through it, to their destinations, with retries and a dead-letter folder.
 
-Results are sent exactly as they were written (``STORE_SEND_CHUNKED_DATASET``: streamed from the
-file, never decoded), so each file needs a presentation context that matches its SOP class *and*
-transfer syntax; :func:`send_datasets` proposes one context per pair actually present.
+Analysis ends when the result files are in ``data_dir/outbox/<study>/<generation>/`` and the outcome record says
+``ready-to-send``; delivery is a Celery task of its own (:func:`daemon.tasks.deliver_result`, queue ``dispatch``),
+one per study generation and destination, so a destination that is down never holds an analysis worker. Between
+tries the task is not sleeping: it is a message in Redis with a countdown (:func:`retry_countdown`). What waits to
+be sent is on disk too (:class:`daemon.dispatch_queue.DispatchQueue`), which is what the status page and the
+metrics show and what a restarted ``serve`` re-enqueues.
 
-A destination that stays down must not lose results. :class:`Dispatcher` retries with exponential
-backoff and, after the last attempt, copies the files to ``data_dir/dead-letter/<id>/`` with a
-``reason.json``; ``bonebridge retry`` calls :meth:`Dispatcher.replay` once the destination is back.
+How a result is delivered depends on the destination's type (:mod:`daemon.destinations`: C-STORE or STOW-RS).
+After the last try the files are copied to ``data_dir/dead-letter/<id>/`` with a ``reason.json``; ``bonebridge
+retry`` calls :meth:`Dispatcher.replay` once the destination is back. :meth:`Dispatcher.send` still makes every
+attempt in one call, sleeping in between, for callers that want the answer now (tests, tools).
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -25,38 +29,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, _config, evt
-
+from daemon.destinations import DispatchError, describe
+from daemon.destinations import send as send_to_destination
+from daemon.destinations.dicom import MAX_CONTEXTS, WARNING_STATUSES, send_datasets  # noqa: F401 - re-exported
 from daemon.spool import fsync_dir
 
 LOGGER = logging.getLogger(__name__)
 
-#: A-ASSOCIATE-RQ can carry at most 128 presentation contexts (odd IDs 1..255).
-MAX_CONTEXTS = 128
-#: Backoff between attempts is capped: a destination down for hours should not wait hours to retry.
+#: Backoff between attempts is capped: a destination down for hours should not wait hours to retry. It must stay
+#: well under ``queue.visibility_timeout_s``: Redis hands a message held longer than that to another worker.
 MAX_BACKOFF_S = 60.0
-#: C-STORE warning statuses (PS3.4 B.2.3): stored, with coercion / discrepancies. Counted as sent.
-WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 
 
 class DestinationLike(Protocol):
-    """What the dispatcher needs of ``config.Destination``."""
+    """What the dispatcher needs of any destination (``config.DicomDestination``, ``config.DicomWebDestination``)."""
 
-    ae_title: str
-    host: str
-    port: int
-    calling_ae: str
     retries: int
     backoff_s: float
-
-
-class DispatchError(Exception):
-    """Sending to a destination failed; ``reason`` says why in words an operator can act on."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class DeadLettered(DispatchError):
@@ -68,104 +57,17 @@ class DeadLettered(DispatchError):
         self.path = path
 
 
-def _contexts(paths: Sequence[Path]) -> list[tuple[str, str]]:
-    """(SOP class, transfer syntax) of each file, from its File Meta only."""
-    pairs: list[tuple[str, str]] = []
-    for p in paths:
-        try:
-            meta = read_file_meta_info(p)
-            pairs.append((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
-        except Exception as exc:  # noqa: BLE001 - any unreadable file makes the batch unsendable
-            raise DispatchError(f"{p}: cannot read File Meta Information: {exc}") from exc
-    return pairs
+def retry_countdown(dest: DestinationLike, retries_so_far: int, rng: Callable[[], float] = random.random) -> float:
+    """Seconds before retry ``retries_so_far + 1``: Celery's ``retry_backoff`` formula with jitter.
 
-
-def _batches(paths: Sequence[Path], pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
-    """Split the files into groups needing at most MAX_CONTEXTS distinct contexts each."""
-    batches: list[list[int]] = []
-    seen: set[tuple[str, str]] = set()
-    current: list[int] = []
-    for i, pair in enumerate(pairs):
-        if pair not in seen and len(seen) == MAX_CONTEXTS:
-            batches.append(current)
-            current, seen = [], set()
-        seen.add(pair)
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def send_datasets(dest: DestinationLike, paths: Sequence[Path]) -> None:
-    """C-STORE every file in *paths* to *dest* over one association (per 128 contexts).
-
-    Raises :class:`DispatchError` if the association cannot be established, a context is not
-    accepted, the connection drops, or any C-STORE answers a failure status. Warning statuses
-    (stored with coercion) count as success and are logged.
+    ``backoff_s * 2**retries_so_far``, capped at :data:`MAX_BACKOFF_S` (what ``retry_backoff``/``retry_backoff_max``
+    compute), then "equal jitter": a random point in the upper half of that, so the results that failed together
+    when a PACS went down do not all knock again in the same second, and none retries at once. (Celery's own
+    ``retry_jitter`` draws from the whole interval in whole seconds, which with the sub-second backoffs tests use
+    would retry at once.)
     """
-    paths = [Path(p) for p in paths]
-    if not paths:
-        return
-    pairs = _contexts(paths)
-    _config.STORE_SEND_CHUNKED_DATASET = True  # stream files: never decode a result to send it
-    for batch in _batches(paths, pairs):
-        _send_batch(dest, [paths[i] for i in batch], [pairs[i] for i in batch])
-
-
-def _send_batch(dest: DestinationLike, paths: list[Path], pairs: list[tuple[str, str]]) -> None:
-    """One association: a context per distinct (SOP class, transfer syntax), then every C-STORE."""
-    where = f"{dest.ae_title}@{dest.host}:{dest.port}"
-    ae = AE(ae_title=dest.calling_ae)
-    for sop_class, ts in dict.fromkeys(pairs):
-        ae.add_requested_context(sop_class, ts)
-    connected: list[bool] = []
-
-    def on_open(event: evt.Event) -> None:
-        """Record that TCP connected (to tell 'down' from 'aborted') and switch off Nagle."""
-        connected.append(True)
-        try:
-            event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (AttributeError, OSError):
-            pass
-
-    tls = getattr(dest, "tls", None)
-    tls_args = None
-    if tls is not None:
-        from daemon.tls import client_args
-
-        tls_args = client_args(tls)
-    assoc = ae.associate(
-        dest.host, int(dest.port), ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
-        tls_args=tls_args,
-    )
-    if not assoc.is_established:
-        if not connected:
-            why = "no connection (destination down or unreachable)"
-        elif assoc.is_rejected and assoc.acceptor.primitive is not None:
-            rj = assoc.acceptor.primitive
-            why = f"association rejected (result {rj.result}, source {rj.result_source}, reason {rj.diagnostic})"
-        elif assoc.is_aborted:
-            why = "association aborted by the peer"
-        else:
-            why = "association not established (timed out)"
-        raise DispatchError(f"{where}: {why}")
-    try:
-        for path in paths:
-            try:
-                status = assoc.send_c_store(path)
-            except ValueError as exc:  # no accepted context for this SOP class / transfer syntax
-                raise DispatchError(f"{where}: {path.name}: {exc}") from exc
-            if "Status" not in status:
-                raise DispatchError(f"{where}: {path.name}: no response (connection lost or timed out)")
-            code = int(status.Status)
-            if code in WARNING_STATUSES:
-                LOGGER.warning("%s: %s stored with warning 0x%04X", where, path.name, code)
-            elif code != 0x0000:
-                comment = status.get("ErrorComment", "")
-                raise DispatchError(f"{where}: {path.name}: C-STORE status 0x{code:04X} {comment}".rstrip())
-    finally:
-        if assoc.is_established:
-            assoc.release()
+    ceiling = min(float(dest.backoff_s) * 2 ** max(0, retries_so_far), MAX_BACKOFF_S)
+    return ceiling * (0.5 + 0.5 * rng())
 
 
 @dataclass(frozen=True)
@@ -198,7 +100,7 @@ class Dispatcher:
         data_dir: str | Path,
         destinations: Mapping[str, DestinationLike],
         *,
-        sender: Callable[[DestinationLike, Sequence[Path]], None] = send_datasets,
+        sender: Callable[[DestinationLike, Sequence[Path]], None] = send_to_destination,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.data_dir = Path(data_dir)
@@ -232,10 +134,26 @@ class Dispatcher:
             except DispatchError as exc:
                 error = exc.reason
                 LOGGER.warning("%s: attempt %d/%d failed: %s", dest_name, attempt + 1, attempts, error)
+                if exc.permanent:  # the destination says the request itself is wrong: no retry can help
+                    attempts = attempt + 1
+                    break
                 continue
             LOGGER.info("%s: sent %d file(s) for %s", dest_name, len(paths), label)
             return
         raise self._dead_letter(dest_name, dest, paths, label, error, attempts=attempts, outcome=outcome)
+
+    def attempt(self, dest_name: str, paths: Sequence[Path]) -> None:
+        """One try, no retry: what the ``dispatch`` task does each time Celery runs it. Raises DispatchError."""
+        dest = self.destinations.get(dest_name)
+        if dest is None:
+            raise DispatchError(f"unknown destination {dest_name!r}", permanent=True)
+        self._sender(dest, [Path(p) for p in paths])
+
+    def dead_letter(self, dest_name: str, paths: Sequence[Path], label: str, error: str, attempts: int,
+                    outcome: tuple[str, int] | None = None, queued_at: float | None = None) -> DeadLettered:
+        """Copy *paths* into a new dead-letter entry (as :meth:`send` does after its last attempt); returns it."""
+        return self._dead_letter(dest_name, self.destinations.get(dest_name), [Path(p) for p in paths], label,
+                                 error, attempts, outcome=outcome, queued_at=queued_at)
 
     # -- dead letters ---------------------------------------------------------------------------
 
@@ -309,6 +227,7 @@ class Dispatcher:
         error: str,
         attempts: int,
         outcome: tuple[str, int] | None = None,
+        queued_at: float | None = None,
     ) -> DeadLettered:
         """Copy *paths* into a new entry, built under a hidden name and renamed when complete."""
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -324,9 +243,7 @@ class Dispatcher:
             names.append(name)
         reason = {
             "destination": dest_name,
-            "ae_title": getattr(dest, "ae_title", None),
-            "host": getattr(dest, "host", None),
-            "port": getattr(dest, "port", None),
+            **(describe(dest) if dest is not None else {"ae_title": None, "host": None, "port": None}),
             "label": label,
             "error": error,
             "attempts": attempts,
@@ -335,6 +252,8 @@ class Dispatcher:
         }
         if outcome is not None:
             reason["study_uid"], reason["generation"] = str(outcome[0]), int(outcome[1])
+        if queued_at is not None:
+            reason["queued_at"] = float(queued_at)  # when the result was ready: the age of what is undelivered
         _write_json_atomic(building / "reason.json", reason)
         final = self.dead_letter_dir / entry_id
         os.replace(building, final)

@@ -79,8 +79,11 @@ def check_config_text(path: str | Path) -> tuple[bool, str]:
     lines.append(f"broker: {config.broker}")
     lines.append("destinations:")
     for name, dest in config.destinations.items():
-        lines.append(f"  {name}: {dest.ae_title} at {dest.host}:{dest.port} (calling as {dest.calling_ae}"
-                     f"{', DICOM TLS' if dest.tls else ''})")
+        if dest.type == "dicom":
+            lines.append(f"  {name}: {dest.ae_title} at {dest.host}:{dest.port} (calling as {dest.calling_ae}"
+                         f"{', DICOM TLS' if dest.tls else ''})")
+        else:  # describe() names the URL and the kind of authentication, never a secret
+            lines.append(f"  {name}: {dest.describe()}")
     models = config.model_status()
     lines.append("models:")
     for name, ref in config.models.items():

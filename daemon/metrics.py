@@ -30,9 +30,10 @@ STUDIES_QUEUED = Counter("bonebridge_studies_queued", "Complete studies handed t
 class StateCollector(Collector):
     """Scrape-time gauges from the assembler and the data directory."""
 
-    def __init__(self, assembler: StudyAssembler, data_dir: Path) -> None:
+    def __init__(self, assembler: StudyAssembler, data_dir: Path, destinations: dict | None = None) -> None:
         self.assembler = assembler
         self.data_dir = Path(data_dir)
+        self.destinations = destinations or {}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         states = GaugeMetricFamily("bonebridge_studies", "Studies known to the assembler, by state", labels=["state"])
@@ -55,11 +56,44 @@ class StateCollector(Collector):
         entries = sum(1 for p in dead.iterdir() if p.is_dir()) if dead.exists() else 0
         yield GaugeMetricFamily("bonebridge_dead_letter_entries", "Results waiting for `bonebridge retry`",
                                 value=entries)
+        yield from dispatch_gauges(self.data_dir, self.destinations)
 
 
-def start_metrics(host: str, port: int, assembler: StudyAssembler, data_dir: Path) -> None:
+def dispatch_gauges(data_dir: Path, destinations: dict) -> Iterator[GaugeMetricFamily]:
+    """The dispatch queue per destination (``daemon.dispatch_queue``), the same figures the status page shows.
+
+    ``bonebridge_dispatch_oldest_undelivered_seconds`` is the one to alert on: the age of the oldest result that is
+    ready but not in the PACS (waiting, retrying or dead-lettered), 0 when everything is delivered.
+    """
+    from daemon.dispatch_queue import DispatchQueue
+
+    rows = DispatchQueue(data_dir).summary(destinations)
+    families = {
+        "waiting": GaugeMetricFamily("bonebridge_dispatch_waiting", "Results waiting for their first try, "
+                                     "by destination", labels=["destination"]),
+        "retrying": GaugeMetricFamily("bonebridge_dispatch_retrying", "Results whose delivery failed and waits "
+                                      "for its next try, by destination", labels=["destination"]),
+        "next_try_at": GaugeMetricFamily("bonebridge_dispatch_next_try_timestamp_seconds", "When the next retry "
+                                         "to the destination is due (Unix time; 0 when none)", labels=["destination"]),
+        "delivered_last_hour": GaugeMetricFamily("bonebridge_dispatch_delivered_last_hour", "Results delivered in "
+                                                 "the last hour, by destination", labels=["destination"]),
+        "dead_lettered": GaugeMetricFamily("bonebridge_dispatch_dead_lettered", "Dead-letter entries, by "
+                                           "destination", labels=["destination"]),
+        "oldest_undelivered_s": GaugeMetricFamily("bonebridge_dispatch_oldest_undelivered_seconds", "Age of the "
+                                                  "oldest result ready but not delivered (waiting, retrying or in the "
+                                                  "dead-letter folder), by destination; 0 when none",
+                                                  labels=["destination"]),
+    }
+    for row in rows:
+        for key, family in families.items():
+            family.add_metric([row["destination"]], float(row[key] or 0))
+    yield from families.values()
+
+
+def start_metrics(host: str, port: int, assembler: StudyAssembler, data_dir: Path,
+                  destinations: dict | None = None) -> None:
     if not port:
         return
-    REGISTRY.register(StateCollector(assembler, data_dir))
+    REGISTRY.register(StateCollector(assembler, data_dir, destinations))
     start_http_server(port, addr=host, registry=REGISTRY)
     LOGGER.info("Prometheus metrics on http://%s:%d/metrics", host, port)

@@ -8,10 +8,15 @@ here too: otherwise the record, the page and the metric would say dead-lettered 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import time
 import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,58 @@ LOGGER = logging.getLogger(__name__)
 
 #: Where a dead-lettered record keeps the status it would have had if delivered ("sent", "not-processed").
 STATUS_IF_DELIVERED = "status_if_delivered"
+#: The status of a record whose analysis is done and whose results wait for the dispatch stage.
+READY_TO_SEND = "ready-to-send"
+#: ``destinations[name]`` while the dispatch stage has not finished with that destination.
+WAITING, RETRYING, SENT = "waiting", "retrying", "sent"
+
+
+def undelivered(record: dict[str, Any]) -> list[str]:
+    """The destinations the dispatch stage has not finished with (waiting or retrying)."""
+    return [name for name, value in (record.get("destinations") or {}).items() if str(value) in (WAITING, RETRYING)]
+
+
+@contextlib.contextmanager
+def record_lock(data_dir: Path, study_uid: str, generation: int) -> Iterator[None]:
+    """Read-modify-write of one outcome record, one process at a time: the dispatch tasks of its destinations and
+    ``bonebridge retry`` update the same file (an ``flock`` on a hidden file beside it)."""
+    path = record_path(data_dir, study_uid, generation)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.stem}.lock"), "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def record_dispatch(data_dir: Path, study_uid: str, generation: int, destination: str, state: str,
+                    **fields: Any) -> dict[str, Any] | None:
+    """The dispatch stage finished a try for ``destination``: ``state`` is retrying, sent or ``dead-lettered: ...``.
+
+    Once no destination is waiting or retrying the record takes its final status: the one it would have had
+    (``sent``, ``not-processed``) when every destination has the results, ``dead-lettered`` when one of them went
+    to the dead-letter folder; a ``failed`` record stays failed. Returns the record, None when there is none.
+    """
+    path = record_path(data_dir, study_uid, generation)
+    with record_lock(data_dir, study_uid, generation):
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            LOGGER.warning("study %s generation %d: no outcome record for the delivery to %s", study_uid, generation,
+                           destination)
+            return None
+        record.setdefault("destinations", {})[destination] = state
+        record.setdefault("delivery", {}).setdefault(destination, {}).update(fields)
+        if not undelivered(record) and record.get("status") == READY_TO_SEND:
+            if any(str(v).startswith("dead-lettered") for v in record["destinations"].values()):
+                record["status"] = "dead-lettered"  # keeps STATUS_IF_DELIVERED for `bonebridge retry`
+            else:
+                record["status"] = record.pop(STATUS_IF_DELIVERED, "sent")
+                record["delivered_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            record.setdefault("timing", {})["dispatched_at"] = time.time()
+        write_record(path, record)
+    return record
 
 
 def record_path(data_dir: Path, study_uid: str, generation: int) -> Path:
@@ -46,6 +103,13 @@ def record_redelivery(data_dir: Path, study_uid: str, generation: int, destinati
     had (``sent`` or ``not-processed``) and ``delivered_at``. A ``failed`` record stays failed (the study did fail:
     only its report was late). Returns the updated record, or None when there is none to update.
     """
+    with record_lock(data_dir, study_uid, generation):
+        return _record_redelivery(data_dir, study_uid, generation, destination, entry_id=entry_id,
+                                  delivered_at=delivered_at, attempts=attempts)
+
+
+def _record_redelivery(data_dir: Path, study_uid: str, generation: int, destination: str, *, entry_id: str,
+                       delivered_at: str, attempts: int) -> dict[str, Any] | None:
     path = record_path(data_dir, study_uid, generation)
     try:
         record = json.loads(path.read_text())

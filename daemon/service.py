@@ -4,7 +4,15 @@
 the listener with its study assembler in this process, and the Celery worker as a supervised child process that
 is restarted if it dies. Keeping the worker in its own process means a model that crashes or runs out of memory
 takes down only the worker; the listener keeps acknowledging instances, and the unacknowledged task comes back.
+
+Results leave through a dispatch worker of their own (queue ``dispatch``, :func:`daemon.tasks.deliver_result`),
+a second supervised child beside the analysis worker(s), which consume only ``studies``. A separate process rather
+than one worker on both queues, because a try to a PACS that accepts the connection and then says nothing can
+hold its slot for a whole network timeout, and that slot must not be the one analysis needs; the dispatch worker
+loads no models (about a tenth of an analysis worker's memory) and runs a few deliveries at once in threads, so
+one hung destination does not hold up the others. ``bonebridge worker --queues`` runs either half alone.
 """
+
 
 from __future__ import annotations
 
@@ -104,14 +112,41 @@ class Listener:
         recovered = self.assembler.recover()
         if recovered:
             LOGGER.info("re-queued %d studies left queued by an earlier run", len(recovered))
+        self.requeue_deliveries()
         self.server = start_listener(self.config.listener, self.spool, self._on_instance,
                                      self.assembler.association_closed)
         self.assembler.run_poller(self.stop_event, interval_s=0.2)
-        start_metrics(self.config.metrics.host, self.config.metrics.port, self.assembler, self.data_dir)
+        start_metrics(self.config.metrics.host, self.config.metrics.port, self.assembler, self.data_dir,
+                      self.config.destinations)
         self.status_server = start_status_page(self.config.status.host, self.config.status.port, self.config,
                                                self.data_dir)
         LOGGER.info("listening as %s on %s:%d", self.config.listener.ae_title, self.config.listener.host,
                     self.config.listener.port)
+
+    def requeue_deliveries(self) -> int:
+        """Every delivery waiting on disk (``dispatch/pending``) back on the ``dispatch`` queue, each at its next try.
+
+        Redis may have lost it (its last second of writes, or a restart), or hold it unacknowledged by a worker
+        that was killed until the visibility timeout: either way it goes now. A copy that arrives later finds
+        nothing pending and does nothing (:meth:`daemon.tasks.WorkerRuntime.deliver`).
+        """
+        from daemon.dispatch_queue import DispatchQueue
+        from daemon.tasks import DISPATCH_QUEUE, deliver_result
+
+        now, count = time.time(), 0
+        for entry in DispatchQueue(self.data_dir).pending():
+            next_try = entry.get("next_try_at") or now
+            try:
+                deliver_result.apply_async((entry["study_uid"], int(entry["generation"]), entry["destination"]),
+                                           queue=DISPATCH_QUEUE, retries=int(entry.get("attempts", 0)),
+                                           countdown=max(0.0, float(next_try) - now))
+                count += 1
+            except Exception:  # noqa: BLE001 - the next restart tries again; the file stays
+                LOGGER.exception("could not re-queue the delivery of %s to %s", entry.get("label"),
+                                 entry.get("destination"))
+        if count:
+            LOGGER.info("re-queued %d result deliveries waiting on disk", count)
+        return count
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -125,8 +160,10 @@ class Listener:
 class SupervisedWorker:
     """A ``bonebridge worker`` child process, restarted when it exits."""
 
-    def __init__(self, config_path: Path, broker_url: str, run_dir: Path, share_of_cpus: int = 1) -> None:
-        self.args = [sys.executable, "-m", "daemon.cli", "worker", "--config", str(config_path), "--broker", broker_url]
+    def __init__(self, config_path: Path, broker_url: str, run_dir: Path, share_of_cpus: int = 1,
+                 queues: str = "studies") -> None:
+        self.args = [sys.executable, "-m", "daemon.cli", "worker", "--config", str(config_path), "--broker", broker_url,
+                     "--queues", queues]
         self.env = dict(os.environ)
         if share_of_cpus > 1 and "BONEBRIDGE_TORCH_THREADS" not in self.env:
             # N workers x all cores each would oversubscribe the CPU; OpenMP threads then wait on each other
@@ -207,6 +244,9 @@ def serve(config_path: Path, workers: int = 1, demo: bool = False) -> int:
     if workers > 1:
         for i, worker in enumerate(pool):
             worker.pid_file = run_dir / f"worker-{i}.pid"
+    dispatcher = SupervisedWorker(config_path, broker_url, run_dir, queues="dispatch")
+    dispatcher.pid_file = run_dir / "worker-dispatch.pid"
+    pool.append(dispatcher)  # supervised, restarted and stopped like the others
     try:
         if demo:
             demo_pacs = _start_demo_pacs(config, run_dir)
@@ -221,6 +261,7 @@ def serve(config_path: Path, workers: int = 1, demo: bool = False) -> int:
             if embedded is not None and embedded.supervise():
                 # Its last second of writes may be lost: the assembler's state says what must be queued.
                 listener.assembler.requeue_unfinished()
+                listener.requeue_deliveries()
             for worker in pool:
                 worker.supervise()
     finally:
@@ -252,18 +293,30 @@ def listen(config_path: Path) -> int:
     return 0
 
 
-def worker(config_path: Path, broker_url: str | None = None, concurrency: int = 1) -> int:
+def worker(config_path: Path, broker_url: str | None = None, concurrency: int | None = None,
+           queues: str = "studies,dispatch") -> int:
     config = load_config(config_path)
     url = broker_url or config.broker
     if url == "embedded":
         LOGGER.error("`bonebridge worker` needs a broker URL: set `broker: redis://HOST:6379/0`")
         return 2
-    from daemon.tasks import QUEUE, WorkerRuntime, configure_app
+    from daemon.tasks import DISPATCH_QUEUE, QUEUE, WorkerRuntime, configure_app
 
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = [q for q in names if q not in (QUEUE, DISPATCH_QUEUE)]
+    if not names or unknown:
+        LOGGER.error("--queues takes %s, %s or both (comma-separated); got %r", QUEUE, DISPATCH_QUEUE, queues)
+        return 2
+    dispatch_only = names == [DISPATCH_QUEUE]
+    if concurrency is None:
+        concurrency = 4 if dispatch_only else 1  # deliveries wait on the network, not the CPU: a few at once
     os.environ["BONEBRIDGE_CONFIG"] = str(Path(config_path).resolve())
     app = configure_app(config, url)
     runtime = WorkerRuntime.get()  # load the config (and fail early) before taking any task
-    LOGGER.info("models loaded: %s", ", ".join(runtime.analyser.warm_up()) or "none")
+    if QUEUE in names:
+        LOGGER.info("models loaded: %s", ", ".join(runtime.analyser.warm_up()) or "none")
+    else:
+        LOGGER.info("dispatch worker: delivers results to %s", ", ".join(runtime.config.destinations) or "nowhere")
     ready_file = Path(config.storage.data_dir) / "run" / f"worker-{os.getpid()}.ready"
 
     @worker_ready.connect(weak=False)
@@ -276,8 +329,9 @@ def worker(config_path: Path, broker_url: str | None = None, concurrency: int = 
     def _withdraw_ready(**_: object) -> None:
         ready_file.unlink(missing_ok=True)
 
-    argv = ["worker", "--loglevel", "INFO", "-Q", QUEUE, "--pool", "solo" if concurrency == 1 else "prefork",
+    pool = "threads" if dispatch_only else ("solo" if concurrency == 1 else "prefork")
+    argv = ["worker", "--loglevel", "INFO", "-Q", ",".join(names), "--pool", pool,
             "--concurrency", str(concurrency), "--without-gossip", "--without-mingle", "--hostname",
-            f"bonebridge-{os.getpid()}@%h"]
+            f"bonebridge-{'dispatch-' if dispatch_only else ''}{os.getpid()}@%h"]
     app.worker_main(argv)
     return 0

@@ -3,7 +3,9 @@
 Served by ``serve`` and ``listen`` on ``status.host:status.port`` (default 127.0.0.1:9109; port 0 turns it off)
 from a thread of its own, it only *reads* what the daemon already writes: ``data_dir/studies/*.json`` (the
 assembler's state), ``data_dir/results/<study>/<generation>.json`` (the workers' outcome records),
-``data_dir/outbox`` (the SR and SC sent) and ``data_dir/dead-letter/*/reason.json``. It never takes the
+``data_dir/outbox`` (the SR and SC sent), ``data_dir/dispatch`` (the dispatch queue: what waits to be sent,
+what was delivered in the last hour) and ``data_dir/dead-letter/*/reason.json``. Destinations are shown by their
+address (an AE title and host, or a URL and the kind of authentication), never by a secret or its file. It never takes the
 assembler's lock and never talks to the broker, so a slow page cannot hold up a C-STORE or a worker.
 
 To stay fast with tens of thousands of studies on disk, the study list first filters by file modification time
@@ -218,6 +220,16 @@ class StatusData:
                 entries.append({"entry": entry.name, "reason": reason})
         return entries
 
+    def dispatch(self) -> list[dict[str, Any]]:
+        """The dispatch queue per destination (waiting, retrying and the next try, delivered in the last hour,
+        dead-lettered, the oldest undelivered result's age): ``data_dir/dispatch`` and the dead-letter folder."""
+        from daemon.dispatch_queue import DispatchQueue
+
+        rows = DispatchQueue(self.data_dir).summary(self.config.destinations)
+        for row in rows:
+            row["next_try"] = _when(row["next_try_at"]) if row["next_try_at"] else ""
+        return rows
+
     def workers(self) -> list[dict[str, Any]]:
         run = self.data_dir / "run"
         out = []
@@ -287,6 +299,7 @@ class StatusPage:
             broker=self.data.broker(), workers=self.data.workers(), routes=self.config.routes,
             route_status=self.config.route_status(), models=self.data.models(),
             dead_letters=self.data.dead_letters(), counters=self.data.counters(), now=_when(time.time()),
+            dispatch=self.data.dispatch(),
         )
         return html.replace("@@RENDER_MS@@", f"{(time.perf_counter() - started) * 1000:.0f}")
 

@@ -6,8 +6,15 @@ Delivery guarantees come from three things together:
   (``reject_on_worker_lost``); with Redis, an unacknowledged message comes back after the visibility timeout;
 - the task is idempotent: result UIDs derive from the input instance UIDs, the route and the model versions, so a
   redelivered task re-creates the same SOP instances and the PACS stores each once;
-- the outcome is written to ``data_dir/results/<study>/<generation>.json`` only after the results were sent (or
-  dead-lettered), and a task that finds that record does nothing.
+- the outcome is written to ``data_dir/results/<study>/<generation>.json`` once the results are in the outbox,
+  and a task that finds that record does not analyse again (it only makes sure the deliveries are queued).
+
+Delivery is a stage of its own (issue 27): ``process_study`` (queue ``studies``) ends with the result files in
+``outbox/<study>/<generation>/``, the record saying ``ready-to-send`` and one ``deliver_result`` task per
+destination on the queue ``dispatch``. That task tries once; on failure it asks Celery to run it again later
+(``self.retry`` with a countdown, exponential with jitter: :func:`daemon.dispatch.retry_countdown`), the
+destination's ``retries`` being the one limit; after the last try the files go to the dead-letter folder as before.
+A PACS that is down therefore costs an analysis worker nothing: the waiting is a message in Redis.
 """
 
 from __future__ import annotations
@@ -22,13 +29,26 @@ import pydicom
 from celery import Celery
 
 from daemon.config import Config, load_config
-from daemon.dispatch import DeadLettered, Dispatcher
-from daemon.outcomes import STATUS_IF_DELIVERED, record_path, write_record
-from daemon.pipeline import Analyser
+from daemon.destinations import DispatchError
+from daemon.dispatch import Dispatcher, retry_countdown
+from daemon.dispatch_queue import DispatchQueue
+from daemon.outcomes import (
+    READY_TO_SEND,
+    RETRYING,
+    SENT,
+    STATUS_IF_DELIVERED,
+    WAITING,
+    record_dispatch,
+    record_path,
+    undelivered,
+    write_record,
+)
 
 LOGGER = logging.getLogger(__name__)
 
 QUEUE = "studies"
+#: The dispatch stage's queue: ``deliver_result`` tasks only (see the module's docstring).
+DISPATCH_QUEUE = "dispatch"
 app = Celery("bonebridge")
 
 
@@ -37,6 +57,7 @@ def configure_app(config: Config, broker_url: str) -> Celery:
     app.conf.update(
         broker_url=broker_url,
         task_default_queue=QUEUE,
+        task_routes={"bonebridge.deliver_result": {"queue": DISPATCH_QUEUE}},
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
@@ -61,8 +82,18 @@ class WorkerRuntime:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.data_dir = Path(config.storage.data_dir)
-        self.analyser = Analyser(config)
+        self._analyser = None
         self.dispatcher = Dispatcher(self.data_dir, config.destinations)
+        self.queue = DispatchQueue(self.data_dir)
+
+    @property
+    def analyser(self):
+        """The models, loaded on first use: a worker that only consumes ``dispatch`` never loads them."""
+        if self._analyser is None:
+            from daemon.pipeline import Analyser
+
+            self._analyser = Analyser(self.config)
+        return self._analyser
 
     @classmethod
     def get(cls) -> "WorkerRuntime":
@@ -97,8 +128,11 @@ class WorkerRuntime:
         """Analyse one study generation and send its results; returns (and stores) the outcome record."""
         record_path = self.record_path(study_uid, generation)
         if record_path.exists():
-            LOGGER.info("study %s generation %d already done: nothing to do", study_uid, generation)
-            return json.loads(record_path.read_text())
+            LOGGER.info("study %s generation %d already analysed: nothing to do but its deliveries", study_uid,
+                        generation)
+            record = json.loads(record_path.read_text())
+            self.enqueue_deliveries(record)  # a worker lost between the record and the enqueue
+            return record
         began = time.time()
         files = sorted((self.data_dir / "incoming" / study_uid).glob("*.dcm"))
         if not files:
@@ -117,16 +151,17 @@ class WorkerRuntime:
             record["status"] = "not-processed"
             record["reason"] = analysis.result.not_processed_reason
         send_to = list(analysis.route.send_to) if analysis.route else []
-        if self.deliver(record, analysis.outputs, send_to, f"{study_uid}-{generation}"):
-            record[STATUS_IF_DELIVERED] = record["status"]  # what `bonebridge retry` restores once it delivers
-            record["status"] = "dead-lettered"
+        self.stage(record, analysis.outputs, send_to, f"{study_uid}-{generation}")
         finished = time.time()
         record["seconds"] = round(finished - began, 3)
-        # when each stage ended (epoch seconds): bench/bench_latency.py splits a study's latency with these
+        # when each stage ended (epoch seconds): bench/bench_latency.py splits a study's latency with these;
+        # finished_at is the end of analysis (results ready to send), dispatched_at the end of delivery
         record["timing"] = {"started_at": began, "analysed_at": analysed, "finished_at": finished}
         LOGGER.info("study %s generation %d: %s (route %s) in %.2f s", study_uid, generation, record["status"],
                     record["route"], record["seconds"])
-        return self.write_record(record_path, record)
+        self.write_record(record_path, record)
+        self.enqueue_deliveries(record)
+        return record
 
     def report_failure(self, study_uid: str, generation: int, reason: str, attempts: int) -> dict:
         """A study that failed for good still reaches the PACS: a "not processed" SR that names the failure.
@@ -165,8 +200,10 @@ class WorkerRuntime:
         if not send_to:
             LOGGER.error("study %s failed for good and no destination is set for its report "
                          "(no route matches its tags; set queue.send_failures_to)", study_uid)
-        self.deliver(record, [build_sr(headers, result)], send_to, f"{study_uid}-{generation}-failed")
-        return self.write_record(self.record_path(study_uid, generation), record)
+        self.stage(record, [build_sr(headers, result)], send_to, f"{study_uid}-{generation}-failed")
+        self.write_record(self.record_path(study_uid, generation), record)
+        self.enqueue_deliveries(record)
+        return record
 
     def give_up(self, study_uid: str, generation: int, reason: str, attempts: int) -> dict:
         """The end of a study that failed for good: a not-processed report, else at least a ``failed`` record.
@@ -183,10 +220,12 @@ class WorkerRuntime:
                 "reason": reason, "attempts": attempts, "destinations": {},
             })
 
-    def deliver(self, record: dict, outputs: list, send_to: list[str], entry: str) -> bool:
-        """Write ``outputs`` to the study generation's outbox and send them to each destination.
+    def stage(self, record: dict, outputs: list, send_to: list[str], label: str) -> None:
+        """The end of analysis: ``outputs`` in the study generation's outbox (fsynced), the record ready to send.
 
-        Fills ``record["sr"]`` and ``record["destinations"]``; returns True when a destination dead-lettered them.
+        Fills ``record["sr"]``, ``record["outputs"]`` and ``record["destinations"]`` (each ``waiting``); a record
+        with somewhere to send becomes ``ready-to-send`` (a ``failed`` one stays failed) and keeps the status it
+        takes once delivered. The caller writes the record, then :meth:`enqueue_deliveries`.
         """
         outbox = self.data_dir / "outbox" / record["study_uid"] / str(record["generation"])
         outbox.mkdir(parents=True, exist_ok=True)
@@ -194,19 +233,80 @@ class WorkerRuntime:
         for ds in outputs:
             path = outbox / f"{ds.SOPInstanceUID}.dcm"
             ds.save_as(path, enforce_file_format=True)
+            with open(path, "rb") as handle:  # on disk before the record says ready: a crash loses nothing
+                os.fsync(handle.fileno())
             paths.append(path)
+        if paths:
+            from daemon.spool import fsync_dir
+
+            fsync_dir(outbox)
         sr = next((ds for ds in outputs if ds.Modality == "SR"), None)
         if sr is not None:
             record["sr"] = [str(sr.StudyInstanceUID), str(sr.SeriesInstanceUID), str(sr.SOPClassUID), str(sr.SOPInstanceUID)]
-        dead_lettered = False
-        for dest in send_to:
+        record["outputs"] = [str(p.relative_to(self.data_dir)) for p in paths]
+        record["label"] = label
+        record["ready_at"] = time.time()
+        record["destinations"] = {dest: WAITING for dest in send_to}
+        if send_to and record.get("status") != "failed":
+            record[STATUS_IF_DELIVERED] = record["status"]  # what it becomes once delivered (or replayed)
+            record["status"] = READY_TO_SEND
+
+    def enqueue_deliveries(self, record: dict) -> list[str]:
+        """One ``deliver_result`` task per destination still waiting, each with its pending file written first.
+
+        Safe to call again (a redelivered analysis task, a restart): a pending file that exists keeps its attempts,
+        and a task that finds nothing pending does nothing.
+        """
+        study_uid, generation = record["study_uid"], int(record["generation"])
+        files = [self.data_dir / f for f in record.get("outputs", [])]
+        queued = []
+        for dest in undelivered(record):
+            self.queue.add(dest, study_uid, generation, files, record.get("label", f"{study_uid}-{generation}"),
+                           float(record.get("ready_at") or time.time()))
+            deliver_result.apply_async((study_uid, generation, dest), queue=DISPATCH_QUEUE)
+            queued.append(dest)
+        if queued:
+            LOGGER.info("study %s generation %d: ready to send to %s", study_uid, generation, ", ".join(queued))
+        return queued
+
+    def deliver(self, study_uid: str, generation: int, destination: str, retries: int) -> float | None:
+        """One try of one delivery. Returns the countdown before the next try, or None when it is finished
+        (delivered, dead-lettered, or nothing was pending). ``retries`` is Celery's count of earlier runs; the
+        pending file's count wins where it is higher (a copy of the task enqueued again after a restart)."""
+        with self.queue.lock(destination, study_uid, generation):
+            entry = self.queue.read(destination, study_uid, generation)
+            if entry is None:
+                LOGGER.info("study %s generation %d to %s: nothing pending (already delivered or dead-lettered)",
+                            study_uid, generation, destination)
+                return None
+            before = max(int(retries), int(entry.get("attempts", 0)))
+            files = self.queue.files(entry)
+            dest = self.config.destinations.get(destination)
+            limit = int(dest.retries) if dest is not None else 0
+            label = str(entry.get("label", f"{study_uid}-{generation}"))
             try:
-                self.dispatcher.send(dest, paths, entry, outcome=(record["study_uid"], int(record["generation"])))
-                record["destinations"][dest] = "sent"
-            except DeadLettered as exc:
-                record["destinations"][dest] = f"dead-lettered: {exc}"
-                dead_lettered = True
-        return dead_lettered
+                self.dispatcher.attempt(destination, files)
+            except DispatchError as exc:
+                attempts = before + 1
+                if exc.permanent or attempts > limit:
+                    dead = self.dispatcher.dead_letter(destination, files, label, exc.reason, attempts,
+                                                       outcome=(study_uid, generation), queued_at=entry.get("queued_at"))
+                    self.queue.dead_lettered(entry)
+                    record_dispatch(self.data_dir, study_uid, generation, destination, f"dead-lettered: {dead}",
+                                    attempts=attempts, entry=dead.entry_id, last_error=exc.reason)
+                    return None
+                countdown = retry_countdown(dest, before)
+                LOGGER.warning("%s: attempt %d/%d for %s failed: %s; retry in %.1f s", destination, attempts,
+                               limit + 1, label, exc.reason, countdown)
+                self.queue.retrying(entry, attempts, time.time() + countdown, exc.reason)
+                record_dispatch(self.data_dir, study_uid, generation, destination, RETRYING, attempts=attempts,
+                                last_error=exc.reason, next_try_at=time.time() + countdown)
+                return countdown
+            self.queue.delivered(entry, before + 1)
+            LOGGER.info("%s: sent %d file(s) for %s (attempt %d)", destination, len(files), label, before + 1)
+            record_dispatch(self.data_dir, study_uid, generation, destination, SENT, attempts=before + 1,
+                            delivered_at=time.time())
+            return None
 
     @staticmethod
     def write_record(path: Path, record: dict) -> dict:
@@ -240,3 +340,19 @@ def process_study(self, study_uid: str, generation: int) -> dict:
         LOGGER.warning("study %s generation %d: %s; retry %d of %d in %.1f s", study_uid, generation, exc,
                        self.request.retries + 1, queue.max_retries, countdown)
         raise self.retry(exc=exc, countdown=countdown, max_retries=queue.max_retries)
+
+
+@app.task(bind=True, name="bonebridge.deliver_result", acks_late=True, reject_on_worker_lost=True,
+          max_retries=None)  # the limit is the destination's `retries`: deliver() dead-letters after the last try
+def deliver_result(self, study_uid: str, generation: int, destination: str) -> None:
+    """The dispatch stage: one try to deliver a study generation's results to one destination (queue ``dispatch``).
+
+    On failure Celery runs it again after :func:`daemon.dispatch.retry_countdown` (``self.retry``: a new message with
+    a countdown, this one acknowledged), never sleeping in a worker. Idempotent: a copy that finds nothing pending
+    does nothing, and re-sending the same SOP instances is harmless to a PACS.
+    """
+    runtime = WorkerRuntime.get()
+    countdown = runtime.deliver(study_uid, generation, destination, self.request.retries)
+    if countdown is not None:
+        dest = runtime.config.destinations.get(destination)
+        raise self.retry(countdown=countdown, max_retries=int(dest.retries) if dest is not None else 0)

@@ -95,9 +95,16 @@ class BoneBridgeProcess:
     def worker_pid(self) -> int:
         return int((self.data_dir / "run" / "worker.pid").read_text())
 
-    def results(self, study_uid: str) -> list[dict]:
+    def results(self, study_uid: str, *, settled: bool = True) -> list[dict]:
+        """The study's outcome records, by generation. With ``settled`` (the default) only those the dispatch stage
+        is done with: a record whose results still wait for a destination (``ready-to-send``, or ``failed`` with
+        its report not yet sent) is left out, so ``wait_for(lambda: proc.results(uid))`` waits for the delivery."""
         folder = self.data_dir / "results" / study_uid
-        return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
+        records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
+        if settled:
+            records = [r for r in records if not any(str(v) in ("waiting", "retrying")
+                                                     for v in (r.get("destinations") or {}).values())]
+        return records
 
     def log_tail(self, lines: int = 60) -> str:
         try:

@@ -29,6 +29,9 @@ from typing import Any, TypeVar
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
 """Where the Debian ``orthanc`` package installs the server."""
 
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+"""Where the Debian ``orthanc-dicomweb`` package installs the DICOMweb plugin (STOW-RS, QIDO-RS, WADO-RS)."""
+
 REDIS_BINARY = "redis-server"
 
 LOCALHOST = "127.0.0.1"
@@ -149,7 +152,13 @@ class OrthancServer:
         aet: str = "ORTHANC",
         stable_age_s: int = 1,
         binary: Path = ORTHANC_BINARY,
+        dicomweb: bool = False,
+        users: dict[str, str] | None = None,
     ) -> None:
+        """``dicomweb`` loads Debian's DICOMweb plugin (its service root is :attr:`dicomweb_url`); ``users`` turns
+        HTTP basic authentication on with these user names and passwords (the REST helpers use the first)."""
+        self.dicomweb = dicomweb
+        self.users = dict(users or {})
         self.workdir = Path(workdir)
         self.aet = aet
         self.binary = Path(binary)
@@ -166,6 +175,11 @@ class OrthancServer:
     def url(self) -> str:
         return f"http://{LOCALHOST}:{self.http_port}"
 
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb service root (STOW-RS posts to ``{dicomweb_url}/studies``)."""
+        return f"{self.url}/dicom-web"
+
     def config(self) -> dict[str, Any]:
         """The configuration Orthanc is started with (kept as data so tests can inspect it)."""
         return {
@@ -175,12 +189,14 @@ class OrthancServer:
             "TemporaryDirectory": str(self.workdir / "tmp"),
             # Debian's own config loads /usr/share/orthanc/plugins; an explicit empty list keeps the
             # test server to the core so plugin behaviour cannot leak into our results.
-            "Plugins": [],
+            "Plugins": [str(DICOMWEB_PLUGIN)] if self.dicomweb else [],
+            **({"DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True}} if self.dicomweb else {}),
             "LuaScripts": [],
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            **({"RegisteredUsers": self.users} if self.users else {}),
             "OrthancExplorerEnabled": False,
             "HttpThreadsCount": 8,
             "KeepAlive": True,
@@ -210,6 +226,9 @@ class OrthancServer:
         """Write the config, start Orthanc and wait until ``GET /system`` answers."""
         if not self.binary.exists():
             raise FileNotFoundError(f"Orthanc binary not found at {self.binary}")
+        if self.dicomweb and not DICOMWEB_PLUGIN.exists():
+            raise FileNotFoundError(f"Orthanc's DICOMweb plugin not found at {DICOMWEB_PLUGIN} "
+                                    "(apt-get install orthanc-dicomweb)")
         for sub in ("storage", "index", "tmp"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.config(), indent=2))
@@ -275,6 +294,11 @@ class OrthancServer:
         else:
             data = body
         req = urllib.request.Request(self.url + path, data=data, method=method)
+        if self.users:
+            import base64
+
+            user, password = next(iter(self.users.items()))
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
         if content_type:
             req.add_header("Content-Type", content_type)
         try:
@@ -454,9 +478,12 @@ class StoreSCP:
     One association at a time, which is all a dispatcher test needs.
     """
 
-    def __init__(self, workdir: Path, *, aet: str = "STORESCP", port: int | None = None) -> None:
+    def __init__(self, workdir: Path, *, aet: str = "STORESCP", port: int | None = None,
+                 unique_filenames: bool = False) -> None:
         self.workdir = Path(workdir)
         self.aet = aet
+        #: ``+uf``: every C-STORE gets a file of its own, so a result sent twice shows as two files
+        self.unique_filenames = unique_filenames
         self.port = port if port is not None else free_port()
         self.output_dir = self.workdir / "received"
         self.log_path = self.workdir / "storescp.log"
@@ -464,7 +491,8 @@ class StoreSCP:
 
     def start(self, timeout: float = 20.0) -> StoreSCP:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        args = ["storescp", "+xa", "-aet", self.aet, "-od", str(self.output_dir), str(self.port)]
+        args = ["storescp", "+xa", *(["+uf"] if self.unique_filenames else []), "-aet", self.aet,
+                "-od", str(self.output_dir), str(self.port)]
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -135,3 +136,58 @@ def test_real_serve_shows_a_dead_lettered_study_and_its_reason(tmp_path: Path) -
     assert "dead-lettered" in row
     dead = html.split("<h2>Dead letters (1)</h2>", 1)[1].split("</table>", 1)[0]
     assert uid in dead and "ORTHANC at 127.0.0.1" in dead
+
+
+def test_dispatch_queue_per_destination_on_the_page_and_in_the_metrics(tmp_path: Path) -> None:
+    """Issue 27: per destination, what waits for its first try, what is retrying and when it tries next, what was
+    delivered in the last hour, what is dead-lettered, and the oldest undelivered result's age (the alert)."""
+    from daemon.dispatch_queue import DispatchQueue
+    from daemon.metrics import dispatch_gauges
+
+    config = load_config(write_config(tmp_path, pacs_port=free_port()))
+    data = Path(config.storage.data_dir)
+    queue = DispatchQueue(data)
+    now = time.time()
+    result = data / "outbox" / "1.2.3" / "1" / "sr.dcm"
+    result.parent.mkdir(parents=True)
+    result.write_bytes(b"x")
+    queue.add("pacs", "1.2.3.1", 1, [result], "1.2.3.1-1", queued_at=now - 120)
+    retrying = queue.add("pacs", "1.2.3.2", 1, [result], "1.2.3.2-1", queued_at=now - 30)
+    queue.retrying(retrying, 2, now + 40, "ORTHANC@127.0.0.1:4242: no connection (destination down or unreachable)")
+    queue.delivered(queue.add("pacs", "1.2.3.3", 1, [result], "1.2.3.3-1", queued_at=now - 10), 1)
+    old = queue.add("pacs", "1.2.3.4", 1, [result], "1.2.3.4-1", queued_at=now - 7200)
+    queue.delivered(old, 1)
+    marker = queue.delivered_path("pacs", "1.2.3.4", 1)
+    os.utime(marker, (now - 7200, now - 7200))  # delivered two hours ago: not in the last hour
+    entry = data / "dead-letter" / "20261125T120000Z-1.2.3.5-1-abcd1234"
+    entry.mkdir(parents=True)
+    (entry / "reason.json").write_text(json.dumps({"destination": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                                                   "port": 4242, "error": "down", "attempts": 6, "files": [],
+                                                   "queued_at": now - 600}))
+
+    [row] = queue.summary(config.destinations, now=now)
+    assert (row["waiting"], row["retrying"], row["delivered_last_hour"], row["dead_lettered"]) == (1, 1, 1, 1)
+    assert row["next_try_at"] == pytest.approx(now + 40) and "no connection" in row["last_error"]
+    assert row["oldest_undelivered_s"] == pytest.approx(600, abs=1)  # the dead-lettered one is the oldest
+    gauges = {f.name: {s.labels["destination"]: s.value for s in f.samples} for f in dispatch_gauges(data, config.destinations)}
+    assert gauges["bonebridge_dispatch_waiting"] == {"pacs": 1} and gauges["bonebridge_dispatch_retrying"] == {"pacs": 1}
+    assert gauges["bonebridge_dispatch_oldest_undelivered_seconds"]["pacs"] >= 600
+    assert gauges["bonebridge_dispatch_next_try_timestamp_seconds"]["pacs"] == pytest.approx(now + 40)
+
+    port = free_port()
+    server = start_status_page("127.0.0.1", port, config, data)
+    try:
+        html = _get(f"http://127.0.0.1:{port}/")[1].decode()
+    finally:
+        server.shutdown()
+    table = html.split("<h2>Dispatch queue</h2>", 1)[1].split("</table>", 1)[0]
+    assert "<tr><td>pacs</td><td>ORTHANC at 127.0.0.1:" in table
+    assert ">1 (next " in table and "no connection" in table  # retrying 1, with its next try and why
+    oldest = float(table.rsplit("<td>", 1)[1].split(" s</td>")[0])
+    assert oldest >= 600  # the dead-lettered result, ready 600 s before the page was asked
+
+    queue.delivered(queue.read("pacs", "1.2.3.1", 1), 1)
+    queue.dead_lettered(queue.read("pacs", "1.2.3.2", 1))
+    shutil.rmtree(entry)
+    [row] = queue.summary(config.destinations)
+    assert (row["waiting"], row["retrying"], row["oldest_undelivered_s"]) == (0, 0, 0.0)
