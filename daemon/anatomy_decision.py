@@ -4,8 +4,8 @@ The model's numbers are *calibrated* probabilities (temperature-scaled on valida
 images, plus whether its features lie within the training images' distribution (a Mahalanobis distance under a
 threshold chosen on validation; see ``models/anatomy_ood.py``). The rules, first that applies wins:
 
-1. **tag, model sure and in distribution, tag not among its two best** -> the model overrules the tag (a mislabelled
-   study), disagreement flagged;
+1. **tag, model sure and in distribution, tag not among its two best** (and a part the model has a class for: it
+   cannot rule out a finger if it knows no fingers) -> the model overrules the tag (a mislabelled study), flagged;
 2. **tag** (any other case) -> the tag decides; where the model's first choice is another part the disagreement is
    flagged and said ("elbow (tags); model said knee 0.89"); a tag is never overruled by a model that is unsure, out
    of its depth, or has the tagged part as its second guess;
@@ -13,8 +13,10 @@ threshold chosen on validation; see ``models/anatomy_ood.py``). The rules, first
 4. **no tag, model unsure or out of distribution (or no model)** -> anatomy unknown, with the reason: the study is
    not processed.
 
-**Bone age** (:func:`boneage_block`) runs only on a study decided ``hand`` whose model witness (where there is one)
-also calls it a hand: never on an unknown, never where tags say hand and the image looks like another part.
+**Bone age** (:func:`boneage_block`) runs only on a study decided ``hand`` that neither witness contradicts: the model
+(where there is one) calls it a hand and the tags (where they name a part) say hand. Never on an unknown, never where
+tags say hand and the image looks like another part, never where the model overruled a tag naming another part (an
+adult wrist tagged WRIST that the model reads as a hand).
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ class ModelWitness:
     top: tuple[tuple[str, float], ...]          # best first, calibrated probabilities
     ood_score: float | None = None              # None: the model has no OOD measure
     ood_threshold: float | None = None
+    classes: tuple[str, ...] = ()               # every class the model has (empty: not known)
+
+    def knows(self, part: str) -> bool:
+        """Whether the model has a class for ``part`` (it cannot rule on a finger if it has no finger class)."""
+        return not self.classes or part in self.classes
 
     @property
     def in_distribution(self) -> bool:
@@ -62,6 +69,7 @@ class Decision:
     probability: float | None         # the model's calibrated probability when it decided
     disagreement: bool | None         # tags and model's first choice differ (None: one witness is missing)
     evidence: dict[str, str] = field(default_factory=dict)
+    tag: str | None = None            # what the tags said (the other witness, kept for the bone-age gate)
 
 
 def decide_anatomy(tag_label: str | None, tag_evidence: str, model: ModelWitness | None,
@@ -88,14 +96,14 @@ def decide_anatomy(tag_label: str | None, tag_evidence: str, model: ModelWitness
     def done(label, by, rule, source, probability=None) -> Decision:
         evidence["decided_by"] = by
         evidence["rule"] = rule
-        return Decision(label, by, rule, source, probability, disagreement, evidence)
+        return Decision(label, by, rule, source, probability, disagreement, evidence, tag_label)
 
     tags = f"DICOM tags ({tag_evidence})"
     if tag_label is not None:
         if model is None:
             return done(tag_label, "tags", "tags decide (no anatomy model)", tags)
         name, p = model.best
-        if confident_and_known and tag_label not in model.names():
+        if confident_and_known and tag_label not in model.names() and model.knows(tag_label):
             return done(name, "model",
                         f"model overrules the tags: sure ({p:.2f} >= {min_probability:g}), in distribution, "
                         f"and the tagged {tag_label} is not among its two best",
@@ -106,6 +114,7 @@ def decide_anatomy(tag_label: str | None, tag_evidence: str, model: ModelWitness
             return done(tag_label, "tags", "tags decide; the model agrees but is unsure or out of distribution",
                         f"{tags}; model agrees: {model.said()}")
         why = ("the tagged part is the model's second choice" if tag_label in model.names()
+               else f"the model has no class for {tag_label}" if not model.knows(tag_label)
                else "the model is out of distribution" if not model.in_distribution
                else f"the model is unsure ({p:.2f} < {min_probability:g})")
         return done(tag_label, "tags", f"tags decide: {why}", f"{tags}; model said {model.said()}")
@@ -132,6 +141,8 @@ def boneage_block(decision: Decision, model: ModelWitness | None) -> str | None:
         return None
     if decision.label != HAND:
         return f"anatomy is {decision.label or 'unknown'}, not a hand"
+    if decision.tag is not None and decision.tag != HAND:
+        return f"the DICOM tags say {decision.tag} (the model overruled them: a disagreement bone age does not settle)"
     if model is not None and model.best[0] != HAND:
         return f"the anatomy model does not call it a hand (it said {model.said()})"
     return None

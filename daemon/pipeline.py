@@ -131,7 +131,7 @@ class Analyser:
                 witness = ModelWitness(
                     top=tuple((predictor.card.classes[i], float(mean[i])) for i in order),
                     ood_score=float(np.mean(ood)) if ood is not None and len(ood) else None,
-                    ood_threshold=predictor.ood_threshold)
+                    ood_threshold=predictor.ood_threshold, classes=tuple(predictor.card.classes))
                 card = predictor.card
                 provenance = ModelProvenance(name=card.name, version=card.version, sha256=card.sha256, task=card.task)
             except Exception as exc:  # a broken model must not lose the study: the tags still decide

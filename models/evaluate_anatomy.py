@@ -74,7 +74,7 @@ def decision_table(sets: dict[str, list[tuple[str, np.ndarray, float | None]]], 
             for truth, probs, ood in rows:
                 order = np.argsort(-probs)[:2]
                 witness = ModelWitness(top=tuple((classes[i], float(probs[i])) for i in order), ood_score=ood,
-                                       ood_threshold=threshold)
+                                       ood_threshold=threshold, classes=tuple(classes))
                 tag = None if tagging == "none" else truth if tagging == "correct" else wrong_tag(truth)
                 found = decide_anatomy(tag, f"BodyPartExamined={tag.upper()}" if tag else "no anatomy", witness,
                                        min_probability)

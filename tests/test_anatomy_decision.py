@@ -128,3 +128,19 @@ def test_mahalanobis_scores_far_features_higher_and_the_threshold_accepts_the_sh
 def test_auroc_ties_count_half() -> None:
     assert auroc(np.array([1.0, 2.0]), np.array([3.0, 4.0])) == 1.0
     assert auroc(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == 0.5
+
+
+def test_a_tag_naming_a_part_the_model_has_no_class_for_is_never_overruled() -> None:
+    witness = ModelWitness(top=(("hand", 0.97), ("wrist", 0.02)), ood_score=1.0, ood_threshold=THRESHOLD,
+                           classes=("hand", "wrist", "knee"))
+    d = decide_anatomy("finger", "BodyPartExamined=FINGER", witness, MIN_P)
+    assert (d.label, d.decided_by, d.disagreement) == ("finger", "tags", True)
+    assert "no class for finger" in d.rule
+    assert decide_anatomy("knee", "x", witness, MIN_P).decided_by == "model"  # a part it knows: overruled
+
+
+def test_bone_age_never_runs_where_the_model_overruled_a_tag_naming_another_part() -> None:
+    wrist_read_as_hand = model("hand", 0.96, "knee")  # the MURA wrist: wrist not even among the two best
+    d = decide_anatomy("wrist", "BodyPartExamined=WRIST", wrist_read_as_hand, MIN_P)
+    assert d.label == "hand" and d.decided_by == "model"
+    assert "DICOM tags say wrist" in boneage_block(d, wrist_read_as_hand)
