@@ -94,12 +94,16 @@ REFUSED_NAMES_SHOWN = 3
 
 
 def refused_contexts_summary(contexts: list) -> str:
-    """``"116 presentation context(s) refused: abstract syntax not supported (114: CT Image Storage, ...; and 111
-    more); transfer syntax not supported (2: ...)"``, from pynetdicom's rejected contexts (their ``status``)."""
+    """``"116 presentation context(s) refused: abstract syntax not supported (114: CT Image Storage 1.2.840...,
+    ...; and 111 more); transfer syntax not supported (2: ... in 1.2.840...)"``, from pynetdicom's rejected contexts
+    (their ``status``): the SOP class by name and UID, and for a transfer-syntax refusal the syntaxes offered."""
     groups: dict[str, list[str]] = {}
     for cx in contexts:
         reason = str(getattr(cx, "status", "") or "refused").lower().replace("_", " ")
-        groups.setdefault(reason, []).append(str(getattr(cx.abstract_syntax, "name", cx.abstract_syntax)))
+        name = f"{getattr(cx.abstract_syntax, 'name', cx.abstract_syntax)} {cx.abstract_syntax}"
+        if "transfer" in reason:  # the SOP class is fine: say which transfer syntaxes were offered
+            name += " in " + ", ".join(str(ts) for ts in cx.transfer_syntax)
+        groups.setdefault(reason, []).append(name)
     parts = []
     for reason, names in sorted(groups.items(), key=lambda item: -len(item[1])):
         shown = ", ".join(names[:REFUSED_NAMES_SHOWN])

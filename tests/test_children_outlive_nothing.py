@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def test_serve_killed_hard_takes_its_redis_and_worker_with_it(tmp_path: Path) ->
 
 @pytest.mark.integration
 def test_serve_killed_while_its_worker_waits_to_redeliver_leaves_no_worker_and_one_result(tmp_path: Path) -> None:
-    """Issue 28, case 2: ``kill -9`` of serve while its worker sleeps between delivery retries (the PACS is down).
+    """Issue 28, case 2: ``kill -9`` of serve while a delivery waits between retries (the PACS is down).
     The worker must not "finish the current task first" (SIGTERM, Celery's warm shutdown, kept it delivering for a
     minute beside the next serve): it is gone at once. A new serve, with the PACS back, delivers the study's
     result exactly once."""
@@ -98,18 +99,22 @@ def test_serve_killed_while_its_worker_waits_to_redeliver_leaves_no_worker_and_o
     proc = BoneBridgeProcess(config).start()
     try:
         worker_pid = proc.worker_pid()
+        dispatch_pid = int((proc.data_dir / "run" / "worker-dispatch.pid").read_text())
         assert storescu(proc.port, "BONEBRIDGE", [tmp_path / "leg.dcm"]).returncode == 0
-        wait_for(lambda: "pacs: retry 2/8" in proc.log_tail(200), 60, interval=0.1,
-                 what="the worker waiting between delivery retries")
+        # the dispatch stage's worker holds the delivery, retried by Celery with a countdown
+        wait_for(lambda: re.search(r"pacs: attempt 2/\d+ for .* failed", proc.log_tail(200)), 60, interval=0.1,
+                 what="the dispatch worker between delivery retries")
         assert proc.proc is not None
         os.kill(proc.proc.pid, signal.SIGKILL)  # serve alone: no cleanup runs
         proc.proc.wait()
-        wait_for(lambda: not _alive(worker_pid), 3, interval=0.05,
-                 what="the worker to die with serve (a warm shutdown would have kept it for a minute)")
+        for pid in (worker_pid, dispatch_pid):
+            wait_for(lambda: not _alive(pid), 3, interval=0.05,
+                     what="the workers to die with serve (a warm shutdown would have kept one for a minute)")
     finally:
         proc.stop()
-        if _alive(worker_pid):
-            os.kill(worker_pid, signal.SIGKILL)
+        for pid in (worker_pid, dispatch_pid):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
     with pacs, BoneBridgeProcess(config) as again:
         assert again.worker_pid() != worker_pid
         wait_for(lambda: "SR" in _by_modality(pacs, study_uid), 120, interval=0.3, what="the SR after the restart")
