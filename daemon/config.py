@@ -691,27 +691,26 @@ def _unknown_anatomy(label: str, model_classes: list[str] | None) -> str:
     return message + f" the DICOM tags give: {', '.join(ANATOMY_CLASSES)}"
 
 
-def anatomy_model_classes(weights: Path | None) -> list[str] | None:
-    """The classes an anatomy model's card lists (None when there is no readable card): plain JSON, no torch."""
+def _card_fields(weights: Path | None) -> dict:
+    """A model card read as plain JSON (no torch, no validation); empty when there is no readable card."""
     if weights is None:
-        return None
+        return {}
     try:
         card = json.loads(Path(weights).with_suffix(".card.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    classes = card.get("classes") if isinstance(card, dict) else None
+        return {}
+    return card if isinstance(card, dict) else {}
+
+
+def anatomy_model_classes(weights: Path | None) -> list[str] | None:
+    """The classes an anatomy model's card lists (None when there is no readable card): plain JSON, no torch."""
+    classes = _card_fields(weights).get("classes")
     return [str(c) for c in classes] if isinstance(classes, list) else None
 
 
 def model_task(weights: Path | None) -> str | None:
     """The task a model's card names (``boneage``, ``abnormality``...), None without a readable card: no torch."""
-    if weights is None:
-        return None
-    try:
-        card = json.loads(Path(weights).with_suffix(".card.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    task = card.get("task") if isinstance(card, dict) else None
+    task = _card_fields(weights).get("task")
     return str(task) if task else None
 
 

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from daemon.destinations import DispatchError, describe
 from daemon.destinations import send as send_to_destination
 from daemon.destinations.dicom import MAX_CONTEXTS, WARNING_STATUSES, send_datasets  # noqa: F401 - re-exported
-from daemon.spool import fsync_dir
+from daemon.spool import fsync_dir, write_json_atomic
 
 LOGGER = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class Dispatcher:
                 reason["replay_attempts"] = int(reason.get("replay_attempts", 0)) + 1
                 reason["last_replay_error"] = exc.reason
                 reason["last_replay_time"] = _now_iso()
-                _write_json_atomic(entry / "reason.json", reason)
+                write_json_atomic(entry / "reason.json", reason)
                 LOGGER.warning("dead letter %s to %s still failing: %s", eid, name, exc.reason)
                 results.append(ReplayResult(eid, name, False, exc.reason))
                 continue
@@ -254,7 +254,7 @@ class Dispatcher:
             reason["study_uid"], reason["generation"] = str(outcome[0]), int(outcome[1])
         if queued_at is not None:
             reason["queued_at"] = float(queued_at)  # when the result was ready: the age of what is undelivered
-        _write_json_atomic(building / "reason.json", reason)
+        write_json_atomic(building / "reason.json", reason)
         final = self.dead_letter_dir / entry_id
         os.replace(building, final)
         fsync_dir(self.dead_letter_dir)
@@ -282,11 +282,3 @@ def _entry_outcome(reason: dict[str, Any]) -> tuple[str, int] | None:
 _LABEL = re.compile(r"(?P<study>[0-9]+(?:\.[0-9]+)*)-(?P<generation>[0-9]+)(?:-failed)?")
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)

@@ -26,12 +26,11 @@ import os
 import random
 import re
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon.spool import fsync_dir
+from daemon.spool import fsync_dir, write_json_atomic
 
 #: Delivered markers older than this are pruned (the page and metrics look back one hour).
 KEEP_DELIVERED_S = 24 * 3600
@@ -42,15 +41,6 @@ def _safe(name: str) -> str:
     return _SAFE.sub("_", name) or "_"
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -87,7 +77,7 @@ class DispatchQueue:
                  "files": [str(Path(f).relative_to(self.data_dir)) for f in files], "label": label,
                  "queued_at": float(queued_at), "attempts": 0, "state": "waiting", "next_try_at": None,
                  "last_error": None}
-        _write_json_atomic(path, entry)
+        write_json_atomic(path, entry)
         return entry
 
     def read(self, destination: str, study_uid: str, generation: int) -> dict[str, Any] | None:
@@ -98,14 +88,14 @@ class DispatchQueue:
 
     def retrying(self, entry: dict[str, Any], attempts: int, next_try_at: float, error: str) -> None:
         entry.update(attempts=int(attempts), state="retrying", next_try_at=float(next_try_at), last_error=error)
-        _write_json_atomic(self.pending_path(entry["destination"], entry["study_uid"], entry["generation"]), entry)
+        write_json_atomic(self.pending_path(entry["destination"], entry["study_uid"], entry["generation"]), entry)
 
     def delivered(self, entry: dict[str, Any], attempts: int) -> None:
         """Move the entry to ``delivered/`` (a rename: it is never in both, nor in neither)."""
         source = self.pending_path(entry["destination"], entry["study_uid"], entry["generation"])
         target = self.delivered_path(entry["destination"], entry["study_uid"], entry["generation"])
         entry.update(attempts=int(attempts), state="delivered", delivered_at=time.time(), next_try_at=None)
-        _write_json_atomic(source, entry)
+        write_json_atomic(source, entry)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, target)
         fsync_dir(target.parent)

@@ -125,6 +125,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write *data* as JSON so a crash leaves the old file or the new one, never half of one: a temporary file in
+    the same folder, fsynced, renamed over *path*, then the folder fsynced so the rename itself is durable."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def _mkdir_durable(path: Path) -> None:
     """Create *path* (one level) if needed and make its directory entry durable."""
     if path.is_dir():
