@@ -139,7 +139,8 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", type=Path, help="RSNA labels.csv when it is not DIR/labels.csv")
     p.add_argument("--split", choices=["test", "val", "train", "all"], default=None,
                    help="id-hash split to evaluate (default all; `test` is the tenth training never saw); "
-                        "abnormality on MURA always uses MURA-v1.1 valid; on FracAtlas the default is test")
+                        "abnormality on MURA always uses MURA-v1.1 valid; on FracAtlas the default is test on the "
+                        "folder the model was trained on and every image on any other (the headline says which)")
     mask = p.add_mutually_exclusive_group()
     mask.add_argument("--mask", dest="mask", action="store_true", default=None,
                       help="mask burned-in labels (default: as the model card says)")

@@ -363,7 +363,7 @@ def evaluate(task: str, weights: Path, data: Path | None, *, labels: Path | None
         raise ValueError(f"{weights} is a {card.task} model, not {task}")
     notes = []
     if task == "abnormality" and data is not None and _is_fracatlas(data):
-        return _evaluate_fracatlas(predictor, weights, data, split or "test", json_out, plots, batch_size, progress,
+        return _evaluate_fracatlas(predictor, weights, data, split, json_out, plots, batch_size, progress,
                                    echo)
     if task in ("boneage", "sex"):
         split = split or "all"
@@ -499,9 +499,12 @@ def _is_fracatlas(data: Path) -> bool:
     return Path(data).is_dir() and is_fracatlas(data)
 
 
-def _evaluate_fracatlas(predictor: Predictor, weights: Path, data: Path, split: str, json_out: Path | None,
+def _evaluate_fracatlas(predictor: Predictor, weights: Path, data: Path, split: str | None, json_out: Path | None,
                         plots: Path | None, batch_size: int, progress: bool, echo: Callable[[str], None]) -> dict:
-    """FracAtlas layout: detection and pointing (see :mod:`models.evaluate_fracture`); default split ``test``."""
+    """FracAtlas layout: detection and pointing (see :mod:`models.evaluate_fracture`).
+
+    Default split: ``test`` on the model's own training folder, every image on any other (the headline says which).
+    """
     from models.evaluate_fracture import evaluate_fracatlas
 
     body, plot_paths, headline = evaluate_fracatlas(predictor, data, split, plots, batch_size, progress)

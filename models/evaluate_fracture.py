@@ -27,12 +27,33 @@ from tqdm import tqdm
 
 from models.metrics import binary_metrics
 from models.confidence import mean_interval
-from models.fracatlas import REGIONS, FractureCase, case_split, pointing_hit, read_fracatlas
+from models.fracatlas import REGIONS, FractureCase, case_split, folder_fingerprint, pointing_hit, read_fracatlas
+from models.checkpoint import ModelCard
 from models.inference import Predictor
 from models.preprocess import load_image
 
 LENIENT_GROW = 0.03
 SHEET_TILE = 256
+
+
+def default_split(cases: list[FractureCase], data: Path, card: ModelCard) -> tuple[str, str]:
+    """The split to evaluate when none is asked for, and why (issue 29).
+
+    On the folder the model was trained on, only the id-block test split is fair (it saw train and validation); on
+    any other folder, every image: taking the id-block test split of a held-back folder silently measured 18 of its
+    576 images. The training folder is known by the ids fingerprint the card records; a card from before that field
+    by the folder name it names.
+    """
+    recorded = (card.training or {}).get("training_folder")
+    if recorded:
+        same = recorded.get("ids_sha256") == folder_fingerprint(cases)["ids_sha256"]
+        how = "its image ids match the card's training folder"
+    else:
+        same = f"FracAtlas ({Path(data).name})" in card.training_data
+        how = "its name is the one the card's training data names (the card records no ids fingerprint)"
+    if same:
+        return "test", f"the model's training folder ({how}): its held-out test split only"
+    return "all", "not the model's training folder: every image (--split picks an id-block split)"
 
 
 def fracatlas_cases(data: Path, split: str) -> tuple[list[FractureCase], str]:
@@ -147,11 +168,18 @@ def worst_misses_sheet(cases: list[FractureCase], rows: list[dict[str, Any]], pa
     return path
 
 
-def evaluate_fracatlas(predictor: Predictor, data: Path, split: str, plots: Path | None, batch_size: int,
+def evaluate_fracatlas(predictor: Predictor, data: Path, split: str | None, plots: Path | None, batch_size: int,
                        progress: bool) -> tuple[dict[str, Any], list[Path], str]:
-    """The report (top-level ``auroc``, ``pointing_hit_rate``, ``pointing_hit_rate_strict``), plots and headline."""
+    """The report (top-level ``auroc``, ``pointing_hit_rate``, ``pointing_hit_rate_strict``), plots and headline.
+
+    ``split`` None: :func:`default_split` chooses, and the report's ``split_reason`` says why.
+    """
     from models.plots import plot_calibration, plot_roc
 
+    if split is None:
+        split, split_reason = default_split(read_fracatlas(data), data, predictor.card)
+    else:
+        split_reason = "asked for with --split"
     cases, source = fracatlas_cases(data, split)
     if not cases:
         raise ValueError(f"{source}: no images to evaluate")
@@ -173,7 +201,7 @@ def evaluate_fracatlas(predictor: Predictor, data: Path, split: str, plots: Path
                        worst_misses_sheet(cases, rows, Path(plots) / "fracture_worst_misses.png")]
     heatmap_kind = "learnt localisation map" if card.localisation_head else "Grad-CAM"
     low, high = metrics["auroc_ci95"]
-    headline = (f"fracture AUROC {metrics['auroc']:.3f} (95 % CI {low:.3f}-{high:.3f}); "
+    headline = (f"{split} split ({split_reason}): fracture AUROC {metrics['auroc']:.3f} (95 % CI {low:.3f}-{high:.3f}); "
                 f"pointing {metrics['pointing_hit_rate']:.3f} "
                 f"(strict {metrics['pointing_hit_rate_strict']:.3f}, {heatmap_kind}); sensitivity "
                 f"{metrics['sensitivity']:.3f} specificity {metrics['specificity']:.3f} at {threshold:.3f} "
@@ -186,5 +214,6 @@ def evaluate_fracatlas(predictor: Predictor, data: Path, split: str, plots: Path
         "threshold": threshold, "threshold_rule": card.training.get("threshold_rule", "as the card gives"),
         "heatmap": heatmap_kind, "score_rule": card.score_rule, "metrics": metrics, "timing": timing,
         "per_image": rows, "plots": [str(p) for p in plot_paths], "data": source, "split": split,
+        "split_reason": split_reason,
     }
     return report, plot_paths, headline

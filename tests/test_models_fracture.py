@@ -138,6 +138,7 @@ def test_train_predict_and_evaluate_on_fracatlas_layout(fracatlas: Path, tmp_pat
     report = json.loads(report_path.read_text())
     for key in ("auroc", "pointing_hit_rate", "pointing_hit_rate_strict", "sensitivity", "specificity", "kappa"):
         assert key in report
+
     assert report["metrics"]["pointing_n"] == 30
     low, high = report["auroc_ci95"]
     assert low <= report["auroc"] <= high and f"(95 % CI {low:.3f}-{high:.3f})" in report["headline"]
@@ -146,6 +147,21 @@ def test_train_predict_and_evaluate_on_fracatlas_layout(fracatlas: Path, tmp_pat
     assert report["heatmap"] == "learnt localisation map"
     for name in ("fracture_roc.png", "fracture_calibration.png", "fracture_worst_misses.png"):
         assert (report_path.parent / name).stat().st_size > 1000
+
+    # issue 29: without --split, the training folder gives its test split, any other folder every image
+    assert card["training"]["training_folder"]["images"] == 90
+    chosen_path = tmp_path / "eval-default" / "report.json"
+    assert main(["evaluate", "abnormality", "--weights", str(out), "--data", str(fracatlas),
+                 "--json", str(chosen_path), "--no-progress"]) == 0
+    chosen = json.loads(chosen_path.read_text())
+    assert chosen["split"] == "test" and "training folder" in chosen["split_reason"]
+    assert len(chosen["per_image"]) == sum(case_split(c) == "test" for c in read_fracatlas(fracatlas))
+    held_back = write_fracatlas(tmp_path / "held-back", count=45, seed=1)
+    assert main(["evaluate", "abnormality", "--weights", str(out), "--data", str(held_back),
+                 "--json", str(chosen_path), "--no-progress"]) == 0
+    chosen = json.loads(chosen_path.read_text())
+    assert chosen["split"] == "all" and len(chosen["per_image"]) == 45
+    assert chosen["headline"].startswith("all split (not the model's training folder")
 
     # a run cut short goes on from its weights, with a fresh schedule; a larger input fine-tunes it (progressive
     # resizing); any other change of geometry is refused
