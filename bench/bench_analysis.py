@@ -1,7 +1,7 @@
 """Analysis cost per radiograph, warm: CPU and wall time of each stage of the worker's analysis, same-run reference.
 
 One full-resolution radiograph (pydicom-data's RG3, a 1760 x 1760 CR of a lower leg, tagged as a leg so the shipped
-config routes it to the fracture model) goes through ``daemon.pipeline.Analyser`` as the worker runs it: decode
+config routes it to the fracture model) goes through ``daemon.analyse.pipeline.Analyser`` as the worker runs it: decode
 (modality LUT, window), anatomy model, fracture model with its learnt map, the heatmap Secondary Capture and the
 SR. Each stage is timed on its own (median of ``--repeats``), CPU (all threads of this process) and wall.
 
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from daemon.openmp_policy import prefer_sleeping_threads  # noqa: E402
+from daemon.ops.openmp_policy import prefer_sleeping_threads  # noqa: E402
 
 prefer_sleeping_threads()  # as the worker does (bonebridge's CLI), before torch loads; OMP_WAIT_POLICY=ACTIVE to compare
 
@@ -74,11 +74,11 @@ def main() -> int:
     import pydicom
 
     from bench_latency import one_study, real_radiograph
-    from daemon.config import load_config
-    from daemon.decode import read_display_image
-    from daemon.heatmap_render import blend_above_floor, picture_shape
-    from daemon.pipeline import Analyser
-    from daemon.results import build_heatmap_sc, build_sr
+    from daemon.config.schema import load_config
+    from daemon.dicom.decode import read_display_image
+    from daemon.output.heatmap_render import blend_above_floor, picture_shape
+    from daemon.analyse.pipeline import Analyser
+    from daemon.output.results import build_heatmap_sc, build_sr
 
     analyser = Analyser(load_config(REPO / "config" / "bonebridge.yaml"))
     with tempfile.TemporaryDirectory() as tmp:

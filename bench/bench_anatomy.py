@@ -32,8 +32,8 @@ def main() -> int:
     import data_store
     import pydicom
 
-    from daemon.config import load_config
-    from daemon.decode import read_display_image
+    from daemon.config.schema import load_config
+    from daemon.dicom.decode import read_display_image
     from models.inference import load_predictor
 
     config = load_config(REPO / "config" / "bonebridge.yaml")

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from daemon.openmp_policy import prefer_sleeping_threads  # noqa: E402
+from daemon.ops.openmp_policy import prefer_sleeping_threads  # noqa: E402
 
 prefer_sleeping_threads()  # as the worker does, before torch loads
 
@@ -62,7 +62,7 @@ def main() -> int:
 
     import torch
 
-    from daemon.decode import read_display_image
+    from daemon.dicom.decode import read_display_image
     from models.inference import load_predictor
     from models.train import bf16_supported
 

@@ -36,7 +36,7 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from daemon.decode import read_display_image
+    from daemon.dicom.decode import read_display_image
     from models.cam import grad_cam, to_image
     from models.inference import load_predictor
     from models.preprocess import to_model_input

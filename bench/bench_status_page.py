@@ -4,7 +4,7 @@ The page must stay fast however many studies the data directory holds. The refer
 implementation: parse every ``data_dir/studies/*.json`` and its latest result record, then keep the last day's.
 BoneBridge's page filters by modification time first (one ``stat`` per study) and parses only the rows it shows.
 Both run on the same synthetic data directory (10,000 studies over three days, each with a result record and
-one instance), interleaved; the page is rendered in full (HTML) through :class:`daemon.status_page.StatusPage`.
+one instance), interleaved; the page is rendered in full (HTML) through :class:`daemon.ops.status_page.StatusPage`.
 
 Run: ``.venv/bin/python bench/bench_status_page.py [--studies 10000] [--repeats 5]``.
 """
@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 
 def populate(data: Path, count: int) -> None:
-    from daemon.assembler import InstanceRecord, StudyState
+    from daemon.assemble.assembler import InstanceRecord, StudyState
 
     now = time.time()
     (data / "studies").mkdir(parents=True)
@@ -64,8 +64,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    from daemon.config import load_config
-    from daemon.status_page import StatusPage
+    from daemon.config.schema import load_config
+    from daemon.ops.status_page import StatusPage
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)

@@ -1,6 +1,6 @@
 """``bonebridge``: the command line.
 
-Without ``--config`` every command uses the embedded default (``daemon/defaults/bonebridge.yaml``, the same file
+Without ``--config`` every command uses the embedded default (``daemon/config/defaults/bonebridge.yaml``, the same file
 as ``config/bonebridge.yaml``), so a fresh install starts with ``bonebridge serve``.
 """
 
@@ -13,9 +13,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from daemon.openmp_policy import prefer_sleeping_threads
+from daemon.ops.openmp_policy import prefer_sleeping_threads
 
-prefer_sleeping_threads()  # before anything imports torch (build_parser does): see daemon/openmp_policy.py
+prefer_sleeping_threads()  # before anything imports torch (build_parser does): see daemon/ops/openmp_policy.py
 LOGGER = logging.getLogger("bonebridge")
 
 
@@ -25,13 +25,13 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_path(args: argparse.Namespace) -> Path:
-    from daemon.config import default_config_path
+    from daemon.config.schema import default_config_path
 
     return args.config if args.config is not None else default_config_path()
 
 
 def _load(args: argparse.Namespace):
-    from daemon.config import ConfigError, load_config
+    from daemon.config.schema import ConfigError, load_config
 
     try:
         return load_config(_config_path(args))
@@ -41,9 +41,9 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from daemon.config import ConfigError
-    from daemon.demo_pacs import DemoPacsError
-    from daemon.service import serve
+    from daemon.config.schema import ConfigError
+    from daemon.ops.demo_pacs import DemoPacsError
+    from daemon.serve import serve
 
     try:
         return serve(_config_path(args), workers=args.workers, demo=args.demo)
@@ -68,19 +68,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
-    from daemon.service import listen
+    from daemon.serve import listen
 
     return listen(_config_path(args))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from daemon.service import worker
+    from daemon.serve import worker
 
     return worker(_config_path(args), args.broker, args.concurrency, args.queues)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from daemon.explain import check_config_text
+    from daemon.config.check import check_config_text
 
     ok, text = check_config_text(args.path)
     print(text)
@@ -88,8 +88,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_route_explain(args: argparse.Namespace) -> int:
-    from daemon.explain import explain_files
-    from daemon.pipeline import Analyser
+    from daemon.analyse.explain import explain_files
+    from daemon.analyse.pipeline import Analyser
 
     config = _load(args)
     # The daemon's own anatomy decision (model and tags), so the dry run cannot tell IT something else.
@@ -103,7 +103,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Run the routed models on files, offline; print the findings as JSON; optionally write the SR and SCs."""
     import pydicom
 
-    from daemon.pipeline import Analyser
+    from daemon.analyse.pipeline import Analyser
 
     analyser = Analyser(_load(args))
     studies: dict[str, list] = defaultdict(list)
@@ -124,7 +124,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from daemon.dispatch import Dispatcher
+    from daemon.dispatch.dispatcher import Dispatcher
 
     config = _load(args)
     dispatcher = Dispatcher(Path(config.storage.data_dir), config.destinations)
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(daemon_only=_command(words) in _DAEMON_COMMANDS and "-h" not in words[:1])
     args = parser.parse_args(words)
-    from daemon.service import setup_logging
+    from daemon.serve import setup_logging
 
     setup_logging(args.log_level)
     return int(args.func(args) or 0)

@@ -1,6 +1,6 @@
 """Render the heatmap Secondary Captures the daemon sends, for people to look at: ``docs/sc_*.png``.
 
-Each example goes through the daemon's own path (:class:`daemon.pipeline.Analyser` on the shipped
+Each example goes through the daemon's own path (:class:`daemon.analyse.pipeline.Analyser` on the shipped
 ``config/bonebridge.yaml``: decode, anatomy, route, model, SR and SC), and the SC's pixels are saved as PNG:
 
 - ``sc_hand.png``: a full-resolution pediatric hand (``../shared/data/examples/hands-fullres/0.png``, wrapped as
@@ -38,8 +38,8 @@ def _save_sc(analysis, out: Path) -> Path:
 
 
 def main() -> int:
-    from daemon.config import load_config
-    from daemon.pipeline import Analyser
+    from daemon.config.schema import load_config
+    from daemon.analyse.pipeline import Analyser
     from models.fracatlas import case_split, read_fracatlas
     from models.preprocess import load_image
     from tests.dicom_factory import make_dx

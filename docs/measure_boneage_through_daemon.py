@@ -2,7 +2,7 @@
 
 Each radiograph of an RSNA split is wrapped as the DICOM a modality would send (a DX, 12-bit MONOCHROME2, tagged
 ``BodyPartExamined HAND``, PatientSex from the label, PatientAge in whole years) and handed to
-``daemon.pipeline.Analyser`` with a configuration (the shipped default unless ``--config``): decoding, the anatomy
+``daemon.analyse.pipeline.Analyser`` with a configuration (the shipped default unless ``--config``): decoding, the anatomy
 decision, the route and the bone-age model run exactly as the worker runs them. A study that does not reach the
 bone-age model (another route, "not processed") is counted and reported, never dropped silently. Prints the MAE with
 its 95 % bootstrap interval, the bias, and how many studies got a bone age.
@@ -52,8 +52,8 @@ def main() -> int:
     parser.add_argument("--limit", type=int, help="only the first N radiographs of the split (a quick try)")
     args = parser.parse_args()
 
-    from daemon.config import default_config_path, load_config
-    from daemon.pipeline import Analyser
+    from daemon.config.schema import default_config_path, load_config
+    from daemon.analyse.pipeline import Analyser
     from models.boneage import rsna_examples
     from models.confidence import mean_interval
     from models.preprocess import load_image

@@ -41,8 +41,8 @@ def wrong_tag(truth: str) -> str:
 
 def route_study(config, label: str | None, source: str, boneage_routes: set[str], witness, decision) -> tuple[str, list[str]]:
     """(route name, models that run) for a 10-year-old DX with this anatomy decision, as ``Analyser.decide`` routes."""
-    from daemon.anatomy_decision import boneage_block
-    from daemon.rules import StudyFacts, decide_route
+    from daemon.analyse.anatomy_decision import boneage_block
+    from daemon.analyse.rules import StudyFacts, decide_route
 
     facts = StudyFacts(anatomy=label, anatomy_source=source, modality="DX", patient_age_years=10.0, patient_sex=None,
                        calling_ae=None, study_description=None, body_part_examined=None)
@@ -60,8 +60,8 @@ def route_study(config, label: str | None, source: str, boneage_routes: set[str]
 def decision_table(sets: dict[str, list[tuple[str, np.ndarray, float | None]]], classes: list[str],
                    threshold: float | None, min_probability: float, config) -> dict[str, dict[str, dict[str, float]]]:
     """Per set and tagging: n, right, unknown, overruled_correct_tag, forbidden_model (shares)."""
-    from daemon.anatomy_decision import ModelWitness, decide_anatomy
-    from daemon.config import model_task
+    from daemon.analyse.anatomy_decision import ModelWitness, decide_anatomy
+    from daemon.config.cards import model_task
 
     boneage_routes = {route.name for route in config.routes
                       if any(m in config.models and model_task(config.models[m].weights) == "boneage" for m in route.run)}
@@ -219,7 +219,7 @@ def inference_ms(weights: Path, paths: list[Path], rounds: int = 5, study: int =
 
 def run(args) -> int:
     """The CLI: extract (or reuse) features of every set, then report each checkpoint's head on them."""
-    from daemon.config import load_config
+    from daemon.config.schema import load_config
     from models.anatomy_world import WorldImage, extract_features, world_images
     from models.checkpoint import load_checkpoint
 

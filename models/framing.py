@@ -64,7 +64,7 @@ def monochrome1_round_trip(image: np.ndarray) -> np.ndarray:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-    from daemon.decode import read_display_image
+    from daemon.dicom.decode import read_display_image
 
     top = 4095
     pixels = np.round((1.0 - np.clip(image, 0, 1)) * top).astype(np.uint16)

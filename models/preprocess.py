@@ -71,7 +71,7 @@ def load_image(path: str | Path) -> np.ndarray:
     if path.suffix.lower() in {".dcm", ".dicom", ""}:
         import pydicom
 
-        from daemon.decode import read_display_image
+        from daemon.dicom.decode import read_display_image
 
         return read_display_image(pydicom.dcmread(path))
     with Image.open(path) as img:

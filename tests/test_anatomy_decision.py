@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from daemon.anatomy_decision import ModelWitness, boneage_block, decide_anatomy
+from daemon.analyse.anatomy_decision import ModelWitness, boneage_block, decide_anatomy
 from models.anatomy_ood import (
     MahalanobisOOD, auroc, expected_calibration_error, fit_temperature, softmax, threshold_for_acceptance,
 )

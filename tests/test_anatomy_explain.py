@@ -17,9 +17,9 @@ import pytest
 import torch
 import yaml
 
-from daemon.config import load_config
-from daemon.explain import explain_files
-from daemon.pipeline import Analyser
+from daemon.config.schema import load_config
+from daemon.analyse.explain import explain_files
+from daemon.analyse.pipeline import Analyser
 from models.anatomy_ood import MahalanobisOOD
 from models.checkpoint import ModelCard, save_checkpoint
 from models.networks import ClassifierNet

@@ -16,8 +16,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from daemon.config import load_config
-from daemon.pipeline import Analyser
+from daemon.config.schema import load_config
+from daemon.analyse.pipeline import Analyser
 from models.anatomy import split_key
 from models.anatomy_vocabulary import FRACATLAS_REGION
 from models.data import split_of

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from daemon.assembler import StudyAssembler
-from daemon.spool import InstanceEvent, Spool
+from daemon.assemble.assembler import StudyAssembler
+from daemon.receive.spool import InstanceEvent, Spool
 from tests.test_spool import make_dx
 
 QUIET = 3.0
@@ -133,7 +133,7 @@ def test_resend_with_other_content_reopens_a_finished_study(env, caplog) -> None
     assert (asm.get(study).state, asm.get(study).generation) == ("done", 1)
 
     clock.t += 10
-    with caplog.at_level(logging.WARNING, logger="daemon.assembler"):
+    with caplog.at_level(logging.WARNING, logger="daemon.assemble.assembler"):
         asm.instance_received(dataclasses.replace(event(study, "a3", sop=first.sop_instance_uid),
                                                   superseded="/spool/superseded/x.dcm"))
     st = asm.get(study)
@@ -281,8 +281,8 @@ def test_worker_results_on_disk_mark_studies_done_and_are_not_requeued(tmp_path)
     """A worker in another process writes results/<study>/<gen>.json; a restart must not re-enqueue that study."""
     import json as _json
 
-    from daemon.assembler import StudyAssembler
-    from daemon.spool import InstanceEvent
+    from daemon.assemble.assembler import StudyAssembler
+    from daemon.receive.spool import InstanceEvent
 
     queued: list[tuple[str, int]] = []
     clock = [1000.0]
@@ -313,8 +313,8 @@ def test_worker_results_on_disk_mark_studies_done_and_are_not_requeued(tmp_path)
 
 def test_a_route_can_set_its_own_quiet_period(tmp_path) -> None:
     """quiet_period_for pre-routes a study: a short period for one study does not shorten another's."""
-    from daemon.assembler import StudyAssembler
-    from daemon.spool import InstanceEvent
+    from daemon.assemble.assembler import StudyAssembler
+    from daemon.receive.spool import InstanceEvent
 
     queued: list[str] = []
     clock = [0.0]
@@ -382,7 +382,7 @@ def test_state_json_is_what_asdict_gives_and_reads_back() -> None:
     """The hand-built JSON of a study state (faster than ``dataclasses.asdict``) has every field asdict has."""
     from dataclasses import asdict
 
-    from daemon.assembler import InstanceRecord, StudyState
+    from daemon.assemble.assembler import InstanceRecord, StudyState
 
     state = StudyState("1.2.3", instances={f"1.2.3.{i}": InstanceRecord(f"/spool/{i}.dcm", "1.2.4", "1.2.840.10008.5.1.4.1.1.1",
                                                                       "MODALITY", 1700000000.0 + i) for i in range(3)},
@@ -399,7 +399,7 @@ def test_a_slow_state_write_does_not_hold_up_the_listener(env, monkeypatch) -> N
     The disk is made slow (its directory flush waits on an event): while the poller is stuck in it, another
     study's instance must still be recorded, which it could not be if the write held the assembler's lock.
     """
-    import daemon.assembler as assembler_module
+    import daemon.assemble.assembler as assembler_module
 
     asm, _, _ = env
     entered, release = threading.Event(), threading.Event()

@@ -65,7 +65,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from daemon.listener import TRANSFER_SYNTAXES
+from daemon.receive.listener import TRANSFER_SYNTAXES
 from tests.bonebridge_process import BoneBridgeProcess, write_config
 from tests.dicom_factory import make_dx
 from tests.orthanc_fixture import LOCALHOST, echoscu, free_port, storescu, wait_for

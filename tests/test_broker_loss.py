@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.assembler import StudyAssembler
+from daemon.assemble.assembler import StudyAssembler
 from tests.bonebridge_process import BoneBridgeProcess, write_config
 from tests.dicom_factory import make_dx
 from tests.orthanc_fixture import OrthancServer, storescu, wait_for

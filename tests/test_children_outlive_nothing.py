@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from daemon.broker import BrokerError, EmbeddedRedis, _alive
+from daemon.queue.broker import BrokerError, EmbeddedRedis, _alive
 from tests.bonebridge_process import BoneBridgeProcess, write_config
 from tests.orthanc_fixture import free_port, wait_for
 

@@ -10,14 +10,14 @@ import pydantic
 import pytest
 
 import models
-from daemon.config import (
+from daemon.config.schema import (
     Config,
     ConfigError,
     builtin_weights_dir,
     default_config_path,
     load_config,
 )
-from daemon.explain import check_config_text
+from daemon.config.check import check_config_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def issue_lines(error: ConfigError) -> dict[str, int | None]:
 
 def test_embedded_default_is_identical_to_repository_config() -> None:
     shipped = REPO_ROOT / "config" / "bonebridge.yaml"
-    assert default_config_path() == REPO_ROOT / "daemon" / "defaults" / "bonebridge.yaml"
+    assert default_config_path() == REPO_ROOT / "daemon" / "config" / "defaults" / "bonebridge.yaml"
     assert default_config_path().read_bytes() == shipped.read_bytes()
 
 

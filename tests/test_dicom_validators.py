@@ -22,7 +22,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from daemon.results import ImageProbability, MapPeak, StudyResult, build_heatmap_sc, build_sr
+from daemon.output.results import ImageProbability, MapPeak, StudyResult, build_heatmap_sc, build_sr
 from tests.dicom_factory import make_study
 from tests.test_results import MODELS
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon.config import ConfigError, DicomWebDestination, load_config
-from daemon.destinations import DispatchError
-from daemon.destinations import dicomweb
-from daemon.dispatch import DeadLettered, Dispatcher
+from daemon.config.schema import ConfigError, DicomWebDestination, load_config
+from daemon.dispatch.destinations import DispatchError
+from daemon.dispatch.destinations import dicomweb
+from daemon.dispatch.dispatcher import DeadLettered, Dispatcher
 from tests.bonebridge_process import REPO, BoneBridgeProcess, write_config
 from tests.dicom_factory import make_dx
 from tests.orthanc_fixture import DICOMWEB_PLUGIN, ORTHANC_BINARY, OrthancServer, free_port, storescu, wait_for

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from daemon.dispatch import DeadLettered, Dispatcher, DispatchError, send_datasets
+from daemon.dispatch.dispatcher import DeadLettered, Dispatcher, DispatchError, send_datasets
 from tests.test_spool import make_dx
 
 pytestmark = pytest.mark.skipif(shutil.which("storescp") is None, reason="dcmtk not installed")
@@ -145,7 +145,7 @@ def test_down_then_dead_letter_then_replay(tmp_path: Path) -> None:
 def test_replay_updates_the_outcome_record(tmp_path: Path, status_if_delivered: str) -> None:
     """Issue 28, case 4: after a successful ``bonebridge retry`` the outcome record (which the status page and the
     metric ``bonebridge_results`` read) says delivered, when, and after how many attempts; not dead-lettered."""
-    from daemon.outcomes import STATUS_IF_DELIVERED, record_path, write_record
+    from daemon.store.outcomes import STATUS_IF_DELIVERED, record_path, write_record
 
     up = {"now": False}
 
@@ -178,7 +178,7 @@ def test_replay_updates_the_outcome_record(tmp_path: Path, status_if_delivered: 
 
 
 def test_replay_of_an_entry_from_before_the_outcome_field_finds_its_record_by_label(tmp_path: Path) -> None:
-    from daemon.outcomes import record_path, write_record
+    from daemon.store.outcomes import record_path, write_record
 
     data_dir = tmp_path / "var"
     f = tmp_path / "sr.dcm"
@@ -223,8 +223,8 @@ def test_unknown_destination_is_dead_lettered(tmp_path: Path) -> None:
 
 
 def _bonebridge_listener(tmp_path: Path, on_instance=lambda ev: None):
-    from daemon.listener import start_listener
-    from daemon.spool import Spool
+    from daemon.receive.listener import start_listener
+    from daemon.receive.spool import Spool
 
     cfg = SimpleNamespace(
         ae_title="BONEBRIDGE",

@@ -17,7 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from daemon.config import load_config
+from daemon.config.schema import load_config
 from tests.bonebridge_process import REPO, BoneBridgeProcess, sr_values, write_config
 from tests.dicom_factory import make_dx
 from tests.orthanc_fixture import OrthancServer, storescu, wait_for

@@ -18,8 +18,8 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from daemon.listener import start_listener
-from daemon.spool import InstanceEvent, Spool
+from daemon.receive.listener import start_listener
+from daemon.receive.spool import InstanceEvent, Spool
 from tests.test_spool import make_dx
 
 pytestmark = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed")
@@ -132,7 +132,7 @@ def test_compressed_instances_keep_their_transfer_syntax(listener, path: Path, p
 
 def test_listener_feeds_the_assembler(tmp_path: Path) -> None:
     """storescu -> listener -> assembler: the study completes after release + quiet period."""
-    from daemon.assembler import StudyAssembler
+    from daemon.assemble.assembler import StudyAssembler
 
     enqueued: list[tuple[str, int]] = []
     asm = StudyAssembler(tmp_path / "var", 0.5, lambda s, g: enqueued.append((s, g)))
@@ -180,7 +180,7 @@ def test_unknown_calling_ae_is_rejected(listener, tmp_path: Path, caplog: pytest
     port, spool, rec = listener
     f = tmp_path / "a.dcm"
     make_dx(f)
-    with caplog.at_level(logging.WARNING, logger="daemon.listener"):
+    with caplog.at_level(logging.WARNING, logger="daemon.receive.listener"):
         result = storescu(port, f, aet="INTRUDER")
         # A known title from the wrong address is rejected too (ELSEWHERE is only allowed from 10.255.255.1).
         result2 = storescu(port, f, aet="ELSEWHERE")
@@ -203,7 +203,7 @@ def test_empty_allowed_callers_rejects_everyone(tmp_path: Path, caplog: pytest.L
     cfg = SimpleNamespace(
         ae_title="BONEBRIDGE", host="127.0.0.1", port=0, allowed_callers=[], max_pdu=0, network_timeout_s=10
     )
-    with caplog.at_level(logging.WARNING, logger="daemon.listener"):
+    with caplog.at_level(logging.WARNING, logger="daemon.receive.listener"):
         server = start_listener(cfg, Spool(tmp_path / "var", is_own_output=False), lambda e: None, lambda a: None)
         try:
             result = subprocess.run(
@@ -278,7 +278,7 @@ def test_pynetdicom_logging_handlers_are_bound_only_when_they_would_print(
     """Its standard handlers log at INFO/DEBUG only; bound under a WARNING logger they cost an event per PDU."""
     from pynetdicom import _config
 
-    from daemon.listener import build_ae
+    from daemon.receive.listener import build_ae
 
     logger = logging.getLogger("pynetdicom")
     saved_level, saved_setting = logger.level, _config.LOG_HANDLER_LEVEL
@@ -302,7 +302,7 @@ def test_refused_contexts_make_one_line_per_association(listener, caplog: pytest
     port, _, _ = listener
     ae = AE(ae_title="STORESCU")
     ae.requested_contexts = StoragePresentationContexts[:120]
-    with caplog.at_level(logging.INFO, logger="daemon.listener"):
+    with caplog.at_level(logging.INFO, logger="daemon.receive.listener"):
         assoc = ae.associate("127.0.0.1", port, ae_title="BONEBRIDGE")
         assert assoc.is_established and assoc.accepted_contexts and assoc.rejected_contexts
         refused = len(assoc.rejected_contexts)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from daemon.logformat import FloodGuard, SafeFormatter, escape_control
+from daemon.ops.logformat import FloodGuard, SafeFormatter, escape_control
 
 
 def _format(msg: str, *args: object, exc: bool = False) -> str:
@@ -57,13 +57,13 @@ def test_flood_guard_holds_back_a_flood_of_one_shape_from_pynetdicom() -> None:
 
 def test_flood_guard_lets_other_shapes_and_our_own_records_through() -> None:
     guard = FloodGuard(burst=1, window_s=10)
-    assert all(guard.filter(r) for r in _records("daemon.listener", ["stored one instance"] * 50))
+    assert all(guard.filter(r) for r in _records("daemon.receive.listener", ["stored one instance"] * 50))
     different = _records("pynetdicom.assoc", ["Association Aborted", "Unable to decode the received PDU data"])
     assert all(guard.filter(r) for r in different)
 
 
 def test_setup_logging_installs_the_flood_guard() -> None:
-    from daemon.service import setup_logging
+    from daemon.serve import setup_logging
 
     root = logging.getLogger()
     saved = list(root.handlers)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from daemon.heatmap_render import blend_above_floor, to_grey8
+from daemon.output.heatmap_render import blend_above_floor, to_grey8
 from models.networks import BoneAgeSexNet, FractureNet, fold_for_inference
 
 

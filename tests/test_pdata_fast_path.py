@@ -14,11 +14,11 @@ from typing import Any
 import pydicom
 import pytest
 
-from daemon import pdata_fast_path
-from daemon.listener import start_listener
-from daemon.pdata_fast_path import FastPDataDUL, middle_dataset_fragments
-from daemon.receive_file import ReceiveFile
-from daemon.spool import Spool
+from daemon.receive.pynetdicom_patches import pdata_fast_path
+from daemon.receive.listener import start_listener
+from daemon.receive.pynetdicom_patches.pdata_fast_path import FastPDataDUL, middle_dataset_fragments
+from daemon.receive.pynetdicom_patches.receive_file import ReceiveFile
+from daemon.receive.spool import Spool
 from tests.test_spool import make_dx
 
 
@@ -132,7 +132,7 @@ def _p_data_pdu(data: bytes, control: int) -> bytes:
 
 def _socket_dul(tmp_path: Path) -> tuple[Any, socket.socket, ReceiveFile]:
     """A FastPDataDUL on one end of a real socket pair, streaming into a real ReceiveFile (no association)."""
-    from daemon.receive_file import ReceiveTarget
+    from daemon.receive.pynetdicom_patches.receive_file import ReceiveTarget
 
     ours, theirs = socket.socketpair()
     target = ReceiveFile(ReceiveTarget(tmp_path))

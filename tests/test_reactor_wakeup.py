@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from daemon import reactor_wakeup
-from daemon.reactor_wakeup import SendWakeup, _ReactorClock, wake_association, wake_dul_on_send
-from daemon.socket_recv import WakeOnDataSocket, release_send_wakeup
+from daemon.receive.pynetdicom_patches import reactor_wakeup
+from daemon.receive.pynetdicom_patches.reactor_wakeup import SendWakeup, _ReactorClock, wake_association, wake_dul_on_send
+from daemon.receive.pynetdicom_patches.socket_recv import WakeOnDataSocket, release_send_wakeup
 
 pytestmark = pytest.mark.skipif(not hasattr(__import__("os"), "eventfd"), reason="needs os.eventfd (Linux)")
 
@@ -89,7 +89,7 @@ def _dul_with_socket() -> tuple[SimpleNamespace, socket.socket, WakeOnDataSocket
 
 def test_the_dul_stops_waiting_for_data_when_it_has_something_to_send(monkeypatch: pytest.MonkeyPatch) -> None:
     """With a long wait for data, a queued primitive ends it at once; the answer is still "no data"."""
-    monkeypatch.setattr("daemon.socket_recv.WAIT_FOR_DATA_S", 5.0)
+    monkeypatch.setattr("daemon.receive.pynetdicom_patches.socket_recv.WAIT_FOR_DATA_S", 5.0)
     dul, peer, wrapped = _dul_with_socket()
     try:
         threading.Timer(0.05, dul.to_provider_queue.put, args=("C-STORE-RSP",)).start()

@@ -17,9 +17,9 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
-from daemon.listener import start_listener
-from daemon.receive_file import ReceiveFile, ReceiveTarget, free_bytes
-from daemon.spool import CALLING_AE_XATTR, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Spool, describe_spooled
+from daemon.receive.listener import start_listener
+from daemon.receive.pynetdicom_patches.receive_file import ReceiveFile, ReceiveTarget, free_bytes
+from daemon.receive.spool import CALLING_AE_XATTR, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Spool, describe_spooled
 from tests.dicom_factory import make_dx
 from tests.small_filesystem import fill, small_filesystem
 

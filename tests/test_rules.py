@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 
-from daemon.config import Config, load_config
-from daemon.explain import explain_files_text
-from daemon.rules import (
+from daemon.config.schema import Config, load_config
+from daemon.analyse.explain import explain_files_text
+from daemon.analyse.rules import (
     StudyFacts,
     age_from_dates,
     decide_route,
@@ -252,7 +252,7 @@ def test_explain_uses_given_anatomy_function(tmp_path: Path) -> None:
 def test_explain_with_shipped_config_on_chest(tmp_path: Path) -> None:
     import data_store
 
-    from daemon.config import default_config_path
+    from daemon.config.schema import default_config_path
 
     config = load_config(default_config_path())
     path = Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm"

@@ -67,7 +67,7 @@ def test_shipped_fracture_model_gives_its_map_on_a_real_cr() -> None:
     import data_store
     import pydicom
 
-    from daemon.decode import read_display_image
+    from daemon.dicom.decode import read_display_image
     from models.inference import load_predictor
 
     image = read_display_image(pydicom.dcmread(Path(data_store.__file__).parent / "data" / "RG3_UNCR.dcm"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from daemon.socket_recv import read_exactly
+from daemon.receive.pynetdicom_patches.socket_recv import read_exactly
 
 
 def test_reads_exactly_what_was_asked_across_many_small_sends() -> None:

@@ -10,7 +10,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from daemon.spool import (
+from daemon.receive.spool import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_MISMATCH,
     STATUS_OUT_OF_RESOURCES,
@@ -95,7 +95,7 @@ def test_resend_with_other_content_keeps_both_files(tmp_path: Path) -> None:
     """Issue 28, case 3, at the spool: the same SOP Instance UID with other bytes never overwrites the stored file
     (a report may have been made from it); the earlier file stays under ``superseded/`` and the event says where.
     An identical re-send (the File Meta may differ: it records the sender) leaves the stored file alone."""
-    from daemon.revisions import revision_of
+    from daemon.store.revisions import revision_of
 
     src = tmp_path / "src.dcm"
     original = make_dx(src, seed=1)

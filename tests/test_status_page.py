@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon.assembler import InstanceRecord, StudyState
-from daemon.config import load_config
-from daemon.status_page import start_status_page
+from daemon.assemble.assembler import InstanceRecord, StudyState
+from daemon.config.schema import load_config
+from daemon.ops.status_page import start_status_page
 from tests.bonebridge_process import BoneBridgeProcess, write_config
 from tests.dicom_factory import make_dx
 from tests.orthanc_fixture import free_port, storescu, wait_for
@@ -141,8 +141,8 @@ def test_real_serve_shows_a_dead_lettered_study_and_its_reason(tmp_path: Path) -
 def test_dispatch_queue_per_destination_on_the_page_and_in_the_metrics(tmp_path: Path) -> None:
     """Issue 27: per destination, what waits for its first try, what is retrying and when it tries next, what was
     delivered in the last hour, what is dead-lettered, and the oldest undelivered result's age (the alert)."""
-    from daemon.dispatch_queue import DispatchQueue
-    from daemon.metrics import dispatch_gauges
+    from daemon.dispatch.dispatch_queue import DispatchQueue
+    from daemon.ops.metrics import dispatch_gauges
 
     config = load_config(write_config(tmp_path, pacs_port=free_port()))
     data = Path(config.storage.data_dir)

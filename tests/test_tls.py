@@ -18,10 +18,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from daemon.config import ConfigError, DestinationTls, ListenerTls, load_config
-from daemon.dispatch import send_datasets
-from daemon.listener import start_listener
-from daemon.spool import Spool
+from daemon.config.schema import ConfigError, DestinationTls, ListenerTls, load_config
+from daemon.dispatch.dispatcher import send_datasets
+from daemon.receive.listener import start_listener
+from daemon.receive.spool import Spool
 from tests.bonebridge_process import write_config
 from tests.orthanc_fixture import free_port, wait_for
 from tests.test_listener import Recorder

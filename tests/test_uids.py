@@ -1,4 +1,4 @@
-"""daemon.uids: derived UIDs are stable, distinct and valid DICOM UIDs."""
+"""daemon.dicom.uids: derived UIDs are stable, distinct and valid DICOM UIDs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import pytest
 from pydicom.uid import UID
 
-from daemon.uids import UID_ROOT, derive_uid
+from daemon.dicom.uids import UID_ROOT, derive_uid
 
 # PS3.5 9.1: components of digits, no leading zero unless the component is "0", at most 64 chars.
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")

@@ -1,0 +1,5 @@
+"""DICOM reading shared by the stages: pixel data to a display image, header values, derived UIDs, DICOM TLS.
+
+Used by analyse (decode, header values), output (the SC's picture, copied header values, result UIDs), receive and
+dispatch (TLS contexts). Nothing here knows about studies, routes or the data directory.
+"""
