@@ -78,7 +78,8 @@ def main() -> int:
     from daemon.dicom.decode import read_display_image
     from daemon.output.heatmap_render import blend_above_floor, picture_shape
     from daemon.analyse.pipeline import Analyser
-    from daemon.output.results import build_heatmap_sc, build_sr
+    from daemon.output.sc import build_heatmap_sc
+    from daemon.output.sr import build_sr
 
     analyser = Analyser(load_config(REPO / "config" / "bonebridge.yaml"))
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from daemon.output.results import ImageProbability, MapPeak, StudyResult, build_heatmap_sc, build_sr
+from daemon.output.sc import build_heatmap_sc
+from daemon.output.sr import build_sr
+from daemon.output.study_result import ImageProbability, MapPeak, StudyResult
 from tests.dicom_factory import make_study
 from tests.test_results import MODELS
 

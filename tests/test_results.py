@@ -1,4 +1,4 @@
-"""daemon.output.results: the TID 1500 SR and heatmap Secondary Captures survive a write/read round trip.
+"""daemon.output.sr and daemon.output.sc: the TID 1500 SR and heatmap Secondary Captures survive a write/read round trip.
 
 Sources are small synthetic DX instances from ``tests.dicom_factory``; every object is written to
 bytes and read back (SRs with ``highdicom.sr.srread``) before anything is asserted, so the tests see
@@ -27,19 +27,17 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from daemon.output.results import (
+from daemon.output.own_output import (
     MANUFACTURER,
     SC_SERIES_DESCRIPTION,
     SC_SERIES_NUMBER,
     SR_SERIES_DESCRIPTION,
     SR_SERIES_NUMBER,
-    ModelProvenance,
-    StudyResult,
-    build_heatmap_sc,
-    build_sr,
     is_own_output,
-    referenced_instances,
 )
+from daemon.output.sc import build_heatmap_sc
+from daemon.output.sr import build_sr, referenced_instances
+from daemon.output.study_result import ModelProvenance, StudyResult
 from daemon.dicom.header_values import value_problem
 from daemon.output.heatmap_render import RESEARCH_NOTICE, picture_shape
 from tests.bad_headers import BAD_VALUES, BadValue, write_with_bad_value
@@ -439,7 +437,7 @@ def test_fracture_sr_codes_the_finding_and_each_image(tmp_path: Path, sources: l
     that references its image; dcmtk renders the tree without a warning."""
     from dataclasses import replace
 
-    from daemon.output.results import ImageProbability
+    from daemon.output.study_result import ImageProbability
 
     per_image = [ImageProbability(str(ds.SOPClassUID), str(ds.SOPInstanceUID), p) for ds, p in zip(sources, (0.9, 0.72))]
     fracture = replace(findings, findings={**findings.findings, "fracture": "present"}, image_probabilities=per_image)
@@ -472,7 +470,7 @@ def test_fracture_sr_names_the_map_peak_of_each_positive_image(tmp_path: Path, s
     finding type "Fracture of bone", the map's probability there; an image below the threshold gets none."""
     from dataclasses import replace
 
-    from daemon.output.results import ImageProbability, MapPeak
+    from daemon.output.study_result import ImageProbability, MapPeak
 
     peaks = [MapPeak(column=12.5, row=30.5, probability=0.81), MapPeak(column=3.5, row=4.5, probability=0.2)]
     per_image = [ImageProbability(str(ds.SOPClassUID), str(ds.SOPInstanceUID), p, map_peak=peak)
@@ -505,7 +503,8 @@ def test_fracture_sr_names_the_map_peak_of_each_positive_image(tmp_path: Path, s
 def test_heatmap_caption_says_the_finding_in_words(sources: list[Dataset], findings: StudyResult) -> None:
     from dataclasses import replace
 
-    from daemon.output.results import ImageProbability, heatmap_caption
+    from daemon.output.sc import heatmap_caption
+    from daemon.output.study_result import ImageProbability
 
     assert heatmap_caption(findings, sources[0])[0] == (
         "Bone age 10 y 3 mo (123 months); sex F (predicted by the model); read as a right hand, mirrored to the "
@@ -567,7 +566,8 @@ def test_sr_names_no_unreadable_attribute_for_a_clean_header(sources: list[Datas
 def test_a_replaced_source_gives_new_result_uids(tmp_path: Path, findings: StudyResult) -> None:
     """A source whose content the spool replaced (an earlier file under ``superseded/``) is another revision: the
     report and heatmap made from it get new UIDs, so the PACS keeps both reports; unreplaced sources keep theirs."""
-    from daemon.output.results import sc_uids, sr_uids
+    from daemon.output.sc import sc_uids
+    from daemon.output.sr import sr_uids
 
     folder = tmp_path / "incoming" / findings.study_uid
     sources = [pydicom.dcmread(ds.filename) for ds in make_study(folder, count=2, size=32,

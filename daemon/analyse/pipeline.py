@@ -24,9 +24,10 @@ from daemon.config.cards import model_task
 from daemon.config.schema import Config, Route
 from daemon.dicom.decode import DecodeError, read_display_image
 from daemon.dicom.header_values import as_int
-from daemon.output.results import (
-    ImageProbability, MapPeak, ModelProvenance, StudyResult, build_heatmap_sc, build_sr, is_own_output,
-)
+from daemon.output.own_output import is_own_output
+from daemon.output.sc import build_heatmap_sc
+from daemon.output.sr import build_sr
+from daemon.output.study_result import ImageProbability, MapPeak, ModelProvenance, StudyResult
 from daemon.analyse.rules import RouteDecision, StudyFacts, decide_route, facts_from_dataset
 
 LOGGER = logging.getLogger(__name__)

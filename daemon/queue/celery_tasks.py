@@ -172,7 +172,8 @@ class WorkerRuntime:
         alert watches) and says where the report went.
         """
         from daemon.analyse.anatomy_tags import anatomy_from_tags
-        from daemon.output.results import StudyResult, build_sr
+        from daemon.output.sr import build_sr
+        from daemon.output.study_result import StudyResult
         from daemon.analyse.rules import decide_route, facts_from_dataset
 
         record: dict = {"study_uid": study_uid, "generation": generation, "status": "failed",

@@ -48,6 +48,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom.dsutils import split_dataset
 
+from daemon.output.own_output import is_own_output as recognise_own_output
 from daemon.receive.pynetdicom_patches.receive_file import ReceiveFile, ReceiveTarget, under_floor
 from daemon.store.revisions import same_data_set, superseded_copy_path
 
@@ -151,21 +152,11 @@ def _mkdir_durable(path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def _default_own_output() -> Callable[[Dataset], bool] | None:
-    """Find ``daemon.output.results.is_own_output`` if that module is importable (it is optional here)."""
-    try:
-        from daemon.output.results import is_own_output
-    except Exception:  # noqa: BLE001 - results pulls in highdicom; absence must not stop receiving
-        LOGGER.warning("daemon.output.results.is_own_output unavailable: returned outputs are not recognised")
-        return None
-    return is_own_output
-
-
 class Spool:
     """The on-disk spool under ``data_dir`` (see the module docstring for the layout).
 
     *is_own_output* decides whether a received SR / Secondary Capture is one of ours; by default
-    ``daemon.output.results.is_own_output`` is used when that module can be imported.
+    :func:`daemon.output.own_output.is_own_output` (pydicom only, no highdicom).
     """
 
     def __init__(
@@ -182,7 +173,7 @@ class Spool:
         for d in (self.data_dir, self.incoming_dir, self.returned_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
         if is_own_output is True:
-            self._is_own_output = _default_own_output()
+            self._is_own_output = recognise_own_output
         elif is_own_output is False:
             self._is_own_output = None
         else:
