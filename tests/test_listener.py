@@ -319,3 +319,35 @@ def test_refused_contexts_make_one_line_per_association(listener, caplog: pytest
             assoc.release()
         lines = [r for r in caplog.records if "presentation context(s) refused" in r.getMessage()]
         assert len(lines) == 1 and lines[0].levelno == logging.WARNING and "CT Image Storage" in lines[0].getMessage()
+
+
+def test_unknown_pynetdicom_version_is_refused_with_one_line_and_the_stock_path_still_receives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 26: the pynetdicom patches are behind one install() that knows which versions they were written for."""
+    from daemon.receive import pynetdicom_patches
+
+    monkeypatch.setattr(pynetdicom_patches, "_INSTALLED", None)
+    monkeypatch.setattr("pynetdicom.__version__", "9.9.9")
+    cfg = SimpleNamespace(ae_title="BONEBRIDGE", host="127.0.0.1", port=0,
+                          allowed_callers=[SimpleNamespace(ae_title="STORESCU", host="127.0.0.1")],
+                          max_pdu=16384, network_timeout_s=10)
+    spool = Spool(tmp_path / "var", is_own_output=False)
+    rec = Recorder()
+    with caplog.at_level(logging.WARNING, logger="daemon.receive.pynetdicom_patches"):
+        server = start_listener(cfg, spool, rec.on_instance, rec.on_closed)
+    try:
+        refusals = [r.getMessage() for r in caplog.records if r.name == "daemon.receive.pynetdicom_patches"]
+        assert len(refusals) == 1 and "pynetdicom 9.9.9" in refusals[0] and "stock code path" in refusals[0]
+        assert not pynetdicom_patches.installed()
+        fake = SimpleNamespace(dul=SimpleNamespace())
+        pynetdicom_patches.on_connection_open(fake, spool.receive_target)
+        assert fake.dul.__class__ is SimpleNamespace and vars(fake.dul) == {}
+        a = tmp_path / "a.dcm"
+        original = make_dx(a, seed=3)
+        result = storescu(server.server_address[1], a)
+        assert result.returncode == 0, result.stderr
+        assert rec.wait_closed(1)
+        stored = pydicom.dcmread(spool.instance_path(original.StudyInstanceUID, original.SOPInstanceUID))
+        assert stored.PixelData == original.PixelData
+    finally:
+        server.shutdown()

@@ -50,9 +50,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from daemon.receive.pynetdicom_patches import pdata_fast_path, receive_file
-from daemon.receive.pynetdicom_patches.reactor_wakeup import wake_association
-from daemon.receive.pynetdicom_patches.socket_recv import release_send_wakeup, wake_on_data
+from daemon.receive import pynetdicom_patches
 from daemon.receive.spool import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, InstanceEvent, Spool, SpoolError
 
 LOGGER = logging.getLogger(__name__)
@@ -227,10 +225,7 @@ class _Handlers:
         read as a closed connection.
         """
         event.assoc._bonebridge = _AssocState(uuid.uuid4().hex)
-        receive_file.receive_into(event.assoc.dul, self.spool.receive_target)
-        wake_on_data(event.assoc.dul)
-        wake_association(event.assoc)
-        pdata_fast_path.install(event.assoc.dul)
+        pynetdicom_patches.on_connection_open(event.assoc, self.spool.receive_target)
         try:
             sock = event.assoc.dul.socket.socket
             if sock is not None:
@@ -315,9 +310,9 @@ class _Handlers:
         of bare connections cannot hold every association slot.
         """
         st = self.state(event.assoc)
-        if event.event == evt.EVT_CONN_CLOSE:  # the DUL's thread, done with the socket and its wakeup
-            release_send_wakeup(event.assoc.dul)
-        discarded = receive_file.discard_unclaimed(event.assoc.dul)
+        # EVT_CONN_CLOSE: the DUL's thread, done with the socket and its wakeup
+        discarded = pynetdicom_patches.on_connection_closed(event.assoc,
+                                                            connection_closed=event.event == evt.EVT_CONN_CLOSE)
         if discarded:
             LOGGER.warning("association %s ended inside a data set: %d partial file(s) removed, nothing acknowledged",
                            st.assoc_id, discarded)
@@ -358,7 +353,8 @@ def build_ae(
     """Build the listener AE; ``ae.evt_handlers`` are the handlers to start its server with.
 
     Side effects, process-wide: sets pynetdicom's ``STORE_RECV_CHUNKED_DATASET`` so that received data sets
-    stream to a file instead of memory, and installs :mod:`daemon.receive.pynetdicom_patches.receive_file` so that file is the spool's own.
+    stream to a file instead of memory, and installs :mod:`daemon.receive.pynetdicom_patches` (version-checked) so
+    that file is the spool's own.
     Unless pynetdicom's own logger would print INFO lines, its standard logging handlers are not bound: they
     only log at INFO and DEBUG, yet built an event object for every PDU received and sent (a 2 MB instance is
     16 PDUs), about a twentieth of the listener's CPU per instance.
@@ -366,7 +362,7 @@ def build_ae(
     _config.STORE_RECV_CHUNKED_DATASET = True
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
         _config.LOG_HANDLER_LEVEL = "none"
-    receive_file.install()
+    pynetdicom_patches.install()
     ae = ListenerAE(ae_title=listener_config.ae_title)
     ae.maximum_pdu_size = int(listener_config.max_pdu)
     ae.network_timeout = float(listener_config.network_timeout_s)
