@@ -28,7 +28,6 @@ from pathlib import Path
 import pydicom
 from celery.signals import worker_ready, worker_shutdown
 
-from daemon.analyse.anatomy_tags import anatomy_from_tags
 from daemon.assemble.assembler import StudyAssembler, StudyState
 from daemon.queue.broker import EmbeddedRedis
 from daemon.ops.children import WORKER_PARENT_DEATH_SIGNAL, die_with_parent, stop_orphaned_workers
@@ -37,8 +36,9 @@ from daemon.receive.listener import start_listener
 from daemon.ops.logformat import FloodGuard, SafeFormatter
 from daemon.ops.metrics import INSTANCES_RECEIVED, STUDIES_QUEUED, start_metrics
 from daemon.ops.status_page import start_status_page
-from daemon.analyse.rules import decide_route, facts_from_dataset
+from daemon.analyse.rules import route_by_tags
 from daemon.receive.spool import InstanceEvent, Spool
+from daemon.store.layout import DataDir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -93,9 +93,7 @@ class Listener:
         if key not in self._quiet_periods:
             first = next(iter(study.instances.values()))
             header = pydicom.dcmread(first.path, stop_before_pixels=True)
-            anatomy, evidence = anatomy_from_tags(header)
-            facts = facts_from_dataset(header, study.calling_ae, anatomy, f"DICOM tags ({evidence})")
-            route = decide_route(self.config, facts, self._route_status).route
+            route = route_by_tags(self.config, header, study.calling_ae, self._route_status).decision.route
             self._quiet_periods[key] = route.quiet_period_s if route is not None else None
         return self._quiet_periods[key]
 
@@ -220,7 +218,7 @@ def _start_demo_pacs(config: Config, run_dir: Path):
     from daemon.ops.demo_pacs import DemoPacs, demo_destination
 
     name, dest = demo_destination(config)
-    pacs = DemoPacs(Path(config.storage.data_dir) / "demo-pacs", dest.ae_title, int(dest.port)).start()
+    pacs = DemoPacs(DataDir(config.storage.data_dir).demo_pacs, dest.ae_title, int(dest.port)).start()
     (run_dir / "demo-pacs.url").write_text(pacs.url + "\n")
     LOGGER.info("demo mode: destination %r is a private Orthanc; open %s to see the studies and their results",
                 name, pacs.url)
@@ -232,7 +230,7 @@ def serve(config_path: Path, workers: int = 1, demo: bool = False) -> int:
     config = load_config(config_path)
     log_route_status(config)
     data_dir = Path(config.storage.data_dir)
-    run_dir = data_dir / "run"
+    run_dir = DataDir(data_dir).run
     run_dir.mkdir(parents=True, exist_ok=True)
     stop = _Stop()
     demo_pacs = None
@@ -317,7 +315,7 @@ def worker(config_path: Path, broker_url: str | None = None, concurrency: int | 
         LOGGER.info("models loaded: %s", ", ".join(runtime.analyser.warm_up()) or "none")
     else:
         LOGGER.info("dispatch worker: delivers results to %s", ", ".join(runtime.config.destinations) or "nowhere")
-    ready_file = Path(config.storage.data_dir) / "run" / f"worker-{os.getpid()}.ready"
+    ready_file = DataDir(config.storage.data_dir).run / f"worker-{os.getpid()}.ready"
 
     @worker_ready.connect(weak=False)
     def _announce_ready(**_: object) -> None:

@@ -9,7 +9,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
-from daemon.analyse.anatomy_tags import ANATOMY_CLASSES, TAG_SOURCES, anatomy_from_tags, anatomy_from_text
+from daemon.dicom.anatomy_tags import ANATOMY_CLASSES, TAG_SOURCES, anatomy_from_tags, anatomy_from_text
 
 NO_ANATOMY = "no anatomy in BodyPartExamined, StudyDescription, SeriesDescription, ProtocolName"
 

@@ -399,11 +399,11 @@ def test_a_slow_state_write_does_not_hold_up_the_listener(env, monkeypatch) -> N
     The disk is made slow (its directory flush waits on an event): while the poller is stuck in it, another
     study's instance must still be recorded, which it could not be if the write held the assembler's lock.
     """
-    import daemon.assemble.assembler as assembler_module
+    import daemon.store.atomic as writer_module  # the assembler's state writes go through it
 
     asm, _, _ = env
     entered, release = threading.Event(), threading.Event()
-    real_fsync_dir = assembler_module.fsync_dir
+    real_fsync_dir = writer_module.fsync_dir
 
     def slow_fsync_dir(path: Path) -> None:
         entered.set()
@@ -412,7 +412,7 @@ def test_a_slow_state_write_does_not_hold_up_the_listener(env, monkeypatch) -> N
 
     first, second = generate_uid(), generate_uid()
     asm.instance_received(event(first))
-    monkeypatch.setattr(assembler_module, "fsync_dir", slow_fsync_dir)
+    monkeypatch.setattr(writer_module, "fsync_dir", slow_fsync_dir)
     poller = threading.Thread(target=asm.save_pending)
     poller.start()
     try:
@@ -425,7 +425,7 @@ def test_a_slow_state_write_does_not_hold_up_the_listener(env, monkeypatch) -> N
     finally:
         release.set()
         poller.join(10)
-    monkeypatch.setattr(assembler_module, "fsync_dir", real_fsync_dir)
+    monkeypatch.setattr(writer_module, "fsync_dir", real_fsync_dir)
     assert json.loads((asm.studies_dir / f"{first}.json").read_text())["study_uid"] == first
     assert asm.save_pending() == 1  # the second study, recorded while the first was being written
     assert (asm.studies_dir / f"{second}.json").exists()

@@ -82,3 +82,45 @@ def test_the_graph_reader_finds_a_circle() -> None:
 def test_no_import_circle(packages: tuple[str, ...]) -> None:
     found = circles(import_graph(packages))
     assert not found, f"import circles in {'/, '.join(packages)}/: {found}"
+
+
+#: daemon/'s sub-packages, one per stage in the order data flows, then what they share (issue 26).
+DAEMON_PACKAGES = ("receive", "assemble", "queue", "analyse", "output", "dispatch", "store", "config", "dicom", "ops")
+
+
+def stage_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The module graph read one level up: ``daemon.<sub-package>`` (or a top module such as ``daemon.cli``)."""
+    def stage(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    stages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        stages.setdefault(stage(module), set()).update(stage(t) for t in targets if stage(t) != stage(module))
+    return stages
+
+
+def test_daemon_is_one_sub_package_per_stage() -> None:
+    top = sorted(p.name for p in (REPO / "daemon").iterdir() if p.is_dir() and (p / "__init__.py").is_file())
+    assert top == sorted(DAEMON_PACKAGES)
+    modules = sorted(p.stem for p in (REPO / "daemon").glob("*.py") if p.stem != "__init__")
+    assert modules == ["cli", "serve"], "a module at daemon/'s top: give it the stage it belongs to"
+    for name in DAEMON_PACKAGES:
+        doc = ast.get_docstring(ast.parse((REPO / "daemon" / name / "__init__.py").read_text()))
+        assert doc, f"daemon/{name}/__init__.py says what enters and what leaves"
+
+
+def test_no_import_circle_between_daemon_stages() -> None:
+    found = circles(stage_graph(import_graph(("daemon",))))
+    assert not found, f"import circles between daemon's sub-packages: {found}"
+
+
+def test_the_listener_process_loads_neither_torch_nor_models() -> None:
+    """serve's listener process (receive, assemble, status page, metrics) imports no torch and no model code."""
+    import subprocess
+    import sys
+
+    code = ("import sys, daemon.serve, daemon.receive.listener, daemon.ops.status_page, daemon.ops.metrics; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'models.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "['models.anatomy_vocabulary']"

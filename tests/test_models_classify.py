@@ -219,7 +219,7 @@ def test_anatomy_folder_names_must_be_classes(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- helpers
 def test_anatomy_classes_match_the_daemon() -> None:
-    from daemon.analyse.anatomy_tags import ANATOMY_CLASSES as DAEMON_CLASSES
+    from daemon.dicom.anatomy_tags import ANATOMY_CLASSES as DAEMON_CLASSES
 
     assert tuple(DAEMON_CLASSES) == ANATOMY_CLASSES
     assert anatomy_class_index("XR_WRIST") == ANATOMY_CLASSES.index("wrist") == anatomy_class_index(" Wrist ")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from daemon.analyse.anatomy_tags import anatomy_from_tags
+from daemon.dicom.anatomy_tags import anatomy_from_tags
 from daemon.config.schema import Config, ConfigError, load_config
 from daemon.analyse.rules import StudyFacts, decide_route, facts_from_dataset
 

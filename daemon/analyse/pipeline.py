@@ -19,7 +19,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from daemon.analyse.anatomy_decision import Decision, ModelWitness, boneage_block, decide_anatomy
-from daemon.analyse.anatomy_tags import anatomy_from_tags
+from daemon.dicom.anatomy_tags import anatomy_from_tags
 from daemon.config.cards import model_task
 from daemon.config.schema import Config, Route
 from daemon.dicom.decode import DecodeError, read_display_image

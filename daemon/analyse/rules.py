@@ -25,8 +25,10 @@ __all__ = [
     "RouteDecision",
     "RuleVerdict",
     "StudyFacts",
+    "TagRouting",
     "decide_route",
     "evaluate_route",
+    "route_by_tags",
     "facts_from_dataset",
     "parse_age_string",
     "age_from_dates",
@@ -222,3 +224,24 @@ def decide_route(
             status = route_status if route_status is not None else config.route_status()
             return RouteDecision(route=route, disabled_reason=status.get(route.name), verdicts=verdicts)
     return RouteDecision(route=None, disabled_reason=None, verdicts=verdicts)
+
+
+@dataclass(frozen=True)
+class TagRouting:
+    """A route decided on the DICOM tags alone (no model): what the tags say the anatomy is, and the decision."""
+
+    anatomy: str | None
+    anatomy_source: str  # "DICOM tags (<evidence>)"
+    decision: RouteDecision
+
+
+def route_by_tags(config: Config, header: Any, calling_ae: str | None,
+                  route_status: Mapping[str, str | None] | None = None) -> TagRouting:
+    """Route a study on its first header's tags alone, where no model may run: the listener choosing a route's
+    quiet period before analysis, and a worker reporting a study whose analysis failed for good."""
+    from daemon.dicom.anatomy_tags import anatomy_from_tags
+
+    anatomy, evidence = anatomy_from_tags(header)
+    source = f"DICOM tags ({evidence})"
+    return TagRouting(anatomy, source, decide_route(config, facts_from_dataset(header, calling_ae, anatomy, source),
+                                                    route_status))

@@ -37,13 +37,14 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from daemon.receive.spool import InstanceEvent, SpoolError, describe_spooled, fsync_dir, is_valid_uid
+from daemon.receive.spool import InstanceEvent, SpoolError, describe_spooled, is_valid_uid
+from daemon.store.atomic import write_text_atomic
+from daemon.store.layout import DataDir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -130,8 +131,8 @@ class StudyAssembler:
         quiet_period_for: Callable[[StudyState], float | None] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
-        self.studies_dir = self.data_dir / "studies"
-        self.incoming_dir = self.data_dir / "incoming"
+        self.studies_dir = DataDir(self.data_dir).studies
+        self.incoming_dir = DataDir(self.data_dir).incoming
         self.studies_dir.mkdir(parents=True, exist_ok=True)
         self.quiet_period_s = float(quiet_period_s)
         self._enqueue = enqueue
@@ -428,7 +429,7 @@ class StudyAssembler:
             queued = [(uid, st.generation) for uid, st in self._studies.items() if st.state == "queued"]
         changed = 0
         for study_uid, generation in queued:
-            path = self.data_dir / "results" / study_uid / f"{generation}.json"
+            path = DataDir(self.data_dir).results / study_uid / f"{generation}.json"
             if not path.exists():
                 continue
             try:
@@ -481,13 +482,7 @@ class StudyAssembler:
             if self._written.get(snapshot.study_uid, 0) >= snapshot.version:
                 return  # a later snapshot of this study is already on disk
             path = self._state_path(snapshot.study_uid)
-            tmp = self.studies_dir / f".{snapshot.study_uid}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(snapshot.text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_dir(self.studies_dir)
+            write_text_atomic(path, snapshot.text)
             self._written[snapshot.study_uid] = snapshot.version
 
     def _load(self) -> None:

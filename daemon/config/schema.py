@@ -38,7 +38,7 @@ from pydantic import (
     model_validator,
 )
 
-from daemon.analyse.anatomy_tags import ANATOMY_CLASSES
+from daemon.dicom.anatomy_tags import ANATOMY_CLASSES
 from daemon.config.cards import anatomy_model_classes, model_unavailable
 
 __all__ = [

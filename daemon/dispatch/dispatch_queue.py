@@ -30,7 +30,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon.receive.spool import fsync_dir, write_json_atomic
+from daemon.store.atomic import fsync_dir, write_json_atomic
+from daemon.store.layout import DataDir
 
 #: Delivered markers older than this are pruned (the page and metrics look back one hour).
 KEEP_DELIVERED_S = 24 * 3600
@@ -56,7 +57,7 @@ class DispatchQueue:
 
     def __init__(self, data_dir: str | Path) -> None:
         self.data_dir = Path(data_dir)
-        self.root = self.data_dir / "dispatch"
+        self.root = DataDir(self.data_dir).dispatch
 
     # ------------------------------------------------------------------ paths
     def pending_path(self, destination: str, study_uid: str, generation: int) -> Path:
@@ -187,7 +188,7 @@ class DispatchQueue:
                                 count += 1
                 if count or name in rows:
                     row(name)["delivered_last_hour"] = count
-        dead = self.data_dir / "dead-letter"
+        dead = DataDir(self.data_dir).dead_letter
         if dead.is_dir():
             for entry_dir in dead.iterdir():
                 if not entry_dir.is_dir() or entry_dir.name.startswith("."):

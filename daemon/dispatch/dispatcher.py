@@ -32,7 +32,8 @@ from typing import Any, Protocol
 from daemon.dispatch.destinations import DispatchError, describe
 from daemon.dispatch.destinations import send as send_to_destination
 from daemon.dispatch.destinations.dicom import MAX_CONTEXTS, WARNING_STATUSES, send_datasets  # noqa: F401 - re-exported
-from daemon.receive.spool import fsync_dir, write_json_atomic
+from daemon.store.atomic import fsync_dir, write_json_atomic
+from daemon.store.layout import DataDir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class Dispatcher:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.data_dir = Path(data_dir)
-        self.dead_letter_dir = self.data_dir / "dead-letter"
+        self.dead_letter_dir = DataDir(self.data_dir).dead_letter
         self.dead_letter_dir.mkdir(parents=True, exist_ok=True)
         self.destinations = destinations
         self._sender = sender

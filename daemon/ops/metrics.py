@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from daemon.assemble.assembler import StudyAssembler
+from daemon.store.layout import DataDir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class StateCollector(Collector):
         outcomes = GaugeMetricFamily("bonebridge_results", "Study outcomes recorded by workers, by status",
                                      labels=["status"])
         statuses: Tally[str] = Tally()
-        for record in (self.data_dir / "results").glob("*/*.json"):
+        for record in (DataDir(self.data_dir).results).glob("*/*.json"):
             try:
                 statuses[json.loads(record.read_text()).get("status", "unknown")] += 1
             except (OSError, ValueError):
@@ -52,7 +53,7 @@ class StateCollector(Collector):
         for status, count in statuses.items():
             outcomes.add_metric([status], count)
         yield outcomes
-        dead = self.data_dir / "dead-letter"
+        dead = DataDir(self.data_dir).dead_letter
         entries = sum(1 for p in dead.iterdir() if p.is_dir()) if dead.exists() else 0
         yield GaugeMetricFamily("bonebridge_dead_letter_entries", "Results waiting for `bonebridge retry`",
                                 value=entries)

@@ -35,6 +35,9 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from daemon.config.cards import card_fields
+from daemon.store.layout import DataDir
+
 LOGGER = logging.getLogger(__name__)
 
 WINDOW_S = 24 * 3600
@@ -87,7 +90,7 @@ class StatusData:
         Paths stay strings: building 10,000 ``Path`` objects costs more than the ``stat`` calls.
         """
         now = time.time() if now is None else now
-        folder = self.data_dir / "studies"
+        folder = DataDir(self.data_dir).studies
         found: list[tuple[float, str]] = []
         if not folder.is_dir():
             return found
@@ -108,7 +111,7 @@ class StatusData:
         return found
 
     def latest_record(self, study_uid: str) -> dict[str, Any] | None:
-        folder = self.data_dir / "results" / study_uid
+        folder = DataDir(self.data_dir).results / study_uid
         if not folder.is_dir():
             return None
         records = sorted(folder.glob("*.json"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1)
@@ -138,7 +141,7 @@ class StatusData:
 
     def by_accession(self, accession: str) -> list[tuple[float, str]]:
         """Studies whose accession number is ``accession``: each state file's text is checked before parsing."""
-        folder = self.data_dir / "studies"
+        folder = DataDir(self.data_dir).studies
         needle = json.dumps(accession)
         found: list[tuple[float, str]] = []
         if not folder.is_dir() or not accession:
@@ -165,7 +168,7 @@ class StatusData:
         return rows, len(files)
 
     def study(self, study_uid: str) -> dict[str, Any] | None:
-        state = _read_json(self.data_dir / "studies" / f"{os.path.basename(study_uid)}.json")
+        state = _read_json(DataDir(self.data_dir).studies / f"{os.path.basename(study_uid)}.json")
         if state is None:
             return None
         instances = [{"sop_instance_uid": uid, "series_uid": rec.get("series_uid", ""),
@@ -182,7 +185,7 @@ class StatusData:
         """Names of the heatmap SC files in the outbox of the study's latest generation."""
         if generation is None:
             return []
-        folder = self.data_dir / "outbox" / study_uid / str(generation)
+        folder = DataDir(self.data_dir).outbox_folder(study_uid, generation)
         if not folder.is_dir():
             return []
         import pydicom
@@ -198,7 +201,7 @@ class StatusData:
         return names
 
     def thumbnail(self, study_uid: str, generation: str, name: str) -> bytes | None:
-        path = self.data_dir / "outbox" / os.path.basename(study_uid) / os.path.basename(generation) / os.path.basename(name)
+        path = DataDir(self.data_dir).outbox / os.path.basename(study_uid) / os.path.basename(generation) / os.path.basename(name)
         if not path.is_file():
             return None
         import pydicom
@@ -212,7 +215,7 @@ class StatusData:
 
     # ------------------------------------------------------------------ the rest
     def dead_letters(self) -> list[dict[str, Any]]:
-        folder = self.data_dir / "dead-letter"
+        folder = DataDir(self.data_dir).dead_letter
         entries = []
         if folder.is_dir():
             for entry in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -231,7 +234,7 @@ class StatusData:
         return rows
 
     def workers(self) -> list[dict[str, Any]]:
-        run = self.data_dir / "run"
+        run = DataDir(self.data_dir).run
         out = []
         for ready in sorted(run.glob("worker-*.ready")) if run.is_dir() else []:
             pid = ready.stem.removeprefix("worker-")
@@ -240,25 +243,25 @@ class StatusData:
         return out
 
     def broker(self) -> str:
-        url = (self.data_dir / "run" / "broker.url")
+        url = (DataDir(self.data_dir).run / "broker.url")
         return url.read_text().strip() if url.is_file() else str(self.config.broker)
 
     def models(self) -> list[dict[str, Any]]:
-        from models.checkpoint import CheckpointError, read_card
-
+        """Every configured model with its card, read as plain JSON (:mod:`daemon.config.cards`): the listener's
+        process never imports torch or ``models`` for this page. Why a model cannot run is the config's verdict."""
         status = self.config.model_status()
         out = []
         for name, ref in self.config.models.items():
             item: dict[str, Any] = {"name": name, "weights": str(ref.weights) if ref.weights else "",
                                     "problem": status.get(name)}
-            if ref.weights and Path(ref.weights).is_file():
-                try:
-                    card = read_card(ref.weights)
-                    item.update(card={"task": card.task, "name": card.name, "version": card.version,
-                                      "sha256": card.sha256, "metrics": _headline_metrics(card.metrics),
-                                      "split": card.metrics_split, "data": card.training_data})
-                except CheckpointError as exc:
-                    item["problem"] = str(exc)
+            card = card_fields(ref.weights) if ref.weights and Path(ref.weights).is_file() else {}
+            if card:
+                metrics = card.get("metrics")
+                item.update(card={"task": str(card.get("task", "")), "name": str(card.get("name", "")),
+                                  "version": str(card.get("version", "")), "sha256": str(card.get("sha256", "")),
+                                  "metrics": _headline_metrics(metrics if isinstance(metrics, dict) else {}),
+                                  "split": str(card.get("metrics_split", "")),
+                                  "data": str(card.get("training_data", ""))})
             out.append(item)
         return out
 

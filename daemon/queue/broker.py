@@ -25,6 +25,7 @@ from pathlib import Path
 import redis
 
 from daemon.ops.children import die_with_parent
+from daemon.store.layout import DataDir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class EmbeddedRedis:
     """A supervised ``redis-server`` on a Unix socket under ``data_dir/broker``."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.dir = Path(data_dir) / "broker"
+        self.dir = DataDir(data_dir).broker
         self.socket = self.dir / "redis.sock"
         self.owner_file = self.dir / "owner.json"
         self.process: subprocess.Popen[bytes] | None = None

@@ -32,6 +32,7 @@ from daemon.config.schema import Config, load_config
 from daemon.dispatch.destinations import DispatchError
 from daemon.dispatch.dispatcher import Dispatcher, retry_countdown
 from daemon.dispatch.dispatch_queue import DispatchQueue
+from daemon.store.atomic import fsync_dir
 from daemon.store.outcomes import (
     READY_TO_SEND,
     RETRYING,
@@ -43,6 +44,7 @@ from daemon.store.outcomes import (
     undelivered,
     write_record,
 )
+from daemon.store.layout import DataDir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ class WorkerRuntime:
     def predecessors(self, study_uid: str, generation: int) -> list[tuple[str, str, str, str]]:
         """SRs sent for earlier generations of this study: the new report names them as predecessors."""
         refs = []
-        folder = self.data_dir / "results" / study_uid
+        folder = DataDir(self.data_dir).results / study_uid
         for path in sorted(folder.glob("*.json")) if folder.exists() else []:
             record = json.loads(path.read_text())
             if record["generation"] < generation and record.get("sr"):
@@ -118,7 +120,7 @@ class WorkerRuntime:
         return refs
 
     def calling_ae(self, study_uid: str) -> str | None:
-        state = self.data_dir / "studies" / f"{study_uid}.json"
+        state = DataDir(self.data_dir).study_state(study_uid)
         try:
             return json.loads(state.read_text()).get("calling_ae")
         except (OSError, ValueError):
@@ -134,7 +136,7 @@ class WorkerRuntime:
             self.enqueue_deliveries(record)  # a worker lost between the record and the enqueue
             return record
         began = time.time()
-        files = sorted((self.data_dir / "incoming" / study_uid).glob("*.dcm"))
+        files = sorted((DataDir(self.data_dir).incoming / study_uid).glob("*.dcm"))
         if not files:
             return self.write_record(record_path, {"status": "failed", "reason": "no instances on disk for this study",
                                              "study_uid": study_uid, "generation": generation})
@@ -171,15 +173,14 @@ class WorkerRuntime:
         ``queue.send_failures_to``. The outcome record keeps ``status: failed`` (what the metrics count and an
         alert watches) and says where the report went.
         """
-        from daemon.analyse.anatomy_tags import anatomy_from_tags
+        from daemon.analyse.rules import route_by_tags
         from daemon.output.sr import build_sr
         from daemon.output.study_result import StudyResult
-        from daemon.analyse.rules import decide_route, facts_from_dataset
 
         record: dict = {"study_uid": study_uid, "generation": generation, "status": "failed",
                         "reason": reason, "attempts": attempts, "destinations": {}}
         headers = []
-        for path in sorted((self.data_dir / "incoming" / study_uid).glob("*.dcm")):
+        for path in sorted((DataDir(self.data_dir).incoming / study_uid).glob("*.dcm")):
             try:
                 headers.append(pydicom.dcmread(path, stop_before_pixels=True))
             except Exception as exc:  # a damaged file is the likely cause; report on the others
@@ -188,13 +189,12 @@ class WorkerRuntime:
         if not headers:
             record["reason"] += "; no readable instance left to attach a report to"
             return self.write_record(self.record_path(study_uid, generation), record)
-        anatomy, evidence = anatomy_from_tags(headers[0])
-        decision = decide_route(self.config, facts_from_dataset(headers[0], self.calling_ae(study_uid), anatomy,
-                                                                 f"DICOM tags ({evidence})"))
+        routing = route_by_tags(self.config, headers[0], self.calling_ae(study_uid))
+        decision, anatomy = routing.decision, routing.anatomy
         send_to = list(decision.route.send_to) if decision.route else list(self.config.queue.send_failures_to)
         result = StudyResult(
             study_uid=study_uid, route=decision.route.name if decision.route else "failed", anatomy=anatomy,
-            anatomy_source=f"DICOM tags ({evidence})", anatomy_probability=None,
+            anatomy_source=routing.anatomy_source, anatomy_probability=None,
             not_processed_reason=f"analysis failed after {attempts} attempts: {reason}",
             predecessor_sr=self.predecessors(study_uid, generation),
         )
@@ -228,7 +228,7 @@ class WorkerRuntime:
         with somewhere to send becomes ``ready-to-send`` (a ``failed`` one stays failed) and keeps the status it
         takes once delivered. The caller writes the record, then :meth:`enqueue_deliveries`.
         """
-        outbox = self.data_dir / "outbox" / record["study_uid"] / str(record["generation"])
+        outbox = DataDir(self.data_dir).outbox_folder(record["study_uid"], record["generation"])
         outbox.mkdir(parents=True, exist_ok=True)
         paths = []
         for ds in outputs:
@@ -238,8 +238,6 @@ class WorkerRuntime:
                 os.fsync(handle.fileno())
             paths.append(path)
         if paths:
-            from daemon.receive.spool import fsync_dir
-
             fsync_dir(outbox)
         sr = next((ds for ds in outputs if ds.Modality == "SR"), None)
         if sr is not None:

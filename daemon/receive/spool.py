@@ -50,7 +50,9 @@ from pynetdicom.dsutils import split_dataset
 
 from daemon.output.own_output import is_own_output as recognise_own_output
 from daemon.receive.pynetdicom_patches.receive_file import ReceiveFile, ReceiveTarget, under_floor
+from daemon.store.atomic import fsync_dir
 from daemon.store.revisions import same_data_set, superseded_copy_path
+from daemon.store.layout import DataDir
 
 if TYPE_CHECKING:  # pragma: no cover
     from pynetdicom.events import Event
@@ -117,30 +119,6 @@ def is_valid_uid(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so that entries created or renamed in it are durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write *data* as JSON so a crash leaves the old file or the new one, never half of one: a temporary file in
-    the same folder, fsynced, renamed over *path*, then the folder fsynced so the rename itself is durable."""
-    import json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def _mkdir_durable(path: Path) -> None:
     """Create *path* (one level) if needed and make its directory entry durable."""
     if path.is_dir():
@@ -167,9 +145,9 @@ class Spool:
     ) -> None:
         self.data_dir = Path(data_dir)
         self.min_free_bytes = int(min_free_bytes)
-        self.incoming_dir = self.data_dir / "incoming"
-        self.returned_dir = self.data_dir / "returned"
-        self.tmp_dir = self.data_dir / "tmp"
+        self.incoming_dir = DataDir(self.data_dir).incoming
+        self.returned_dir = DataDir(self.data_dir).returned
+        self.tmp_dir = DataDir(self.data_dir).tmp
         for d in (self.data_dir, self.incoming_dir, self.returned_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
         if is_own_output is True:

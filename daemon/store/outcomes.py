@@ -12,13 +12,14 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from daemon.store.atomic import write_json_atomic
+from daemon.store.layout import DataDir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -79,18 +80,13 @@ def record_dispatch(data_dir: Path, study_uid: str, generation: int, destination
 
 
 def record_path(data_dir: Path, study_uid: str, generation: int) -> Path:
-    return Path(data_dir) / "results" / study_uid / f"{int(generation)}.json"
+    return DataDir(data_dir).outcome_record(study_uid, generation)
 
 
 def write_record(path: Path, record: dict[str, Any]) -> dict[str, Any]:
-    """Write an outcome record atomically (tmp, fsync, rename): other processes read it at any moment."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(record, handle, indent=2, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Write an outcome record atomically (:func:`daemon.store.atomic.write_json_atomic`, the folder fsynced too):
+    other processes read it at any moment."""
+    write_json_atomic(path, record, indent=2, default=str)
     return record
 
 
