@@ -52,7 +52,7 @@ if "--test" not in sys.argv:
     }
     (OUT / "anatomy.card.json").write_text(json.dumps(card, indent=2) + "\n")
 else:
-    from daemon.config import load_config
+    from daemon.config.schema import load_config
     config = load_config(Path("config/bonebridge.yaml"))
     report = {"new": evaluate_heads(arrays, OUT / "anatomy.pt", config), "old": evaluate_heads(arrays, SHIPPED, config)}
     (OUT / "test_report.json").write_text(json.dumps(report, indent=1, default=float))

@@ -15,7 +15,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from daemon.dicom.anatomy_tags import anatomy_from_tags
-from daemon.config.schema import Config, ConfigError, load_config
+from daemon.config.schema import Config
 from daemon.analyse.rules import StudyFacts, decide_route, facts_from_dataset
 
 __all__ = ["explain_files", "explain_files_text"]
