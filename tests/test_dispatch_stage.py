@@ -132,3 +132,43 @@ def test_serve_killed_while_results_wait_to_be_sent_loses_none(tmp_path: Path) -
         assert "re-queued 2 result deliveries waiting on disk" in again.log_tail(400)
     assert [r["destinations"] for r in settled] == [{"pacs": "sent"}] * 2
     assert sorted(counts) == sorted(r["sr"][3] for r in settled) and set(counts.values()) == {1}
+
+
+def test_twenty_studies_analysed_while_the_pacs_is_down_are_each_delivered_once_when_it_is_back(tmp_path: Path) -> None:
+    """The issue's PACS-down test: with the destination stopped, 20 studies are sent; every one is analysed (its
+    outcome record and result files on disk) before the destination comes back, and once it is back every result
+    arrives, each SOP instance exactly once (counted in storescp's own files, one per C-STORE)."""
+    scp = StoreSCP(tmp_path / "pacs", port=free_port(), unique_filenames=True)  # not started: the PACS is down
+    config = _config(tmp_path, scp.port)
+    with BoneBridgeProcess(config) as proc:
+        began = time.monotonic()
+        uids = _send_chests(tmp_path, proc, 20)
+        records = {uid: wait_for(lambda uid=uid: _ready(proc, uid), 300, interval=0.2, what=f"{uid} analysed")
+                   for uid in uids}
+        analysed_in = time.monotonic() - began
+        # Every outcome exists before the PACS returns: analysed, results on disk, waiting to be sent.
+        assert all(r["status"] == "ready-to-send" and r["destinations"]["pacs"] in ("waiting", "retrying")
+                   for r in records.values()), records
+        assert all(proc.results(uid) == [] for uid in uids)  # none delivered: the PACS is still down
+        assert not scp.output_dir.exists()
+        tries = [(_pending(proc, uid) or {}).get("attempts", 0) for uid in uids]
+        print(f"\n20 studies sent and analysed in {analysed_in:.1f} s with the PACS down "
+              f"(failed tries so far: {min(tries)} to {max(tries)} per study)")
+
+        with scp:  # the PACS comes back
+            back = time.monotonic()
+            settled = {uid: wait_for(lambda uid=uid: proc.results(uid), 240, interval=0.3, what=f"{uid} delivered")[0]
+                       for uid in uids}
+            delivered_in = time.monotonic() - back
+            time.sleep(3)  # a second copy of any delivery would land by now
+            counts = _received(scp)
+        print(f"all 20 delivered {delivered_in:.1f} s after the PACS came back")
+    made = {}
+    for record in settled.values():
+        assert record["status"] == "not-processed" or record["status"] == "sent", record
+        assert record["destinations"] == {"pacs": "sent"}, record
+        for name in record["outputs"]:
+            made[str(pydicom.dcmread(proc.data_dir / name, stop_before_pixels=True).SOPInstanceUID)] = 1
+    assert len(made) >= 20 and counts == made, {u: c for u, c in counts.items() if c != 1}  # each exactly once
+    assert not list((proc.data_dir / "dead-letter").glob("*/reason.json"))
+    assert not list((proc.data_dir / "dispatch" / "pending").glob("*/*.json"))
