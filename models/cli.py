@@ -57,6 +57,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="boneage: smooth L1 on standardised months with this beta (0: plain L1)")
     p.add_argument("--augment", choices=["default", "wide"], default="default",
                    help="boneage: augmentation strength (wide: rotation 20, scale 0.8-1.2, shift 10 %%, brightness)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="abnormality on FracAtlas: share of id blocks for validation, taken from train (the test split "
+                        "does not move); 0.2 doubles the validation images that choose the epoch and threshold")
+    p.add_argument("--frozen-blocks", type=int, default=3,
+                   help="abnormality on FracAtlas: backbone blocks kept frozen after the stem (0: fine-tune all)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -91,6 +96,7 @@ def run_train(args: argparse.Namespace) -> int:
         resume=not args.no_resume, progress=not args.no_progress, init_weights=args.init_weights,
         precision=args.precision, ema_decay=args.ema_decay, weight_decay=args.weight_decay,
         site_style_probability=args.site_style_probability, smooth_l1_beta=args.smooth_l1_beta, augment=args.augment,
+        val_fraction=args.val_fraction, frozen_blocks=args.frozen_blocks,
     )
     if args.task == "boneage":
         from models.boneage import train_boneage

@@ -85,15 +85,19 @@ def read_fracatlas(folder: str | Path) -> list[FractureCase]:
     return cases
 
 
-def case_split(case: FractureCase) -> str:
-    """'train', 'val' or 'test': the id block's hash, exactly as the anatomy model splits FracAtlas."""
-    return split_of(split_key(f"fracatlas/images/{case.image_id}"))
+def case_split(case: FractureCase, val_fraction: float = 0.1) -> str:
+    """'train', 'val' or 'test': the id block's hash, exactly as the anatomy model splits FracAtlas.
+
+    ``val_fraction`` above 0.1 moves more id blocks from train into validation (issue 29: 46 fractured validation
+    images cannot tell two runs apart); the test split is the same whatever it is.
+    """
+    return split_of(split_key(f"fracatlas/images/{case.image_id}"), val_fraction=val_fraction)
 
 
-def split_cases(cases: list[FractureCase]) -> dict[str, list[FractureCase]]:
+def split_cases(cases: list[FractureCase], val_fraction: float = 0.1) -> dict[str, list[FractureCase]]:
     splits: dict[str, list[FractureCase]] = {"train": [], "val": [], "test": []}
     for case in cases:
-        splits[case_split(case)].append(case)
+        splits[case_split(case, val_fraction)].append(case)
     return splits
 
 

@@ -229,3 +229,23 @@ def test_a_resumed_fracture_run_reaches_the_weights_of_an_uninterrupted_one(frac
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), (part, key)
     assert json.loads(cut.with_suffix(".card.json").read_text())["training"]["ema_decay"] == 0.9
+
+
+def test_a_larger_validation_share_leaves_the_test_split_alone(fracatlas: Path) -> None:
+    """--val-fraction (issue 29) takes validation blocks from train only: the held-out test split never moves."""
+    cases = read_fracatlas(fracatlas)
+    usual, wider = split_cases(cases), split_cases(cases, val_fraction=0.3)
+    assert [c.image_id for c in wider["test"]] == [c.image_id for c in usual["test"]]
+    assert {c.image_id for c in usual["val"]} <= {c.image_id for c in wider["val"]}
+    assert len(wider["val"]) > len(usual["val"]) and len(wider["train"]) < len(usual["train"])
+
+
+def test_frozen_blocks_zero_trains_the_whole_network() -> None:
+    from models.checkpoint import build_network
+    from models.fracture import fracture_card, freeze_early_layers
+
+    card = fracture_card(Geometry(size=64, aspect="pad"), {"train": [], "val": [], "test": []}, Path("fracatlas"))
+    model = build_network(card, pretrained=False)
+    assert len(freeze_early_layers(model, 0)) == len(list(model.parameters()))
+    model = build_network(card, pretrained=False)
+    assert len(freeze_early_layers(model, 3)) < len(list(model.parameters()))
