@@ -55,10 +55,6 @@ TOKEN = "tok-7QmZp2-good-never-logged"
 WRONG_TOKEN = "tok-9WvKd4-wrong-never-logged"
 
 
-#: requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, where set, replace a session's ``verify`` (its
-#: merge_environment_settings), so on a machine that sets them a destination's ``ca_certificates`` is not used: see
-#: test_ca_certificates_win_over_a_ca_bundle_in_the_environment. Empty values count as unset.
-NO_CA_BUNDLE_VARIABLES = {"REQUESTS_CA_BUNDLE": "", "CURL_CA_BUNDLE": ""}
 
 
 # ------------------------------------------------------------------------------------------------ test CA
@@ -266,7 +262,7 @@ def test_https_with_a_test_ca_delivers_and_without_the_ca_is_refused(tmp_path: P
                 "untrusted": {"type": "dicomweb", "url": url, "auth": basic, "timeout_s": 20,
                               "retries": 0, "backoff_s": 0.5},
             })
-            with BoneBridgeProcess(config, env=NO_CA_BUNDLE_VARIABLES) as proc:
+            with BoneBridgeProcess(config) as proc:
                 study_uid = _send_wrist(tmp_path, proc)
                 [record] = wait_for(lambda: proc.results(study_uid), 240, interval=0.2,
                                     what=f"the study delivered or dead-lettered\n{proc.log_tail()}")
@@ -326,10 +322,6 @@ def test_bearer_token_delivers_and_a_wrong_one_is_dead_lettered_with_the_status_
     assert not _files_holding(proc.data_dir, [TOKEN, WRONG_TOKEN])
 
 
-@pytest.mark.xfail(strict=True, reason="daemon/dispatch/destinations/dicomweb.py _session: requests' "
-                   "merge_environment_settings lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace session.verify, so "
-                   "ca_certificates is ignored where the environment names a CA bundle (Debian images, CI, "
-                   "corporate proxies): the certificate check fails though the config names the right CA")
 def test_ca_certificates_win_over_a_ca_bundle_in_the_environment(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     orthanc = OrthancServer(tmp_path / "orthanc", dicomweb=True).start()

@@ -62,14 +62,31 @@ def _session(dest: Any):
         def __repr__(self) -> str:  # nothing that prints the session prints the token
             return "BearerAuth(***)"
 
-    session = requests.Session()
+    ca_certificates = getattr(dest, "ca_certificates", None)
+
+    class DestinationSession(requests.Session):
+        """A session whose ``ca_certificates`` win over ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE``.
+
+        requests merges the environment into every request and, where one of those variables is set (Debian images,
+        CI runners, corporate proxies), it replaces ``session.verify``: the configured CA would be silently ignored
+        and the certificate check fail. Proxy settings from the environment are kept (``trust_env = False`` would
+        drop them too).
+        """
+
+        def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[override]
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            if ca_certificates is not None:
+                settings["verify"] = str(ca_certificates)
+            return settings
+
+    session = DestinationSession()
     auth = getattr(dest, "auth", None)
     if auth is not None and auth.basic is not None:
         session.auth = HTTPBasicAuth(auth.basic.user, _secret(auth.basic.password_file, "password"))
     elif auth is not None and auth.bearer_token_file is not None:
         session.auth = BearerAuth(_secret(auth.bearer_token_file, "bearer token"))
-    if getattr(dest, "ca_certificates", None) is not None:
-        session.verify = str(dest.ca_certificates)
+    if ca_certificates is not None:
+        session.verify = str(ca_certificates)
     return session
 
 
