@@ -4,13 +4,17 @@ One-image studies are sent with dcmtk's ``storescu`` to ``bonebridge serve`` (sh
 shipped routes and models) whose destination is a real Orthanc. For each study the script takes the moment
 ``storescu`` returned (its last C-STORE response, plus the association release) and polls Orthanc until the
 study's SR is there. The stages come from what serve writes anyway: the study's state file (``last_instance_at``,
-``queued_at``) and the outcome record's ``timing`` (``started_at``, ``analysed_at``, ``finished_at``):
+``queued_at``) and the outcome record's ``timing`` (``started_at``, ``analysed_at``, ``finished_at``,
+``dispatched_at``):
 
 - quiet: last instance to queued (the configured quiet period plus the poller's tick);
 - hand-off: queued to the worker starting the task (Redis, Celery);
-- worker: reading the instances and the analysis (anatomy, model, heatmap, SR and SC);
-- dispatch: sending SR and SC to the destination;
-- seen: until this script's poll of Orthanc finds the SR (at most its 20 ms poll interval).
+- worker: reading the instances and the analysis (anatomy, model, heatmap);
+- results: writing the SR and SC and the outcome "ready to send" (``finished_at``: analysis ends there);
+- dispatch: the dispatch stage's Celery task picking the result up and sending SR and SC to the destination, until
+  the record says delivered (``dispatched_at``);
+- seen: from the record's ``dispatched_at`` until this script's poll of Orthanc finds the SR (at most its 20 ms poll
+  interval; slightly negative when the poll finds the SR before the record is updated).
 
 The reference, in the same run: the quiet period plus ``storescu`` sending the very SR and SC BoneBridge produced
 (from its outbox) straight to that Orthanc, which is what a study costs with zero processing overhead. Ratio =
@@ -98,8 +102,12 @@ def wait_for_sr(pacs: OrthancServer, study_uid: str, timeout: float = 120.0) -> 
 
 
 def stages(proc: BoneBridgeProcess, study_uid: str, sent_at: float, seen_at: float) -> dict[str, float]:
+    def delivered() -> bool:
+        records = proc.results(study_uid)
+        return bool(records) and "dispatched_at" in records[-1].get("timing", {})
+
     deadline = time.time() + 30
-    while not proc.results(study_uid) and time.time() < deadline:  # written just after the sending
+    while not delivered() and time.time() < deadline:  # written just after the sending
         time.sleep(POLL_S)
     timing = proc.results(study_uid)[-1]["timing"]
     state = json.loads((proc.data_dir / "studies" / f"{study_uid}.json").read_text())
@@ -108,8 +116,9 @@ def stages(proc: BoneBridgeProcess, study_uid: str, sent_at: float, seen_at: flo
         "quiet": state["queued_at"] - state["last_instance_at"],
         "hand-off": timing["started_at"] - state["queued_at"],
         "worker": timing["analysed_at"] - timing["started_at"],
-        "dispatch": timing["finished_at"] - timing["analysed_at"],
-        "seen": seen_at - timing["finished_at"],
+        "results": timing["finished_at"] - timing["analysed_at"],
+        "dispatch": timing["dispatched_at"] - timing["finished_at"],
+        "seen": seen_at - timing["dispatched_at"],
     }
 
 
