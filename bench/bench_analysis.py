@@ -75,7 +75,7 @@ def main() -> int:
 
     from bench_latency import one_study, real_radiograph
     from daemon.config.schema import load_config
-    from daemon.dicom.decode import read_display_image
+    from models.display_image import read_display_image
     from daemon.output.heatmap_render import blend_above_floor, picture_shape
     from daemon.analyse.pipeline import Analyser
     from daemon.output.sc import build_heatmap_sc

@@ -33,8 +33,8 @@ def main() -> int:
     import pydicom
 
     from daemon.config.schema import load_config
-    from daemon.dicom.decode import read_display_image
-    from models.inference import load_predictor
+    from models.display_image import read_display_image
+    from models.inference.predictor import load_predictor
 
     config = load_config(REPO / "config" / "bonebridge.yaml")
     weights = config.models["anatomy"].weights

@@ -62,9 +62,9 @@ def main() -> int:
 
     import torch
 
-    from daemon.dicom.decode import read_display_image
-    from models.inference import load_predictor
-    from models.train import bf16_supported
+    from models.display_image import read_display_image
+    from models.inference.predictor import load_predictor
+    from models.nets.precision import bf16_supported
 
     ds = hand_sized_dicom()
     readers = {"reference fp32": load_predictor(args.reference, precision="fp32"),

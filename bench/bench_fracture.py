@@ -36,10 +36,10 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from daemon.dicom.decode import read_display_image
-    from models.cam import grad_cam, to_image
-    from models.inference import load_predictor
-    from models.preprocess import to_model_input
+    from models.display_image import read_display_image
+    from models.nets.cam import grad_cam, to_image
+    from models.inference.predictor import load_predictor
+    from models.data.preprocess import to_model_input
 
     predictor = load_predictor(args.weights)
     full = read_display_image(pydicom.dcmread(Path(data_store.__file__).parent / "data" / "RG3_UNCR.dcm"))

@@ -3,7 +3,7 @@
 Issue 30: on a CPU with AVX-512 BF16 (or AMX) bf16 autocast with channels-last makes a training step much cheaper
 than fp32, which is what lets the GPU recipes run here in hours. One step = forward, loss, backward and AdamW
 update of the bone-age network (EfficientNet-Lite0 with both heads) on a batch of random images, as
-``models.train.fit`` runs it. The reference is fp32 channels-last (what the loop did on a CPU before); the ratio
+``models.train.loop.fit`` runs it. The reference is fp32 channels-last (what the loop did on a CPU before); the ratio
 is reference / bf16 (higher is better). Steps alternate (fp32, bf16, fp32, ...) after one warm-up step each, so a
 background job affects both alike. Multiply by the steps of an epoch (ceil(train images / batch)) for an epoch's
 training time.
@@ -25,8 +25,8 @@ sys.path.insert(0, str(REPO / "bench"))
 import torch  # noqa: E402
 
 from common import print_environment, summarise  # noqa: E402
-from models.networks import BoneAgeSexNet  # noqa: E402
-from models.train import bf16_supported  # noqa: E402
+from models.nets.networks import BoneAgeSexNet  # noqa: E402
+from models.nets.precision import bf16_supported  # noqa: E402
 
 
 def make_step(bf16: bool, size: int, batch: int):

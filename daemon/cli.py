@@ -43,6 +43,7 @@ def _load(args: argparse.Namespace):
 def cmd_serve(args: argparse.Namespace) -> int:
     from daemon.config.schema import ConfigError
     from daemon.ops.demo_pacs import DemoPacsError
+    from daemon.queue.broker import BrokerError
     from daemon.serve import serve
 
     try:
@@ -52,6 +53,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     except DemoPacsError as exc:
         print(f"bonebridge serve --demo: {exc}", file=sys.stderr)
+        return 2
+    except BrokerError as exc:  # e.g. another serve on this data directory: its one line, no traceback
+        print(f"bonebridge serve: {exc}", file=sys.stderr)
         return 2
 
 
@@ -102,14 +106,26 @@ def cmd_route_explain(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Run the routed models on files, offline; print the findings as JSON; optionally write the SR and SCs."""
     import pydicom
+    from pydicom.errors import InvalidDicomError
 
     from daemon.analyse.pipeline import Analyser
 
-    analyser = Analyser(_load(args))
+    config = _load(args)
     studies: dict[str, list] = defaultdict(list)
+    unreadable = 0
     for path in args.files:
-        ds = pydicom.dcmread(path)
-        studies[str(ds.StudyInstanceUID)].append(ds)
+        try:
+            ds = pydicom.dcmread(path)
+            study_uid = str(ds.StudyInstanceUID)
+        except (OSError, InvalidDicomError, ValueError, EOFError, AttributeError) as exc:
+            reason = "no StudyInstanceUID" if isinstance(exc, AttributeError) else exc
+            print(f"{path}: cannot read as DICOM: {reason}", file=sys.stderr)  # one line per file, no traceback
+            unreadable += 1
+            continue
+        studies[study_uid].append(ds)
+    if not studies:
+        return 2
+    analyser = Analyser(config)
     report = []
     for study_uid, datasets in studies.items():
         analysis = analyser.analyse(datasets, calling_ae=args.calling_ae)
@@ -120,7 +136,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             for ds in analysis.outputs:
                 ds.save_as(folder / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
     print(json.dumps(report if len(report) != 1 else report[0], indent=2, default=str))
-    return 0
+    return 2 if unreadable else 0
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -222,7 +238,21 @@ def build_parser(daemon_only: bool = False) -> argparse.ArgumentParser:
         adder = getattr(models_cli, name, None)
         if adder is not None:
             adder(sub)
+    sub.choices["evaluate"].set_defaults(func=cmd_evaluate)
     return parser
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``bonebridge evaluate``: the models' command, except anatomy with ``--extra``/``--examples``, whose decision
+    table runs the daemon's own anatomy decision and routing (:mod:`daemon.analyse.decision_table`)."""
+    from models import cli as models_cli
+
+    if args.task == "anatomy" and (args.extra or args.examples):
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from daemon.analyse.decision_table import run
+
+        return run(args)
+    return models_cli.run_evaluate(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -228,13 +228,13 @@ def _start_demo_pacs(config: Config, run_dir: Path):
 
 def serve(config_path: Path, workers: int = 1, demo: bool = False) -> int:
     config = load_config(config_path)
-    log_route_status(config)
     data_dir = Path(config.storage.data_dir)
     run_dir = DataDir(data_dir).run
     run_dir.mkdir(parents=True, exist_ok=True)
     stop = _Stop()
     demo_pacs = None
     broker_url, embedded = _broker(config)  # refuses to start beside a live serve of this data directory
+    log_route_status(config)  # after the refusal, so a refused serve prints its one line only
     stop_orphaned_workers(run_dir)  # so no worker of a dead serve shares the new broker
     (run_dir / "broker.url").write_text(broker_url)
     listener = Listener(config, broker_url)

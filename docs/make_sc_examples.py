@@ -40,8 +40,8 @@ def _save_sc(analysis, out: Path) -> Path:
 def main() -> int:
     from daemon.config.schema import load_config
     from daemon.analyse.pipeline import Analyser
-    from models.fracatlas import case_split, read_fracatlas
-    from models.preprocess import load_image
+    from models.data.fracatlas import case_split, read_fracatlas
+    from models.data.preprocess import load_image
     from tests.dicom_factory import make_dx
 
     analyser = Analyser(load_config(REPO / "config" / "bonebridge.yaml"))

@@ -54,9 +54,9 @@ def main() -> int:
 
     from daemon.config.schema import default_config_path, load_config
     from daemon.analyse.pipeline import Analyser
-    from models.boneage import rsna_examples
-    from models.confidence import mean_interval
-    from models.preprocess import load_image
+    from models.train.boneage import rsna_examples
+    from models.metrics.bootstrap import mean_interval
+    from models.data.preprocess import load_image
 
     analyser = Analyser(load_config(args.config or default_config_path()))
     examples = rsna_examples(args.data / "labels.csv")[args.split][:args.limit]

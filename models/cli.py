@@ -6,8 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from models.preprocess import Geometry
-from models.train import TrainConfig
+from models.data.preprocess import Geometry
+from models.train.loop import TrainConfig
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +22,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--extra", action="append", metavar="DIR=PART",
                    help="anatomy from --clusters (issue 25): also train on a folder whose images all show PART "
                         "(knee-oai-224/images=knee), split by patient; adds contrast copies, temperature scaling and "
-                        "the OOD sidecar (models/anatomy_world.py); repeatable")
+                        "the OOD sidecar (models/train/anatomy_world.py); repeatable")
     p.add_argument("--features-cache", type=Path, help="anatomy with --extra: .npz of the pooled features")
     p.add_argument("--out", type=Path, required=True, help="checkpoint path (.pt); its card is written beside it")
     p.add_argument("--arch", default="efficientnet_lite0")
@@ -41,7 +41,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                         "header does not say which it is (abnormality always mirrors)")
     p.add_argument("--sex-loss-weight", type=float,
                    help="boneage: the sex head's weight in the loss, beside the age's L1 on standardised months "
-                        "(default: models.boneage.SEX_LOSS_WEIGHT)")
+                        "(default: models.train.boneage.SEX_LOSS_WEIGHT)")
     p.add_argument("--normalisation", choices=["imagenet", "radiograph"], default="imagenet",
                    help="input normalisation, kept in the card: ImageNet's colour statistics, or (x - 0.45) / 0.25 on "
                         "every channel (a grey radiograph in [0, 1])")
@@ -80,7 +80,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from models.preprocess import NORMALISATIONS
+    from models.data.preprocess import NORMALISATIONS
 
     mean, std = NORMALISATIONS[args.normalisation]
     geometry = Geometry(size=args.size, aspect=args.aspect, mask_labels=args.mask_labels,
@@ -99,13 +99,16 @@ def run_train(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, frozen_blocks=args.frozen_blocks,
     )
     if args.task == "boneage":
-        from models.boneage import train_boneage
+        from models.train.boneage import train_boneage
 
         path, best = train_boneage(args.data, args.out, geometry, cfg, args.arch, args.images)
     else:
-        from models.classify import train_classifier
+        from models.train.classify import ClassifierSource, train_classifier
 
-        path, best = train_classifier(args, geometry, cfg)
+        source = ClassifierSource(task=args.task, data=args.data, images=args.images, arch=args.arch,
+                                  clusters=args.clusters, licence=args.licence, extra=tuple(args.extra or ()),
+                                  features_cache=args.features_cache, finetune=args.finetune)
+        path, best = train_classifier(source, geometry, cfg)
     print(f"best epoch: {best}")
     print(f"wrote {path}")
     return 0
@@ -125,7 +128,7 @@ def add_fit_side_parser(sub: argparse._SubParsersAction) -> None:
 def run_fit_side(args: argparse.Namespace) -> int:
     import json
 
-    from models.side import fit_side_head
+    from models.train.side import fit_side_head
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path, report = fit_side_head(args.weights, args.data, args.out, args.images, progress=not args.no_progress)
@@ -164,7 +167,7 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--extra", action="append", metavar="DIR=PART",
                    help="anatomy (issue 25): a folder whose images all show PART (e.g. knee-oai-224/images=knee), "
                         "split by patient; repeatable. With --extra or --examples the report has calibration, OOD "
-                        "AUROC and the decision table (models/evaluate_anatomy.py)")
+                        "AUROC and the decision table (daemon/analyse/decision_table.py)")
     p.add_argument("--examples", type=Path, action="append",
                    help="anatomy: a folder of test-only examples named by part (the MURA examples: ELBOW.png...)")
     p.add_argument("--compare-with", type=Path, action="append", help="anatomy: another checkpoint, same features")
@@ -180,12 +183,12 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from models.evaluate import run_evaluate as evaluate_command
+    from models.eval.evaluate import run_evaluate as evaluate_command
 
     if args.task == "anatomy" and (args.extra or args.examples):
-        from models.evaluate_anatomy import run
-
-        return run(args)
+        # The decision table runs the daemon's anatomy decision and routing; the models never import the daemon.
+        raise SystemExit("evaluate anatomy --extra/--examples reads the daemon's decision table: run it as "
+                         "`bonebridge evaluate anatomy ...`")
 
     if args.plots is None:
         args.plots = args.json.parent
@@ -202,7 +205,7 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
 def run_compare(args: argparse.Namespace) -> int:
     import json
 
-    from models.compare import compare_files
+    from models.eval.compare import compare_files
 
     result = compare_files(args.base, args.candidate)
     print(json.dumps(result, indent=2))
@@ -231,7 +234,7 @@ def add_sort_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_sort(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from models.cluster import sort_images
+    from models.train.cluster import sort_images
 
     clusters, agreement = sort_images(args.images, args.out, k=args.k, weights=args.weights, arch=args.arch,
                                       size=args.size, progress=not args.no_progress, seed=args.seed,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from daemon.analyse.anatomy_decision import ModelWitness, boneage_block, decide_anatomy
-from models.anatomy_ood import (
+from models.nets.anatomy_ood import (
     MahalanobisOOD, auroc, expected_calibration_error, fit_temperature, softmax, threshold_for_acceptance,
 )
 

@@ -20,10 +20,10 @@ import yaml
 from daemon.config.schema import load_config
 from daemon.analyse.explain import explain_files
 from daemon.analyse.pipeline import Analyser
-from models.anatomy_ood import MahalanobisOOD
-from models.checkpoint import ModelCard, save_checkpoint
-from models.networks import ClassifierNet
-from models.preprocess import Geometry
+from models.nets.anatomy_ood import MahalanobisOOD
+from models.nets.checkpoint import ModelCard, save_checkpoint
+from models.nets.networks import ClassifierNet
+from models.data.preprocess import Geometry
 from tests.bonebridge_process import REPO, write_config
 from tests.dicom_factory import make_dx
 from tests.orthanc_fixture import free_port

@@ -18,10 +18,10 @@ import pytest
 
 from daemon.config.schema import load_config
 from daemon.analyse.pipeline import Analyser
-from models.anatomy import split_key
+from models.data.datasets import split_key
 from models.anatomy_vocabulary import FRACATLAS_REGION
-from models.data import split_of
-from models.preprocess import load_image
+from models.data.datasets import split_of
+from models.data.preprocess import load_image
 from tests.bonebridge_process import REPO
 from tests.dicom_factory import make_dx
 

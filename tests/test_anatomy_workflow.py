@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.anatomy import BLOCK, fit_probe, split_key
+from models.data.datasets import BLOCK, split_key
+from models.train.anatomy import fit_probe
 from models.anatomy_vocabulary import FRACATLAS_REGION, VOCABULARY, canonical_name, in_vocabulary_order
-from models.cluster import cluster_agreement, pooled_root
-from models.data import split_of
-from models.region_labels import layout_of, read_all_region_labels, read_region_labels
+from models.train.cluster import cluster_agreement, pooled_root
+from models.data.datasets import split_of
+from models.data.region_labels import layout_of, read_all_region_labels, read_region_labels
 
 
 def test_vocabulary_is_the_issue_list_and_every_name_has_a_fracatlas_region_entry() -> None:

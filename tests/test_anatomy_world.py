@@ -13,9 +13,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from models import cli
-from models.anatomy_world import contrast_copy, folder_images, patient_key, training_style, views_of
-from models.checkpoint import read_card
+from daemon import cli
+from models.train.anatomy_world import contrast_copy, folder_images, patient_key, training_style, views_of
+from models.nets.checkpoint import read_card
 from tests.test_models_classify import shape_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -72,8 +72,8 @@ def test_world_probe_trains_calibrates_and_evaluates(tmp_path: Path) -> None:
     assert (tmp_path / "anatomy.ood.npz").exists() and "95%" in calibration["ood"]["rule"]
     assert 0.9 <= card.metrics["validation"]["ood_accepted"] <= 1.0
 
-    from models.inference import load_predictor
-    from models.preprocess import load_image
+    from models.inference.predictor import load_predictor
+    from models.data.preprocess import load_image
 
     predictor = load_predictor(weights)
     probabilities, ood = predictor.anatomy_scores([load_image(root / clusters["hand"][0])])

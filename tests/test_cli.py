@@ -69,3 +69,42 @@ def test_retry_with_an_empty_dead_letter_folder_says_so(tmp_path: Path) -> None:
     out = bonebridge("retry", "--config", str(config))
     assert out.returncode == 0, out.stderr
     assert "empty" in out.stdout
+
+
+def test_predict_on_a_file_that_is_not_dicom_says_so_in_one_line_and_exits_2(tmp_path: Path) -> None:
+    """Issue 26: ``bonebridge predict FILE.png`` ended in an InvalidDicomError traceback."""
+    from PIL import Image
+
+    config = write_config(tmp_path, pacs_port=free_port())
+    png = tmp_path / "hand.png"
+    Image.new("L", (8, 8)).save(png)
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image\n")
+    out = bonebridge("predict", "--config", str(config), str(png), str(text))
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines == [line for line in lines if "cannot read as DICOM" in line] and len(lines) == 2
+    assert lines[0].startswith(f"{png}: ") and lines[1].startswith(f"{text}: ")
+
+
+def test_a_second_serve_on_the_same_data_directory_prints_one_line(tmp_path: Path) -> None:
+    """Issue 26: a second ``serve --demo`` printed a full traceback before its clear BrokerError line."""
+    import json
+
+    config = write_config(tmp_path, pacs_port=free_port())
+    data_dir = Path(yaml.safe_load(config.read_text())["storage"]["data_dir"])
+    # the first serve: a live process whose command line says serve, recorded as the owner of the broker
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "serve"])
+    try:
+        (data_dir / "broker").mkdir(parents=True, exist_ok=True)
+        (data_dir / "broker" / "owner.json").write_text(json.dumps({"serve_pid": first.pid, "redis_pid": first.pid}))
+        out = bonebridge("serve", "--demo", "--config", str(config))
+    finally:
+        first.kill()
+        first.wait()
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"bonebridge serve: another `bonebridge serve` (pid {first.pid}) is using {data_dir}; "
+        "stop it first, or give this one another storage.data_dir"]

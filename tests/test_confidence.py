@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from models.confidence import _resample_indices, auroc_interval, mean_interval, statistic_interval
+from models.metrics.bootstrap import _resample_indices, auroc_interval, mean_interval, statistic_interval
 
 
 def test_mean_interval_brackets_the_mean_and_narrows_with_more_images() -> None:

@@ -1,4 +1,4 @@
-"""daemon.dicom.decode: every transfer syntax a PACS sends decodes to the same display image.
+"""models.display_image: every transfer syntax a PACS sends decodes to the same display image.
 
 Compressed variants are made from one small synthetic DX image with pydicom's own encoders
 (RLE, JPEG-LS, JPEG 2000) and with dcmtk's ``dcmcjpeg``/``dcmconv`` (JPEG baseline, extended and
@@ -29,7 +29,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from daemon.dicom.decode import DecodeError, read_display_image
+from models.display_image import DecodeError, read_display_image
 from tests.dicom_factory import make_dx
 
 data_store = pytest.importorskip("data_store", reason="pydicom-data is needed for the real CR files")
@@ -338,7 +338,7 @@ def test_linear_window_fast_path_matches_pydicom(center: float, width: float) ->
     """The float32 one-pass LINEAR window gives pydicom's apply_voi_lut output scaled to [0, 1]."""
     from pydicom.pixels import apply_voi_lut
 
-    from daemon.dicom.decode import linear_window
+    from models.display_image import linear_window
 
     values = np.random.default_rng(1).integers(-2000, 66000, size=(64, 80)).astype(np.float64)
     ds = Dataset()

@@ -124,3 +124,65 @@ def test_the_listener_process_loads_neither_torch_nor_models() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[0] == "['models.anatomy_vocabulary']"
+
+
+#: models/'s sub-packages, in the order a model is made and used (issue 26); cli, the anatomy vocabulary and the
+#: display image (what the daemon shares with the models) stay at the top.
+MODELS_PACKAGES = ("data", "nets", "metrics", "train", "inference", "eval")
+
+
+def test_models_is_one_sub_package_per_job() -> None:
+    top = sorted(p.name for p in (REPO / "models").iterdir() if p.is_dir() and (p / "__init__.py").is_file())
+    assert top == sorted(MODELS_PACKAGES)
+    modules = sorted(p.stem for p in (REPO / "models").glob("*.py") if p.stem != "__init__")
+    assert modules == ["anatomy_vocabulary", "cli", "display_image"], "a module at models/'s top: give it its job"
+    for name in MODELS_PACKAGES:
+        doc = ast.get_docstring(ast.parse((REPO / "models" / name / "__init__.py").read_text()))
+        assert doc, f"models/{name}/__init__.py says what enters and what leaves"
+
+
+def test_models_never_import_the_daemon() -> None:
+    """daemon -> models is how inference is called; models -> daemon would make the two one tangle again."""
+    graph = import_graph(("daemon", "models"))
+    found = sorted(f"{a} -> {b}" for a, targets in graph.items() if a.split(".")[0] == "models"
+                   for b in targets if b.split(".")[0] == "daemon")
+    # also a bare ``import daemon`` or a name the graph would not resolve to a module
+    for path in sorted((REPO / "models").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            found += [f"{module_name(path)} -> {n}" for n in names if n.split(".")[0] == "daemon"]
+    assert not found, f"models/ imports the daemon: {sorted(set(found))}"
+
+
+def models_package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The models graph one level up: ``models.<sub-package>`` (or a top module such as ``models.cli``)."""
+    def package(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    packages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        packages.setdefault(package(module), set()).update(
+            package(t) for t in targets if package(t) != package(module))
+    return packages
+
+
+def test_no_import_circle_between_models_packages() -> None:
+    found = circles(models_package_graph(import_graph(("models",))))
+    assert not found, f"import circles between models' sub-packages: {found}"
+
+
+def test_the_graph_tests_see_a_models_circle_and_a_daemon_import(tmp_path, monkeypatch) -> None:
+    """The models tests fail on what they guard against: a circle inside models/ and a models -> daemon import."""
+    for rel, text in {"models/__init__.py": "", "models/a/__init__.py": "", "models/b/__init__.py": "",
+                      "models/a/x.py": "from models.b.y import f\n",
+                      "models/b/y.py": "def f():\n    from models.a.x import g\n",
+                      "models/b/z.py": "import daemon.analyse.rules\n",
+                      "daemon/__init__.py": "", "daemon/analyse/__init__.py": "", "daemon/analyse/rules.py": ""}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    monkeypatch.setattr(__import__(__name__, fromlist=["REPO"]), "REPO", tmp_path)
+    assert circles(import_graph(("models",))) == [["models.a.x", "models.b.y"]]
+    assert circles(models_package_graph(import_graph(("models",)))) == [["models.a", "models.b"]]
+    with pytest.raises(AssertionError, match="models.b.z -> daemon.analyse.rules"):
+        test_models_never_import_the_daemon()

@@ -7,7 +7,6 @@ geometry is exercised. A tiny CNN learns it in seconds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
@@ -18,13 +17,13 @@ import torch
 from PIL import Image
 
 from models import cli
-from models.boneage import rsna_examples, train_boneage
-from models.checkpoint import read_card
-from models.classify import train_classifier
-from models.data import read_rsna_boneage, split_of
-from models.inference import load_predictor
-from models.preprocess import Geometry, load_image
-from models.train import TrainConfig
+from models.train.boneage import rsna_examples, train_boneage
+from models.nets.checkpoint import read_card
+from models.train.classify import ClassifierSource, train_classifier
+from models.data.datasets import read_rsna_boneage, split_of
+from models.inference.predictor import load_predictor
+from models.data.preprocess import Geometry, load_image
+from models.train.loop import TrainConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -140,7 +139,7 @@ def test_evaluate_boneage_writes_json_plots_and_headline(boneage_model: tuple[Pa
 
 def test_evaluate_boneage_reports_every_framing_variant(boneage_model: tuple[Path, dict], rsna: Path,
                                                         tmp_path: Path) -> None:
-    from models.framing import VARIANTS
+    from models.data.framing import VARIANTS
 
     path, _ = boneage_model
     assert cli.main(["evaluate", "boneage", "--weights", str(path), "--data", str(rsna), "--split", "test",
@@ -165,7 +164,7 @@ def test_evaluate_boneage_reports_every_framing_variant(boneage_model: tuple[Pat
 def test_sex_classifier_trains_and_evaluates(rsna: Path, boneage_model: tuple[Path, dict], tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sex.pt"
-    args = argparse.Namespace(task="sex", data=rsna, images=None, arch="tiny_cnn", out=out)
+    args = ClassifierSource(task="sex", data=rsna, images=None, arch="tiny_cnn")
     cfg = TrainConfig(out=out, epochs=2, batch_size=32, lr=3e-3, resume=False, progress=False)
     path, best = train_classifier(args, Geometry(size=48), cfg)
     card = read_card(path)
@@ -185,7 +184,7 @@ def test_sex_classifier_trains_and_evaluates(rsna: Path, boneage_model: tuple[Pa
 
 def test_a_stopped_run_resumes_where_it_stopped(rsna: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Kill training after its second epoch; the next run continues at epoch 3 instead of starting over."""
-    import models.boneage as boneage
+    import models.train.boneage as boneage
 
     out = tmp_path / "ba.pt"
     real_spec = boneage.boneage_spec
@@ -247,8 +246,8 @@ def test_init_weights_transfers_a_trained_model_to_another_geometry(boneage_mode
 
 
 def test_init_weights_refuses_a_checkpoint_of_another_task(rsna: Path, tmp_path: Path) -> None:
-    from models.checkpoint import ModelCard, save_checkpoint
-    from models.networks import ClassifierNet
+    from models.nets.checkpoint import ModelCard, save_checkpoint
+    from models.nets.networks import ClassifierNet
 
     other = tmp_path / "sex.pt"
     save_checkpoint(ClassifierNet("tiny_cnn", 1), ModelCard(task="sex", name="s", version="1", architecture="tiny_cnn",
@@ -281,7 +280,7 @@ def test_fit_side_adds_a_right_hand_head_and_leaves_age_and_sex_alone(boneage_mo
 
 def test_training_on_reframed_copies_is_recorded_and_reframes(rsna: Path, tmp_path: Path) -> None:
     """``--reframe-probability`` draws training images from a copy cropped tightly on black or zoomed out."""
-    from models.train import build_reframed_cache, build_cache
+    from models.train.loop import build_reframed_cache, build_cache
 
     examples = rsna_examples(rsna / "labels.csv")["train"][:12]
     geometry = Geometry(size=48, crop_to_body=True)
@@ -298,7 +297,7 @@ def test_training_on_reframed_copies_is_recorded_and_reframes(rsna: Path, tmp_pa
 
 def test_training_with_mirrored_hands_is_recorded_and_mirrors(tmp_path: Path, rsna: Path) -> None:
     """``--hflip`` mirrors half the training batch (and nothing when off); the card says which way it was trained."""
-    from models.boneage import SEX_LOSS_WEIGHT, boneage_spec
+    from models.train.boneage import SEX_LOSS_WEIGHT, boneage_spec
 
     out = tmp_path / "mirrored.pt"
     assert cli.main(["train", "boneage", "--data", str(rsna / "labels.csv"), "--out", str(out), "--arch", "tiny_cnn",
@@ -320,7 +319,7 @@ def test_sex_loss_weight_scales_the_sex_term_and_is_recorded(tmp_path: Path, rsn
     """``--sex-loss-weight``: the loss is the age's L1 plus this weight times the sex head's cross-entropy."""
     import torch.nn.functional as F
 
-    from models.boneage import boneage_spec
+    from models.train.boneage import boneage_spec
 
     out = tmp_path / "sexweighted.pt"
     assert cli.main(["train", "boneage", "--data", str(rsna / "labels.csv"), "--out", str(out), "--arch", "tiny_cnn",
@@ -345,7 +344,7 @@ def test_a_resumed_run_reaches_the_weights_of_an_uninterrupted_one(rsna: Path, t
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 30's recipe options (EMA, site styles, smooth L1, wide augmentation, bf16 where the CPU has it): a run
     cut after its second epoch and resumed ends with exactly the weights (and EMA) of a run that never stopped."""
-    import models.boneage as boneage
+    import models.train.boneage as boneage
 
     options = dict(epochs=3, batch_size=32, lr=3e-3, patience=10, progress=False, ema_decay=0.9,
                    site_style_probability=0.5, smooth_l1_beta=0.1, augment="wide", weight_decay=0.01)
@@ -391,7 +390,7 @@ def test_a_resumed_run_reaches_the_weights_of_an_uninterrupted_one(rsna: Path, t
 
 
 def test_precision_follows_the_hardware_unless_forced() -> None:
-    from models.train import autocast_enabled, bf16_supported
+    from models.nets.precision import autocast_enabled, bf16_supported
 
     cpu = torch.device("cpu")
     assert autocast_enabled("auto", cpu) == bf16_supported(cpu)
@@ -403,7 +402,7 @@ def test_precision_follows_the_hardware_unless_forced() -> None:
 
 def test_bf16_inference_reads_like_fp32_and_keeps_its_heatmap(boneage_model: tuple[Path, dict], rsna: Path) -> None:
     """The card's precision can be overridden for evaluation; bf16 runs only where the CPU has it natively."""
-    from models.train import bf16_supported
+    from models.nets.precision import bf16_supported
 
     path, _ = boneage_model
     images = [load_image(p) for p in sorted((rsna / "images").glob("*.png"))[:8]]

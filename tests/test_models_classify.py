@@ -7,7 +7,6 @@ Anatomy: one shape per class in class folders. Both train with the tiny CNN at 3
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
@@ -17,19 +16,20 @@ import pytest
 from PIL import Image
 
 from models import cli
-from models.checkpoint import read_card
-from models.classify import (
+from models.nets.checkpoint import read_card
+from models.train.classify import (
     ANATOMY_CLASSES,
     anatomy_class_index,
     binary_metrics,
     mura_examples,
     topk_accuracy,
+    ClassifierSource,
     train_classifier,
     youden_threshold,
 )
-from models.inference import load_predictor
-from models.preprocess import Geometry, load_image
-from models.train import TrainConfig
+from models.inference.predictor import load_predictor
+from models.data.preprocess import Geometry, load_image
+from models.train.loop import TrainConfig
 
 REGIONS = ("XR_WRIST", "XR_HAND", "XR_ELBOW")
 
@@ -110,7 +110,7 @@ def mura(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def abnormality_model(mura: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("abn") / "abnormality.pt"
-    args = argparse.Namespace(task="abnormality", data=mura, arch="tiny_cnn", out=out)
+    args = ClassifierSource(task="abnormality", data=mura, arch="tiny_cnn")
     cfg = TrainConfig(out=out, epochs=6, batch_size=32, lr=3e-3, patience=3, resume=False, progress=False)
     return train_classifier(args, Geometry(size=40), cfg)
 
@@ -180,7 +180,7 @@ def test_mini_mura_trains_one_step_through_the_cli(tmp_path: Path, capsys: pytes
 
 def test_train_refuses_a_split_with_one_class(tmp_path: Path) -> None:
     root = build_mura(tmp_path / "mini", n_train=30, n_valid=2, only_abnormal=True)
-    args = argparse.Namespace(task="abnormality", data=root, arch="tiny_cnn", out=tmp_path / "x.pt")
+    args = ClassifierSource(task="abnormality", data=root, arch="tiny_cnn")
     with pytest.raises(ValueError, match="only one class"):
         train_classifier(args, Geometry(size=32), TrainConfig(out=tmp_path / "x.pt", epochs=1, progress=False))
 
@@ -189,7 +189,7 @@ def test_train_refuses_a_split_with_one_class(tmp_path: Path) -> None:
 def test_anatomy_learns_shapes_from_class_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = build_class_folders(tmp_path / "anatomy", per_class=40)
     out = tmp_path / "anatomy.pt"
-    args = argparse.Namespace(task="anatomy", data=data, clusters=None, arch="tiny_cnn", out=out)
+    args = ClassifierSource(task="anatomy", data=data, clusters=None, arch="tiny_cnn")
     cfg = TrainConfig(out=out, epochs=6, batch_size=32, lr=3e-3, patience=6, resume=False, progress=False)
     path, best = train_classifier(args, Geometry(size=32), cfg)
     assert best["top1_accuracy"] > 0.7, best  # chance is 0.25 among the four classes present
@@ -212,7 +212,7 @@ def test_anatomy_learns_shapes_from_class_folders(tmp_path: Path, capsys: pytest
 
 def test_anatomy_folder_names_must_be_classes(tmp_path: Path) -> None:
     data = build_class_folders(tmp_path / "bad", per_class=2, classes=("hand", "torso"))
-    args = argparse.Namespace(task="anatomy", data=data, clusters=None, arch="tiny_cnn", out=tmp_path / "a.pt")
+    args = ClassifierSource(task="anatomy", data=data, clusters=None, arch="tiny_cnn")
     with pytest.raises(ValueError, match="torso"):
         train_classifier(args, Geometry(size=32), TrainConfig(out=tmp_path / "a.pt", epochs=1, progress=False))
 

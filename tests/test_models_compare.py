@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from models import cli
-from models.compare import compare_boneage
+from models.eval.compare import compare_boneage
 
 
 def report(errors: dict[str, float]) -> dict:

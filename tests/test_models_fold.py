@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from daemon.output.heatmap_render import blend_above_floor, to_grey8
-from models.networks import BoneAgeSexNet, FractureNet, fold_for_inference
+from models.nets.networks import BoneAgeSexNet, FractureNet, fold_for_inference
 
 
 def _randomise_norms(model: nn.Module) -> nn.Module:

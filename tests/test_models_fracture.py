@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models.fracatlas import (
+from models.data.fracatlas import (
     box_mask, case_split, image_and_mask_squares, is_fracatlas, pointing_hit, read_fracatlas, split_cases,
 )
-from models.preprocess import Augment, Geometry
+from models.data.preprocess import Augment, Geometry
 
 SHARED_FRACATLAS = Path(__file__).resolve().parents[2] / "shared" / "data" / "fracatlas"
 COLUMNS = "image_id,hand,leg,hip,shoulder,mixed,hardware,multiscan,fractured,fracture_count,frontal,lateral,oblique"
@@ -114,8 +114,8 @@ def test_pointing_strict_and_grown() -> None:
 def test_train_predict_and_evaluate_on_fracatlas_layout(fracatlas: Path, tmp_path: Path) -> None:
     """Two tiny steps only: this checks the plumbing (checkpoint, card, map heatmap, report), not learning."""
     from models.cli import main
-    from models.inference import load_predictor
-    from models.preprocess import load_image
+    from models.inference.predictor import load_predictor
+    from models.data.preprocess import load_image
 
     out = tmp_path / "run" / "fracture.pt"
     assert main(["train", "abnormality", "--data", str(fracatlas), "--out", str(out), "--size", "64",
@@ -196,9 +196,9 @@ def test_a_resumed_fracture_run_reaches_the_weights_of_an_uninterrupted_one(frac
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The fracture model trains in the shared loop: cut after its first epoch and resumed, with an EMA, it ends
     with exactly the weights of a run that never stopped (issue 29's ``--resume``: rerunning the command resumes)."""
-    import models.fracture as fracture
-    from models.fracatlas import read_fracatlas
-    from models.train import TrainConfig
+    import models.train.abnormality as fracture
+    from models.data.fracatlas import read_fracatlas
+    from models.train.loop import TrainConfig
 
     cases = read_fracatlas(fracatlas)
     options = dict(epochs=2, batch_size=8, max_steps_per_epoch=2, lr=1e-3, progress=False, ema_decay=0.9)
@@ -241,8 +241,8 @@ def test_a_larger_validation_share_leaves_the_test_split_alone(fracatlas: Path) 
 
 
 def test_frozen_blocks_zero_trains_the_whole_network() -> None:
-    from models.checkpoint import build_network
-    from models.fracture import fracture_card, freeze_early_layers
+    from models.nets.checkpoint import build_network
+    from models.train.abnormality import fracture_card, freeze_early_layers
 
     card = fracture_card(Geometry(size=64, aspect="pad"), {"train": [], "val": [], "test": []}, Path("fracatlas"))
     model = build_network(card, pretrained=False)

@@ -1,4 +1,4 @@
-"""models.inference / models.cam / checkpoint refusals, with small networks built in the test (no training).
+"""models.inference.predictor / models.nets.cam / checkpoint refusals, with small networks built in the test (no training).
 
 The Grad-CAM geometry is checked end to end with a network whose evidence is known exactly: a 1x1 convolution
 that passes brightness to a linear head, so Grad-CAM must light up the bright part of the image, wherever the
@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from models.cam import render_overlay, to_original
-from models.checkpoint import CheckpointError, ModelCard, card_path, save_checkpoint
-from models.inference import ImagePrediction, Predictor, load_predictor, study_abnormality
-from models.networks import BoneAgeSexNet, ClassifierNet
-from models.preprocess import Geometry
+from models.nets.cam import render_overlay, to_original
+from models.nets.checkpoint import CheckpointError, ModelCard, card_path, save_checkpoint
+from models.inference.predictor import ImagePrediction, Predictor, load_predictor, study_abnormality
+from models.nets.networks import BoneAgeSexNet, ClassifierNet
+from models.data.preprocess import Geometry
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -291,8 +291,8 @@ def test_render_overlay_shape_colour_and_scale_bar() -> None:
 def test_single_pass_boneage_grad_cam_equals_the_librarys(architecture: str) -> None:
     """Grad-CAM of the age from the feature map inference already has equals pytorch-grad-cam's own GradCAM (a
     second forward and backward pass), for older- and younger-than-average predictions and either sex input."""
-    from models.cam import boneage_grad_cam, grad_cam
-    from models.networks import BoneAgeSexNet
+    from models.nets.cam import boneage_grad_cam, grad_cam
+    from models.nets.networks import BoneAgeSexNet
 
     torch.manual_seed(0)
     model = BoneAgeSexNet(architecture, pretrained=False).eval()

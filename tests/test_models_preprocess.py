@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.preprocess import Geometry, mask_burned_in_labels, to_model_input
+from models.data.preprocess import Geometry, mask_burned_in_labels, to_model_input
 
 
 def radiograph_with_marker() -> np.ndarray:
@@ -31,7 +31,7 @@ def test_marker_is_masked_and_bone_is_left_alone() -> None:
 def test_a_detector_sized_image_loses_its_label_and_keeps_its_bone() -> None:
     """Over MASK_WORKING_SIDE the labels are found on a block-averaged copy: a 2400 px radiograph (the marker image
     scaled up 12 times) loses its letter and keeps its bone."""
-    from models.preprocess import MASK_WORKING_SIDE
+    from models.data.preprocess import MASK_WORKING_SIDE
 
     small = radiograph_with_marker()
     big = np.kron(small, np.ones((12, 12), dtype=np.float32))
@@ -69,7 +69,7 @@ def _hand_on_detector(height: int = 400, width: int = 300) -> np.ndarray:
 
 
 def test_body_box_finds_the_part_and_leaves_the_marker_out() -> None:
-    from models.preprocess import body_box
+    from models.data.preprocess import body_box
 
     top, left, bottom, right = body_box(_hand_on_detector())
     assert 100 <= top <= 120 and 40 <= left <= 60 and 380 <= bottom <= 400 and 210 <= right <= 230
@@ -77,14 +77,14 @@ def test_body_box_finds_the_part_and_leaves_the_marker_out() -> None:
 
 
 def test_body_box_keeps_the_whole_image_when_nothing_stands_out() -> None:
-    from models.preprocess import body_box
+    from models.data.preprocess import body_box
 
     assert body_box(np.full((100, 80), 0.5, dtype=np.float32)) == (0, 0, 100, 80)
     assert body_box(np.zeros((10, 10), dtype=np.float32)) == (0, 0, 10, 10)
 
 
 def test_crop_makes_loose_and_tight_framing_agree() -> None:
-    from models.preprocess import Geometry, to_unit_square
+    from models.data.preprocess import Geometry, to_unit_square
 
     loose = _hand_on_detector()
     tight = loose[100:400, 40:230].copy()  # cropped to the hand, as a PACS user might
@@ -98,8 +98,8 @@ def test_crop_makes_loose_and_tight_framing_agree() -> None:
 
 
 def test_heatmap_goes_back_into_the_crop_box() -> None:
-    from models.cam import to_image
-    from models.preprocess import Geometry, body_box
+    from models.nets.cam import to_image
+    from models.data.preprocess import Geometry, body_box
 
     image = _hand_on_detector()
     geometry = Geometry(size=32, aspect="pad", crop_to_body=True)
@@ -112,7 +112,7 @@ def test_heatmap_goes_back_into_the_crop_box() -> None:
 
 # --------------------------------------------------------------------------- framing variants
 def test_framing_variants_reframe_the_same_hand() -> None:
-    from models.framing import VARIANTS, make_variant
+    from models.data.framing import VARIANTS, make_variant
 
     image = _hand_on_detector()
     for name in VARIANTS:

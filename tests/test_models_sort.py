@@ -18,8 +18,8 @@ import yaml
 from PIL import Image
 
 from models import cli
-from models.checkpoint import read_card
-from models.cluster import read_named_clusters
+from models.nets.checkpoint import read_card
+from models.train.cluster import read_named_clusters
 from tests.test_models_classify import shape_image
 
 SHAPES = ("hand", "wrist", "elbow")
@@ -94,8 +94,8 @@ def test_named_clusters_train_anatomy(sorted_folder: tuple[Path, Path], tmp_path
     assert card.licence_note == "synthetic test shapes" and "linear probe" in card.training["method"]
     assert card.training["train_images"] < 2 * PER_SHAPE  # some were held out for validation and test
     assert card.metrics["top1_accuracy"] > 0.9  # the shapes are trivially separable: the probe must find that
-    from models.inference import load_predictor
-    from models.preprocess import load_image
+    from models.inference.predictor import load_predictor
+    from models.data.preprocess import load_image
 
     probabilities = load_predictor(weights).class_probabilities([load_image(entries[0][1])])
     assert probabilities.shape == (1, 2) and abs(float(probabilities.sum()) - 1) < 1e-5

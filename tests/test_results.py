@@ -401,7 +401,7 @@ def test_sr_is_readable_by_dcmtk(tmp_path: Path, sources: list[Dataset], finding
 
 
 def test_heatmap_sc_accepts_already_decoded_image(sources: list[Dataset], findings: StudyResult) -> None:
-    from daemon.dicom.decode import read_display_image
+    from models.display_image import read_display_image
 
     decoded_here = build_heatmap_sc(sources[0], _hot_corner(), findings, 0)
     given = build_heatmap_sc(sources[0], _hot_corner(), findings, 0, display_image=read_display_image(sources[0]))

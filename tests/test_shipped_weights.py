@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.checkpoint import load_checkpoint, read_card, sha256_file
+from models.nets.checkpoint import load_checkpoint, read_card, sha256_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,9 +27,9 @@ def test_shipped_card_verifies_and_says_research_use() -> None:
 def test_shipped_model_on_held_out_rsna_images(shared_data: Path) -> None:
     """Needs ../shared/data (skipped without it): the hashed test split's radiographs at real framing (100 of
     rsna-boneage-512), never trained on at either size."""
-    from models.boneage import rsna_examples
-    from models.inference import load_predictor
-    from models.preprocess import load_image
+    from models.train.boneage import rsna_examples
+    from models.inference.predictor import load_predictor
+    from models.data.preprocess import load_image
 
     folder = shared_data / "rsna-boneage-512"
     if not (folder / "labels.csv").exists():
@@ -67,8 +67,8 @@ def test_shipped_fracture_model_gives_its_map_on_a_real_cr() -> None:
     import data_store
     import pydicom
 
-    from daemon.dicom.decode import read_display_image
-    from models.inference import load_predictor
+    from models.display_image import read_display_image
+    from models.inference.predictor import load_predictor
 
     image = read_display_image(pydicom.dcmread(Path(data_store.__file__).parent / "data" / "RG3_UNCR.dcm"))
     pred = load_predictor(FRACTURE).predict([image])[0]
@@ -83,8 +83,8 @@ def test_shipped_fracture_model_gives_its_map_on_a_real_cr() -> None:
 
 def test_shipped_fracture_model_on_held_out_fracatlas(shared_data: Path) -> None:
     """Needs ../shared/data (skipped without it): the id-block test split, never trained on or tuned on."""
-    from models.evaluate_fracture import fracatlas_cases, fracture_metrics, predict_cases
-    from models.inference import load_predictor
+    from models.eval.abnormality import fracatlas_cases, fracture_metrics, predict_cases
+    from models.inference.predictor import load_predictor
 
     folder = shared_data / "fracatlas"
     if not (folder / "dataset.csv").exists():

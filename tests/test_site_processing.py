@@ -1,4 +1,4 @@
-"""Site processing styles (models.site_processing): what evaluation's variants and training's restyling do."""
+"""Site processing styles (models.data.site_processing): what evaluation's variants and training's restyling do."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.framing import VARIANTS, make_variant
-from models.site_processing import SITE_STYLES, restyle, restyle_batch, segmented_equalised, silhouette
+from models.data.framing import VARIANTS, make_variant
+from models.data.site_processing import SITE_STYLES, restyle, restyle_batch, segmented_equalised, silhouette
 
 
 def hand_on_detector(rng: np.random.Generator, height: int = 120, width: int = 90) -> np.ndarray:

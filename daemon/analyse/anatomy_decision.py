@@ -2,7 +2,7 @@
 
 The model's numbers are *calibrated* probabilities (temperature-scaled on validation) averaged over the study's
 images, plus whether its features lie within the training images' distribution (a Mahalanobis distance under a
-threshold chosen on validation; see ``models/anatomy_ood.py``). The rules, first that applies wins:
+threshold chosen on validation; see ``models/nets/anatomy_ood.py``). The rules, first that applies wins:
 
 1. **tag, model sure and in distribution, tag not among its two best** (and a part the model has a class for: it
    cannot rule out a finger if it knows no fingers) -> the model overrules the tag (a mislabelled study), flagged;

@@ -77,7 +77,7 @@ def explain_files(
             continue
         unknown_reason = None
         if analyser is not None:
-            from daemon.dicom.decode import DecodeError, read_display_image
+            from models.display_image import DecodeError, read_display_image
 
             images = []
             try:

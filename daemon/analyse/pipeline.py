@@ -22,7 +22,7 @@ from daemon.analyse.anatomy_decision import Decision, ModelWitness, boneage_bloc
 from daemon.dicom.anatomy_tags import anatomy_from_tags
 from daemon.config.cards import model_task
 from daemon.config.schema import Config, Route
-from daemon.dicom.decode import DecodeError, read_display_image
+from models.display_image import DecodeError, read_display_image
 from daemon.dicom.header_values import as_int
 from daemon.output.own_output import is_own_output
 from daemon.output.sc import build_heatmap_sc
@@ -100,9 +100,9 @@ class Analyser:
         return loaded
 
     def predictor(self, name: str):
-        """The named model's predictor, loaded on first use and kept; ``models.inference`` verifies the card."""
+        """The named model's predictor, loaded on first use and kept; ``models.inference.predictor`` verifies the card."""
         if name not in self._predictors:
-            from models.inference import load_predictor
+            from models.inference.predictor import load_predictor
 
             ref = self.config.models[name]
             if ref.weights is None:
@@ -270,7 +270,7 @@ def _laterality(ds: Dataset) -> str | None:
 def _study_findings(card, preds) -> dict[str, float | str]:
     """Image predictions -> study findings: mean of the images, as MURA and the bone-age readers do."""
     if card.task == "abnormality":
-        from models.inference import study_abnormality
+        from models.inference.predictor import study_abnormality
 
         return study_abnormality(preds, card.threshold if card.threshold is not None else 0.5,
                                  fracture_model="fracture" in card.classes)

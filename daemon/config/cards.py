@@ -2,7 +2,7 @@
 
 Enters: a weights path from the configuration (``models.<name>.weights``). Leaves: the card's fields as a dict
 (empty without a readable card), the anatomy model's classes, the task a card names, or why a model cannot load.
-The full, validated reading (with the sha256 check) is :func:`models.checkpoint.read_card`, for the workers.
+The full, validated reading (with the sha256 check) is :func:`models.nets.checkpoint.read_card`, for the workers.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
-from daemon.dicom.decode import read_display_image
+from models.display_image import read_display_image
 from daemon.dicom.uids import derive_uid
 from daemon.output.heatmap_render import HEATMAP_FLOOR, render_heatmap
 from daemon.output.own_output import MANUFACTURER, SC_SERIES_DESCRIPTION, SC_SERIES_NUMBER, mark_own_output, software_version
@@ -91,11 +91,11 @@ def build_heatmap_sc(
 
     ``index`` is the position of the source in the study (InstanceNumber = index + 1). The colours are
     burned in, so BurnedInAnnotation is YES; ImageType is DERIVED\\SECONDARY and the conversion type WSD.
-    ``display_image`` is the source's :func:`~daemon.dicom.decode.read_display_image` output when the caller
+    ``display_image`` is the source's :func:`~models.display_image.read_display_image` output when the caller
     already has it (saves decoding a large radiograph twice); by default the source is decoded here.
 
     Raises:
-        daemon.dicom.decode.DecodeError: the source's pixel data cannot be decoded.
+        models.display_image.DecodeError: the source's pixel data cannot be decoded.
         ValueError: ``heatmap`` (or ``display_image``) is not 2-D.
     """
     gray = read_display_image(source) if display_image is None else np.asarray(display_image, dtype=np.float32)

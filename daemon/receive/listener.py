@@ -65,7 +65,7 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = (
     ComprehensiveSRStorage,
 )
 
-#: Transfer syntaxes accepted: everything daemon.dicom.decode can decode.
+#: Transfer syntaxes accepted: everything models.display_image can decode.
 TRANSFER_SYNTAXES: tuple[str, ...] = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,

@@ -2,15 +2,16 @@
 
 Validation choices only (temperature: NLL; threshold: 95th percentile of validation scores). `--test` reads test.
 
-Needs the feature cache of 1.0.0's backbone (`runs/anatomy/features.npz`: one `models.anatomy_world.extract_features`
+Needs the feature cache of 1.0.0's backbone (`runs/anatomy/features.npz`: one `models.train.anatomy_world.extract_features`
 pass over the clusters file, the knee and chest sets and the examples; ~15,800 rows) and writes `runs/anatomy11/`.
 """
 import json, shutil, sys
 from pathlib import Path
 import numpy as np
-from models.anatomy_ood import (MahalanobisOOD, expected_calibration_error, fit_temperature, softmax,
+from models.nets.anatomy_ood import (MahalanobisOOD, expected_calibration_error, fit_temperature, softmax,
                                 threshold_for_acceptance)
-from models.evaluate_anatomy import evaluate_heads, head_of
+from daemon.analyse.decision_table import evaluate_heads
+from models.eval.anatomy import head_of
 
 OUT = Path("runs/anatomy11")
 SHIPPED = Path("models/weights/anatomy.pt")

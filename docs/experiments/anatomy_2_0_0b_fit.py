@@ -2,11 +2,11 @@
 import json, sys
 from pathlib import Path
 import numpy as np, torch
-from models.anatomy import fit_probe
-from models.anatomy_ood import (MahalanobisOOD, expected_calibration_error, fit_temperature, softmax,
+from models.train.anatomy import fit_probe
+from models.nets.anatomy_ood import (MahalanobisOOD, expected_calibration_error, fit_temperature, softmax,
                                 threshold_for_acceptance)
-from models.checkpoint import load_checkpoint, save_checkpoint, code_version
-from models.evaluate_anatomy import evaluate_heads
+from models.nets.checkpoint import load_checkpoint, save_checkpoint, code_version
+from daemon.analyse.decision_table import evaluate_heads
 
 OUT = Path("runs/anatomy20b"); SHIPPED = Path("models/weights/anatomy.pt")
 a = dict(np.load("runs/anatomy/features.npz"))

@@ -14,7 +14,7 @@ evaluate boneage --variants`` runs the test split through each of these and repo
   header (bone age mirrors it back: the figures should equal the image as sent) or without a side (what a
   right hand costs a model trained on left hands). Outside the issue's list; :data:`VARIANT_LATERALITY` gives the
   header side each variant comes with.
-- ``segmented_equalised`` / ``clahe``: not framing but a site's processing (:mod:`models.site_processing`): the hand
+- ``segmented_equalised`` / ``clahe``: not framing but a site's processing (:mod:`models.data.site_processing`): the hand
   segmented onto black and contrast-equalised, as another pipeline sent 60 hands in issue 30; and CLAHE, as many
   exports and public sets (the OAI knees) apply it.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from models.site_processing import clahe, segmented_equalised, silhouette
+from models.data.site_processing import clahe, segmented_equalised, silhouette
 
 VARIANTS: tuple[str, ...] = (
     "tight_crop_black", "zoomed_out", "rotated_plus_15", "rotated_minus_15", "monochrome1_dicom",
@@ -59,12 +59,12 @@ def rotated(image: np.ndarray, degrees: float) -> np.ndarray:
 
 
 def monochrome1_round_trip(image: np.ndarray) -> np.ndarray:
-    """Write the image as an inverted 12-bit MONOCHROME1 DX and read it back through ``daemon.decode``."""
+    """Write the image as an inverted 12-bit MONOCHROME1 DX and read it back through :mod:`models.display_image`."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-    from daemon.dicom.decode import read_display_image
+    from models.display_image import read_display_image
 
     top = 4095
     pixels = np.round((1.0 - np.clip(image, 0, 1)) * top).astype(np.uint16)

@@ -1,6 +1,6 @@
 """More of the world for the anatomy probe: extra sources, contrast copies, and one cached feature pass.
 
-Issue 25. The probe of :mod:`models.anatomy` was fitted on FracAtlas and the RSNA hands only, so a knee from another
+Issue 25. The probe of :mod:`models.train.anatomy` was fitted on FracAtlas and the RSNA hands only, so a knee from another
 site (OAI crops, CLAHE-processed) or a chest radiograph (Kermany) got a confident wrong class. This module adds:
 
 - **extra sources**: a folder of images that all show one vocabulary part (``knee-oai-224`` -> ``knee``,
@@ -8,7 +8,7 @@ site (OAI crops, CLAHE-processed) or a chest radiograph (Kermany) got a confiden
   patient number without the side, the Kermany ``personN`` / ``IM-NNNN`` prefix), so both knees of a patient and
   every chest film of a child fall in one split;
 - **contrast copies** (:data:`CONTRAST_STYLES`): every image of every source is also seen through CLAHE, histogram
-  equalisation or a strong gamma (:mod:`models.site_processing`), so the probe cannot learn "this look = this class"
+  equalisation or a strong gamma (:mod:`models.data.site_processing`), so the probe cannot learn "this look = this class"
   (the knee set is CLAHE-processed, the chest set is not FracAtlas's look);
 - **one feature pass**: the frozen backbone's pooled features of every (image, view) are computed once and cached in
   an ``.npz`` (:func:`extract_features`), from which the probe, the temperature, the out-of-distribution model and the
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.data import IMAGE_SUFFIXES, split_of
-from models.preprocess import Geometry, load_image, to_model_input
+from models.data.datasets import IMAGE_SUFFIXES, split_of
+from models.data.preprocess import Geometry, load_image, to_model_input
 
 LOGGER = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def folder_images(folder: str | Path, label: str | None, source: str) -> list[Wo
 
 def contrast_copy(image: np.ndarray, style: str, rng: np.random.Generator) -> np.ndarray:
     """``image`` (float in [0, 1]) as another site's processing would show it."""
-    from models.site_processing import clahe, histogram_equalised
+    from models.data.site_processing import clahe, histogram_equalised
 
     if style == "clahe":
         return clahe(image, clip_limit=float(rng.uniform(0.005, 0.03)))
@@ -155,9 +155,9 @@ WORLD_C_GRID = (0.01, 0.03, 0.1)
 def world_images(clusters_yaml: Path, extras: list[tuple[Path, str]], include_discarded: bool = True) -> list[WorldImage]:
     """The named clusters' images (FracAtlas, RSNA: their id-block / case-id split), the extra sources' images, and
     (for OOD measurement only, never training) the validation and test images of the clusters a person discarded."""
-    from models.anatomy import split_key
+    from models.data.datasets import split_key
     from models.anatomy_vocabulary import canonical_name
-    from models.cluster import read_named_clusters
+    from models.train.cluster import read_named_clusters
 
     images = []
     for listed, path, name in read_named_clusters(Path(clusters_yaml), include_discarded=include_discarded):
@@ -194,8 +194,8 @@ def fit_world_probe(arrays: dict[str, np.ndarray], classes: list[str], seed: int
     Training rows: the train split's labelled images in every view extracted (original + contrast copy).
     Validation rows: the validation split's labelled images in every view (original + each contrast style).
     """
-    from models.anatomy import fit_probe
-    from models.anatomy_ood import (
+    from models.train.anatomy import fit_probe
+    from models.nets.anatomy_ood import (
         MahalanobisOOD, expected_calibration_error, fit_temperature, softmax, threshold_for_acceptance,
     )
 
@@ -232,7 +232,7 @@ def train_world_probe(clusters_yaml: Path, extras: list[tuple[Path, str]], out: 
     cache, for ``evaluate anatomy`` to read later; they never train anything.
     """
     from models.anatomy_vocabulary import in_vocabulary_order
-    from models.checkpoint import build_network, code_version, save_checkpoint
+    from models.nets.checkpoint import build_network, code_version, save_checkpoint
 
     images = world_images(clusters_yaml, extras) + list(measure_only or [])
     classes = in_vocabulary_order({img.label for img in images if img.label and img.split == "train"})

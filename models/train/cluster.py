@@ -23,8 +23,8 @@ from PIL import Image, ImageDraw
 from torch import nn
 from tqdm import tqdm
 
-from models.data import IMAGE_SUFFIXES
-from models.preprocess import Geometry, load_image, to_model_input
+from models.data.datasets import IMAGE_SUFFIXES
+from models.data.preprocess import Geometry, load_image, to_model_input
 
 LOGGER = logging.getLogger(__name__)
 
@@ -97,13 +97,13 @@ def embedding_network(weights: Path | None, arch: str = "efficientnet_lite0",
                       size: int = 128) -> tuple[nn.Module, Geometry, str]:
     """(backbone returning a feature map, its input geometry, a description for the YAML)."""
     if weights is not None:
-        from models.checkpoint import load_checkpoint
+        from models.nets.checkpoint import load_checkpoint
 
         model, card = load_checkpoint(weights)
         features, geometry = model.features, card.geometry
         what = f"{card.name} {card.version} ({card.architecture}, sha256 {card.sha256[:12]})"
     else:
-        from models.networks import build_backbone
+        from models.nets.networks import build_backbone
 
         features, geometry = build_backbone(arch, pretrained=True), Geometry(size=size, aspect="pad")
         what = f"{arch} ImageNet features" if arch != "tiny_cnn" else "tiny_cnn random features (tests only)"
@@ -189,7 +189,7 @@ def sort_images(images: Path | list[Path], out: Path, k: int = 8, weights: Path 
     """Embed, cluster, and write ``out/cluster_XX.png`` and ``out/clusters.yaml``.
 
     ``images`` may be several folders (a site pools its archives); the YAML lists paths relative to their common
-    parent. With ``region_labels`` (see :mod:`models.region_labels`) the clusters' agreement with the known
+    parent. With ``region_labels`` (see :mod:`models.data.region_labels`) the clusters' agreement with the known
     regions is measured and returned, and written into the YAML; the labels never steer the clustering.
     Returns (clusters, agreement report or {}).
     """
@@ -206,7 +206,7 @@ def sort_images(images: Path | list[Path], out: Path, k: int = 8, weights: Path 
     labels, distances = kmeans(vectors, k, seed)
     agreement: dict = {}
     if region_labels:
-        from models.region_labels import read_all_region_labels
+        from models.data.region_labels import read_all_region_labels
 
         agreement = cluster_agreement(labels, paths, read_all_region_labels(region_labels))
     # Largest cluster first, so cluster_00 is the one most worth naming.

@@ -1,13 +1,13 @@
 """Training the fracture model on FracAtlas: image label and radiologists' boxes together.
 
-The network (:class:`models.networks.FractureNet`) has two outputs: the image logit ("fractured") and a
+The network (:class:`models.nets.networks.FractureNet`) has two outputs: the image logit ("fractured") and a
 stride-16 localisation map. The loss is the image's binary cross-entropy plus the map's, where the map target
 is 1 in every cell a fracture box touches and 0 elsewhere (the whole map on an image without a fracture);
 positive cells are rare (a box covers a few cells of a few hundred) so they are weighted ``MAP_POS_WEIGHT``.
-Image and box mask pass through the same preprocessing (:func:`models.fracatlas.image_and_mask_squares`) and the
+Image and box mask pass through the same preprocessing (:func:`models.data.fracatlas.image_and_mask_squares`) and the
 same random rotation, scale, shift and flip, so the target always lies under the fracture the network sees.
 
-The training loop is the shared one (:func:`models.train.fit`: bf16 autocast where native, EMA, a full resume state
+The training loop is the shared one (:func:`models.train.loop.fit`: bf16 autocast where native, EMA, a full resume state
 every epoch); this module plugs in the batch (image and mask augmented together), the loss and the validation.
 
 Each epoch is validated on the id-block validation split: AUROC of the classifier, of the map's maximum and of
@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from models.checkpoint import ModelCard, code_version, save_checkpoint
-from models.fracatlas import FractureCase, folder_fingerprint, image_and_mask_squares, split_cases
-from models.preprocess import Augment, Geometry, load_image, normalise
-from models.train import LoopParts, TrainConfig, fit, seed_everything
+from models.nets.checkpoint import ModelCard, code_version, save_checkpoint
+from models.data.fracatlas import FractureCase, folder_fingerprint, image_and_mask_squares, split_cases
+from models.data.preprocess import Augment, Geometry, load_image, normalise
+from models.train.loop import LoopParts, TrainConfig, fit, seed_everything
 
 LOGGER = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def cache_pointing(maps: np.ndarray, masks: torch.Tensor, labels: torch.Tensor, 
 
 def validation_metrics(model: torch.nn.Module, cache: FractureCache, geometry: Geometry,
                        device: torch.device) -> tuple[dict[str, float], str]:
-    from models.metrics import youden_threshold
+    from models.metrics.classification import youden_threshold
 
     image_prob, map_peak, maps = predict_fracture_cache(model, cache, geometry, device)
     y = cache.labels.numpy()
@@ -137,13 +137,13 @@ def validation_metrics(model: torch.nn.Module, cache: FractureCache, geometry: G
 
 
 def fracture_card(geometry: Geometry, splits: dict[str, list[FractureCase]], source: Path) -> ModelCard:
-    from models.checkpoint import INTENDED_USE
+    from models.nets.checkpoint import INTENDED_USE
 
     counts = {name: (len(cases), sum(c.fractured for c in cases)) for name, cases in splits.items()}
     note = (f"FracAtlas ({source.name}): {counts['train'][0]} train ({counts['train'][1]} fractured) / "
             f"{counts['val'][0]} validation ({counts['val'][1]}) images; {counts['test'][0]} test images "
             f"({counts['test'][1]} fractured) held out. Split: blocks of 20 consecutive image ids hashed "
-            "(models.fracatlas.case_split), the anatomy model's split; boxes from fractures.csv supervise the map.")
+            "(models.data.fracatlas.case_split), the anatomy model's split; boxes from fractures.csv supervise the map.")
     return ModelCard(
         task="abnormality", name="bonebridge-fracture", version="1.0.0", architecture="efficientnet_lite0",
         input_size=geometry.size, normalisation={"mean": list(geometry.mean), "std": list(geometry.std)},
@@ -173,7 +173,7 @@ def start_from_checkpoint(model: torch.nn.Module, weights: Path, geometry: Geome
     convolutional). Everything else about the geometry must be the same, or the features would be learnt on
     other pixels.
     """
-    from models.checkpoint import load_checkpoint
+    from models.nets.checkpoint import load_checkpoint
 
     source, source_card = load_checkpoint(weights)
     if source_card.task != "abnormality" or replace(source_card.geometry, size=geometry.size) != geometry:
@@ -188,7 +188,7 @@ def start_from_checkpoint(model: torch.nn.Module, weights: Path, geometry: Geome
 
 def train_fracture(cases: list[FractureCase], source: Path, geometry: Geometry, cfg: TrainConfig) -> tuple[Path, dict]:
     """``bonebridge train abnormality --data FRACATLAS_DIR``: classifier + box-supervised map, resumable."""
-    from models.checkpoint import build_network
+    from models.nets.checkpoint import build_network
 
     generator = seed_everything(cfg.seed)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -2,7 +2,7 @@
 
 A weights-shipping rule reads "lower MAE, with the paired 95 % interval of the per-image difference below zero".
 Two MAEs side by side carry their own intervals, which overlap on 127 validation hands even when one model is better
-on most of them; the per-image difference of absolute errors, resampled in pairs (:mod:`models.confidence`), is the
+on most of them; the per-image difference of absolute errors, resampled in pairs (:mod:`models.metrics.bootstrap`), is the
 figure that can tell. ``bonebridge compare BASE.json CANDIDATE.json`` prints it for two ``bonebridge evaluate
 boneage`` reports of the same split.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from models.confidence import mean_interval
+from models.metrics.bootstrap import mean_interval
 
 
 def _rows_by_id(report: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.data import split_key
-from models.data import split_of
-from models.preprocess import Geometry, body_box, crop_box, resize_to_square, to_unit_square
+from models.data.datasets import split_key
+from models.data.datasets import split_of
+from models.data.preprocess import Geometry, body_box, crop_box, resize_to_square, to_unit_square
 
 REGIONS = ("hand", "leg", "hip", "shoulder")
 Box = tuple[float, float, float, float]  # x, y, width, height in image pixels
@@ -115,7 +115,7 @@ def box_mask(shape: tuple[int, int], boxes: tuple[Box, ...]) -> np.ndarray:
 def image_and_mask_squares(image: np.ndarray, boxes: tuple[Box, ...], geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
     """The image as the network sees it (1x1xSxS) and its box mask through exactly the same crop and resize.
 
-    The image goes through :func:`models.preprocess.to_unit_square`, the inference path itself, so training can
+    The image goes through :func:`models.data.preprocess.to_unit_square`, the inference path itself, so training can
     never see an image prepared differently from what the daemon sends the model.
     """
     mask = box_mask(image.shape[:2], boxes)

@@ -1,7 +1,7 @@
-"""The three image classifiers: sex, abnormality (MURA) and anatomy, as :class:`models.train.TaskSpec` s.
+"""The three image classifiers: sex, abnormality (MURA) and anatomy, as :class:`models.train.loop.TaskSpec` s.
 
-All three are a backbone with a linear head (:class:`models.networks.ClassifierNet`) trained by the shared loop
-in :mod:`models.train`; this module only says, per task, where the examples come from, what the loss is, what is
+All three are a backbone with a linear head (:class:`models.nets.networks.ClassifierNet`) trained by the shared loop
+in :mod:`models.train.loop`; this module only says, per task, where the examples come from, what the loss is, what is
 measured on validation and what the model card records.
 
 - **sex**: RSNA bone-age layout (``labels.csv`` with ``id,boneage,male``), one logit (male), BCE, AUROC. Cases are
@@ -14,13 +14,13 @@ measured on validation and what the model card records.
 - **anatomy**: softmax over the names a person gave (from the one vocabulary of
   :mod:`models.anatomy_vocabulary`), cross-entropy, top-1 accuracy. Examples come from one folder per class or
   from a ``clusters.yaml`` written by ``bonebridge sort`` and named by a person (clusters named null or
-  ``discard`` are left out); from clusters, the default trainer is the linear probe of :mod:`models.anatomy`.
+  ``discard`` are left out); from clusters, the default trainer is the linear probe of :mod:`models.train.anatomy`.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.anatomy_vocabulary import VOCABULARY, canonical_name, in_vocabulary_order
-from models.checkpoint import INTENDED_USE, ModelCard
-from models.metrics import binary_metrics, topk_accuracy, youden_threshold  # noqa: F401 (re-exported)
-from models.data import read_class_folders, read_mura, read_rsna_boneage, split_of
-from models.preprocess import Augment, Geometry
-from models.train import Example, TaskSpec, TrainConfig, build_cache, predict_cache, train
+from models.nets.checkpoint import INTENDED_USE, ModelCard
+from models.metrics.classification import binary_metrics, topk_accuracy, youden_threshold
+from models.data.datasets import read_class_folders, read_mura, read_rsna_boneage, split_of
+from models.data.preprocess import Augment, Geometry
+from models.train.loop import Example, TaskSpec, TrainConfig, build_cache, predict_cache, train
 
 LOGGER = logging.getLogger(__name__)
 
@@ -183,16 +183,31 @@ def _require(splits: dict[str, list[Example]], binary: bool, source: str) -> Non
 
 
 # --------------------------------------------------------------------------- entry point
-def train_classifier(args: argparse.Namespace, geometry: Geometry, cfg: TrainConfig) -> tuple[Path, dict]:
+@dataclass(frozen=True)
+class ClassifierSource:
+    """What ``bonebridge train sex|abnormality|anatomy`` trains on (the command line's words, typed)."""
+
+    task: str  #: "sex", "abnormality" or "anatomy"
+    data: Path | None = None  #: RSNA labels.csv (sex), FracAtlas folder or MURA root (abnormality), class folders
+    images: Path | None = None  #: sex: the RSNA image folder when it is not beside labels.csv
+    arch: str = "efficientnet_lite0"
+    clusters: Path | None = None  #: anatomy: a clusters.yaml named by a person
+    licence: str | None = None  #: anatomy from clusters: the images' licence note, for the card
+    extra: tuple[str, ...] = ()  #: anatomy from clusters: ``DIR=PART`` folders (the world probe)
+    features_cache: Path | None = None  #: anatomy with ``extra``: the pooled features' .npz
+    finetune: bool = False  #: anatomy from clusters: fine-tune the whole network instead of the linear probe
+
+
+def train_classifier(request: ClassifierSource, geometry: Geometry, cfg: TrainConfig) -> tuple[Path, dict]:
     """``bonebridge train sex|abnormality|anatomy``: build the task's examples and card, then run the loop."""
-    task = args.task
-    architecture = getattr(args, "arch", "efficientnet_lite0")
-    data = Path(args.data) if getattr(args, "data", None) else None
+    task = request.task
+    architecture = request.arch
+    data = Path(request.data) if request.data else None
     if task == "sex":
         if data is None:
             raise ValueError("train sex needs --data labels.csv (RSNA layout)")
         labels_csv = data / "labels.csv" if data.is_dir() else data
-        splits = sex_examples(labels_csv, getattr(args, "images", None))
+        splits = sex_examples(labels_csv, request.images)
         source = str(labels_csv)
         note = (f"{labels_csv.parent.name}: {len(splits['train'])} train / {len(splits['val'])} validation images "
                 f"(sha256-of-id split; {len(splits['test'])} test images held out)")
@@ -201,10 +216,10 @@ def train_classifier(args: argparse.Namespace, geometry: Geometry, cfg: TrainCon
     elif task == "abnormality":
         if data is None:
             raise ValueError("train abnormality needs --data FRACATLAS_DIR or MURA_ROOT (the folder holding MURA-v1.1)")
-        from models.fracatlas import is_fracatlas, read_fracatlas
+        from models.data.fracatlas import is_fracatlas, read_fracatlas
 
         if is_fracatlas(data):
-            from models.fracture import train_fracture
+            from models.train.abnormality import train_fracture
 
             return train_fracture(read_fracatlas(data), data, geometry, cfg)
         splits = mura_examples(data)
@@ -215,13 +230,13 @@ def train_classifier(args: argparse.Namespace, geometry: Geometry, cfg: TrainCon
                                threshold=0.5)
         spec = binary_spec(card, tune_threshold=True, augment=Augment(degrees=15, hflip=True))
     elif task == "anatomy":
-        clusters = getattr(args, "clusters", None)
+        clusters = request.clusters
         if clusters:
-            from models.anatomy import examples_from_clusters
+            from models.train.anatomy import examples_from_clusters
 
             found = examples_from_clusters(Path(clusters))
             splits, classes = found.splits, found.classes
-            source, licence = str(clusters), getattr(args, "licence", None) or SITE_LICENCE
+            source, licence = str(clusters), request.licence or SITE_LICENCE
         elif data is not None:
             splits, classes = anatomy_examples_from_folders(data)
             source, licence = str(data), "As the licence of the class-folder images (record it here)."
@@ -231,15 +246,15 @@ def train_classifier(args: argparse.Namespace, geometry: Geometry, cfg: TrainCon
         note = (f"{Path(source).name}: {len(splits['train'])} train / {len(splits['val'])} validation images "
                 f"(split by id block or case id; {len(splits['test'])} test held out); train per class {counts}")
         card = classifier_card("anatomy", geometry, architecture, classes, note, licence)
-        if clusters and getattr(args, "extra", None):
-            from models.anatomy_world import train_world_probe
+        if clusters and request.extra:
+            from models.train.anatomy_world import train_world_probe
 
-            extras = [(Path(item.partition("=")[0]), item.partition("=")[2]) for item in args.extra]
-            cache = getattr(args, "features_cache", None) or Path(cfg.out).with_suffix(".features.npz")
+            extras = [(Path(item.partition("=")[0]), item.partition("=")[2]) for item in request.extra]
+            cache = request.features_cache or Path(cfg.out).with_suffix(".features.npz")
             return train_world_probe(Path(clusters), extras, cfg.out, geometry, card, cache, seed=cfg.seed,
                                      progress=cfg.progress)
-        if clusters and not getattr(args, "finetune", False):
-            from models.anatomy import train_linear_probe
+        if clusters and not request.finetune:
+            from models.train.anatomy import train_linear_probe
 
             _require(splits, binary=False, source=source)
             return train_linear_probe(Path(clusters), cfg.out, geometry, card, seed=cfg.seed, progress=cfg.progress)

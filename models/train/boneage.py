@@ -1,6 +1,6 @@
 """Bone age and sex from a hand radiograph: the task definition, and training on the RSNA layout.
 
-One network (:class:`models.networks.BoneAgeSexNet`) with two heads. Bone age is regressed in normalised months
+One network (:class:`models.nets.networks.BoneAgeSexNet`) with two heads. Bone age is regressed in normalised months
 (mean and std kept in the card) with an L1 loss, since the challenge was scored by mean absolute difference;
 sex is a logistic head trained beside it. During training the age head gets the true sex, as PatientSex from
 the DICOM header gives it at inference; when the header lacks it the sex head's prediction stands in.
@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from models.checkpoint import ModelCard, read_card
-from models.data import read_rsna_boneage, split_of
-from models.preprocess import Augment, Geometry
-from models.train import Example, TaskSpec, TrainConfig, build_cache, build_reframed_cache, predict_cache, train
+from models.nets.checkpoint import ModelCard, read_card
+from models.data.datasets import read_rsna_boneage, split_of
+from models.data.preprocess import Augment, Geometry
+from models.train.loop import Example, TaskSpec, TrainConfig, build_cache, build_reframed_cache, predict_cache, train
 
 LOGGER = logging.getLogger(__name__)
 

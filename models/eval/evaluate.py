@@ -1,13 +1,13 @@
 """``bonebridge evaluate``: measure a checkpoint on a labelled folder, the way the papers it is compared with do.
 
-Evaluation goes through :class:`models.inference.Predictor`, the code path the daemon uses, not the training
+Evaluation goes through :class:`models.inference.predictor.Predictor`, the code path the daemon uses, not the training
 loop's cache, so what is measured is what is deployed (preprocessing, sex handling, clipping). Per task:
 
 - **boneage** (RSNA layout): MAE and RMSE in months, overall and per age band, bias, sex accuracy and AUROC;
   Bland-Altman and scatter plots. PatientSex is given from ``labels.csv``, as the DICOM header would give it.
 - **sex** (RSNA layout; a ``sex`` or a ``boneage`` checkpoint): accuracy, AUROC, ROC curve.
 - **abnormality** on a FracAtlas-layout folder (``dataset.csv`` + ``images/`` + optional ``fractures.csv``):
-  see :mod:`models.evaluate_fracture` (AUROC and whether the heatmap points at the radiologists' boxes; default
+  see :mod:`models.eval.abnormality` (AUROC and whether the heatmap points at the radiologists' boxes; default
   split ``test``, the id-block split training held out);
 - **abnormality** (MURA-v1.1 ``valid``, the public evaluation split): AUROC, sensitivity, specificity and Cohen's
   kappa at the card's threshold, per image and per study (mean of the study's image probabilities, as MURA
@@ -35,12 +35,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.classify import anatomy_class_index, binary_metrics
-from models.confidence import auroc_interval, mean_interval
-from models.data import read_class_folders, read_mura, read_rsna_boneage, split_of
-from models.inference import ImagePrediction, Predictor, load_predictor
-from models.plots import plot_bland_altman, plot_calibration, plot_confusion, plot_roc, plot_scatter
-from models.preprocess import load_image
+from models.metrics.classification import binary_metrics
+from models.train.classify import anatomy_class_index
+from models.metrics.bootstrap import auroc_interval, mean_interval
+from models.data.datasets import read_class_folders, read_mura, read_rsna_boneage, split_of
+from models.inference.predictor import ImagePrediction, Predictor, load_predictor
+from models.eval.plots import plot_bland_altman, plot_calibration, plot_confusion, plot_roc, plot_scatter
+from models.data.preprocess import load_image
 
 AGE_BANDS_YEARS = ((0, 2), (2, 6), (6, 10), (10, 14), (14, 19))
 HEATMAP_TIMING_IMAGES = 8
@@ -94,8 +95,8 @@ def folder_items(data: Path, split: str, classes: list[str]) -> tuple[list[Item]
 
 def discarded_items(clusters_yaml: Path, split: str) -> list[Item]:
     """Images of the clusters a person discarded, in ``split`` (their class is unknown; their region may not be)."""
-    from models.data import split_key
-    from models.cluster import read_named_clusters
+    from models.data.datasets import split_key
+    from models.train.cluster import read_named_clusters
 
     return [Item(str(path), path, -1.0, group="discard")
             for listed, path, name in read_named_clusters(clusters_yaml, include_discarded=True)
@@ -104,7 +105,7 @@ def discarded_items(clusters_yaml: Path, split: str) -> list[Item]:
 
 def cluster_items(clusters_yaml: Path, split: str, classes: list[str]) -> tuple[list[Item], str]:
     """Images of a named clusters file, in the split ``train anatomy --clusters`` put them in."""
-    from models.anatomy import examples_from_clusters
+    from models.train.anatomy import examples_from_clusters
 
     found = examples_from_clusters(clusters_yaml)
     chosen = ("train", "val", "test") if split == "all" else (split,)
@@ -186,12 +187,12 @@ def boneage_report(items: list[Item], preds: list[ImagePrediction]) -> tuple[dic
 
 def variant_reports(predictor: Predictor, items: list[Item], batch_size: int, progress: bool,
                     base_errors: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
-    """MAE, bias and sex accuracy of the same test images reframed each way of :mod:`models.framing`.
+    """MAE, bias and sex accuracy of the same test images reframed each way of :mod:`models.data.framing`.
 
     Given the signed errors of the images as sent (``base_errors``), each variant also gets its MAE's difference
     from theirs with a paired interval: the issue's "within 1.0 month of (b)" is a statement about that difference.
     """
-    from models.framing import VARIANT_LATERALITY, VARIANTS, make_variant
+    from models.data.framing import VARIANT_LATERALITY, VARIANTS, make_variant
 
     out: dict[str, dict[str, Any]] = {}
     for name in VARIANTS:
@@ -398,7 +399,7 @@ def evaluate(task: str, weights: Path, data: Path | None, *, labels: Path | None
         if variants:
             base_errors = np.array([r["pred_months"] - r["true_months"] for r in rows])
             metrics["variants"] = variant_reports(predictor, items, batch_size, progress, base_errors)
-            from models.framing import SIDE_VARIANTS
+            from models.data.framing import SIDE_VARIANTS
 
             framings = {k: v for k, v in metrics["variants"].items() if k not in SIDE_VARIANTS}
             worst = max(abs(v["mae_months"] - metrics["mae_months"]) for v in framings.values())
@@ -428,7 +429,7 @@ def evaluate(task: str, weights: Path, data: Path | None, *, labels: Path | None
     else:
         metrics, rows, headline = anatomy_report(items, preds, card.classes)
         if regions:
-            from models.region_labels import layout_of, read_all_region_labels, read_region_labels
+            from models.data.region_labels import layout_of, read_all_region_labels, read_region_labels
 
             known = read_all_region_labels(list(regions))
             rsna = {p for f in regions if layout_of(f) == "rsna" for p in read_region_labels(f)}
@@ -494,18 +495,18 @@ def _write_report(report: dict, json_out: Path | None) -> bool:
 
 
 def _is_fracatlas(data: Path) -> bool:
-    from models.fracatlas import is_fracatlas
+    from models.data.fracatlas import is_fracatlas
 
     return Path(data).is_dir() and is_fracatlas(data)
 
 
 def _evaluate_fracatlas(predictor: Predictor, weights: Path, data: Path, split: str | None, json_out: Path | None,
                         plots: Path | None, batch_size: int, progress: bool, echo: Callable[[str], None]) -> dict:
-    """FracAtlas layout: detection and pointing (see :mod:`models.evaluate_fracture`).
+    """FracAtlas layout: detection and pointing (see :mod:`models.eval.abnormality`).
 
     Default split: ``test`` on the model's own training folder, every image on any other (the headline says which).
     """
-    from models.evaluate_fracture import evaluate_fracatlas
+    from models.eval.abnormality import evaluate_fracatlas
 
     body, plot_paths, headline = evaluate_fracatlas(predictor, data, split, plots, batch_size, progress)
     card = predictor.card

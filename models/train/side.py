@@ -2,10 +2,10 @@
 
 Bone age is read on the left hand, and every RSNA training image is one. A right hand reaches the model mirrored
 relative to what it learnt: on validation that costs the sex head all of its accuracy (75.6 % -> 53.5 %) and the
-age 0.6 months. When the header states the side, :class:`models.inference.Predictor` mirrors a right hand back.
+age 0.6 months. When the header states the side, :class:`models.inference.predictor.Predictor` mirrors a right hand back.
 Many headers do not, so this module fits a linear "right hand?" logit on the network's pooled features, with
 labels that cost nothing: each training image as sent is a left hand, its mirror image a right one. Each
-training image is first reframed one of the ways a PACS sends hands (:mod:`models.framing`), so the head holds
+training image is first reframed one of the ways a PACS sends hands (:mod:`models.data.framing`), so the head holds
 when the framing differs.
 
 The backbone is not touched, so the age and sex outputs stay exactly those of the checkpoint it came from; the
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.data import read_rsna_boneage, split_of
-from models.framing import make_variant
-from models.preprocess import load_image, to_model_input
+from models.nets.checkpoint import load_checkpoint, save_checkpoint
+from models.data.datasets import read_rsna_boneage, split_of
+from models.data.framing import make_variant
+from models.data.preprocess import load_image, to_model_input
 
 LOGGER = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The daemon's only door into the models: load a verified checkpoint once, predict on decoded images.
 
-:func:`load_predictor` goes through :func:`models.checkpoint.load_checkpoint`, so weights without a card, weights
+:func:`load_predictor` goes through :func:`models.nets.checkpoint.load_checkpoint`, so weights without a card, weights
 whose sha256 differs from their card, and cards that say ``trained: false`` are refused before anything is
-predicted. :meth:`Predictor.predict` sends every image through :func:`models.preprocess.to_model_input` with the
+predicted. :meth:`Predictor.predict` sends every image through :func:`models.data.preprocess.to_model_input` with the
 geometry stored in the card, i.e. exactly the preprocessing the model was trained with, in batches, and returns
 per image the task's outputs (the keys the SR builder reads) and optionally a Grad-CAM heatmap at the image's
 original size.
@@ -22,17 +22,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.cam import boneage_grad_cam, grad_cam, to_image
-from models.checkpoint import ModelCard, load_checkpoint
-from models.networks import fold_for_inference
-from models.preprocess import Geometry, to_model_input
+from models.nets.cam import boneage_grad_cam, grad_cam, to_image
+from models.nets.checkpoint import ModelCard, load_checkpoint
+from models.nets.networks import fold_for_inference
+from models.nets.precision import bf16_supported
+from models.data.preprocess import Geometry, to_model_input
 
 LOGGER = logging.getLogger(__name__)
 
 MAX_AGE_MONTHS = 240.0
 #: The sex head must be at least this sure before a study's PatientSex is flagged as contradicted.
 SEX_MISMATCH_CONFIDENCE = 0.9
-TTA_SHIFT = 3  # pixels, as in models.train.predict_cache
+TTA_SHIFT = 3  # pixels, as in models.train.loop.predict_cache
 #: Bone age is read on the left hand (Greulich and Pyle; every RSNA training image is one). A radiograph whose
 #: header says it shows the right hand is mirrored before the model sees it, and its heatmap mirrored back.
 BONEAGE_TRAINED_SIDE = "L"
@@ -108,8 +109,6 @@ class Predictor:
 
     def __init__(self, model: nn.Module, card: ModelCard, weights: Path | None = None, device: str | None = None,
                  mask_labels: bool | None = None, batch_size: int = 16, precision: str | None = None) -> None:
-        from models.train import bf16_supported
-
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         #: bf16 autocast for the forward passes, as the card says (or ``precision`` overrides, for evaluation), and
         #: only where the hardware runs it natively; Grad-CAM's small backward through the heads stays in fp32.
@@ -134,7 +133,7 @@ class Predictor:
         self.ood_threshold: float | None = None
         ood = calibration.get("ood") or {}
         if ood.get("file"):
-            from models.anatomy_ood import MahalanobisOOD
+            from models.nets.anatomy_ood import MahalanobisOOD
 
             base = Path(weights).parent if weights is not None else Path(".")
             self.ood = MahalanobisOOD.load(base / ood["file"], ood.get("sha256"))

@@ -1,6 +1,6 @@
 """Training: one loop for every task, driven by a :class:`TaskSpec`.
 
-The loop preprocesses every image once through :mod:`models.preprocess` (the same path inference uses) into a
+The loop preprocesses every image once through :mod:`models.data.preprocess` (the same path inference uses) into a
 uint8 cache, then trains with batched augmentation, validation each epoch, early stopping on the validation
 metric, a checkpoint (weights + card) after every epoch so a stopped run resumes, seeds, a progress bar,
 channels-last, and bf16 autocast wherever the hardware has it: on a CUDA GPU, and on a CPU with AVX-512 BF16 or AMX
@@ -25,8 +25,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.checkpoint import ModelCard, build_network, code_version, load_checkpoint, save_checkpoint
-from models.preprocess import Augment, Geometry, load_image, normalise, to_unit_square
+from models.nets.checkpoint import ModelCard, build_network, code_version, load_checkpoint, save_checkpoint
+from models.data.preprocess import Augment, Geometry, load_image, normalise, to_unit_square
+from models.nets.precision import autocast_enabled
 
 LOGGER = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class TrainConfig:
     #: bone age: mirror half the training images, so a right hand whose header does not say so reads like a left one
     #: (RSNA holds left hands only; the fracture recipe always mirrors)
     hflip: bool = False
-    #: bone age: the sex head's weight in the loss; None is ``models.boneage.SEX_LOSS_WEIGHT`` (resolved there, so the
+    #: bone age: the sex head's weight in the loss; None is ``models.train.boneage.SEX_LOSS_WEIGHT`` (resolved there, so the
     #: card records the weight used)
     sex_loss_weight: float | None = None
     max_steps_per_epoch: int | None = None
@@ -66,15 +67,15 @@ class TrainConfig:
     resume: bool = True
     progress: bool = True
     init_weights: Path | None = None  # start from a trained checkpoint of the same task (fresh optimiser and schedule)
-    #: "auto": bf16 autocast where :func:`bf16_supported` says so, else fp32; "bf16" or "fp32" to force one
+    #: "auto": bf16 autocast where :func:`models.nets.precision.bf16_supported` says so, else fp32; "bf16" or "fp32" to force one
     precision: str = "auto"
     #: decay of the weights' exponential moving average (0: no EMA); validation and the checkpoint read the average
     ema_decay: float = 0.0
-    #: fraction of each training batch shown in a random site's processing (:mod:`models.site_processing`)
+    #: fraction of each training batch shown in a random site's processing (:mod:`models.data.site_processing`)
     site_style_probability: float = 0.0
     #: bone age: beta of the smooth L1 loss on standardised months (0: plain L1, as before)
     smooth_l1_beta: float = 0.0
-    #: bone age: augmentation strength, a name in ``models.boneage.AUGMENTS``
+    #: bone age: augmentation strength, a name in ``models.train.boneage.AUGMENTS``
     augment: str = "default"
     #: abnormality on FracAtlas: share of id blocks in validation (taken from train; the test split never moves)
     val_fraction: float = 0.1
@@ -94,25 +95,6 @@ class TaskSpec:
     monitor: str
     lower_is_better: bool
     augment: Augment = field(default_factory=Augment)
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast runs natively here: a CUDA GPU that says so, or a CPU with AVX-512 BF16 or AMX.
-
-    Elsewhere bf16 on a CPU is emulated and slower than fp32, so ``precision="auto"`` stays in fp32 there.
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return False
-
-
-def autocast_enabled(precision: str, device: torch.device) -> bool:
-    """Resolve ``TrainConfig.precision`` for ``device``: True means bf16 autocast."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
-    return precision == "bf16" or (precision == "auto" and bf16_supported(device))
 
 
 def build_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
@@ -135,10 +117,10 @@ def build_cache(examples: list[Example], geometry: Geometry, progress: bool = Tr
                 framings: Sequence[str] | None = None) -> torch.Tensor:
     """All images through the shared preprocessing, as an Nx1xSxS uint8 tensor (a 128 px image is 16 KB).
 
-    ``framings`` (one :mod:`models.framing` name per example) reframes each image first, as
+    ``framings`` (one :mod:`models.data.framing` name per example) reframes each image first, as
     :func:`build_reframed_cache` does.
     """
-    from models.framing import make_variant
+    from models.data.framing import make_variant
 
     cache = torch.empty((len(examples), 1, geometry.size, geometry.size), dtype=torch.uint8)
     for i, ex in enumerate(tqdm(examples, desc="preprocess", disable=not progress, leave=False)):
@@ -150,7 +132,7 @@ def build_cache(examples: list[Example], geometry: Geometry, progress: bool = Tr
     return cache
 
 
-#: How ``build_reframed_cache`` reframes training images (models.framing names), drawn per image.
+#: How ``build_reframed_cache`` reframes training images (models.data.framing names), drawn per image.
 REFRAMINGS: tuple[str, ...] = ("tight_crop_black", "zoomed_out")
 
 
@@ -208,7 +190,7 @@ def _forward(model: nn.Module, x: torch.Tensor, side: torch.Tensor) -> tuple[tor
 
 
 def _is_boneage(model: nn.Module) -> bool:
-    from models.networks import BoneAgeSexNet
+    from models.nets.networks import BoneAgeSexNet
 
     return isinstance(model, BoneAgeSexNet)
 
@@ -362,7 +344,7 @@ def train(
             pick = torch.rand(len(idx), generator=generator) < cfg.reframe_probability
             batch_u8 = torch.where(pick.view(-1, 1, 1, 1), reframed_train_cache[idx], batch_u8)
         if cfg.site_style_probability > 0:
-            from models.site_processing import restyle_batch
+            from models.data.site_processing import restyle_batch
 
             style_seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
             batch_u8 = restyle_batch(batch_u8, cfg.site_style_probability, style_seed)

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 from sklearn.metrics import cohen_kappa_score, roc_auc_score, roc_curve
 
-from models.confidence import auroc_interval
+from models.metrics.bootstrap import auroc_interval
 
 
 def youden_threshold(y_true: Sequence[float], prob: Sequence[float]) -> float:
@@ -31,7 +31,7 @@ def binary_metrics(y_true: Sequence[float], prob: Sequence[float], threshold: fl
                    with_interval: bool = False) -> dict[str, Any]:
     """AUROC, accuracy, sensitivity, specificity and Cohen's kappa at ``threshold`` (decision: prob >= threshold).
 
-    ``with_interval`` adds ``auroc_ci95``, the AUROC's 95 % bootstrap interval (:func:`models.confidence.auroc_interval`,
+    ``with_interval`` adds ``auroc_ci95``, the AUROC's 95 % bootstrap interval (:func:`models.metrics.bootstrap.auroc_interval`,
     nan without both classes). It is a keyword because a thousand resamples are for evaluation reports, where every
     block of figures (overall, per region, per study) should carry one, not for training's per-epoch validation.
     """

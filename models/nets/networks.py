@@ -197,7 +197,7 @@ class BoneAgeSexNet(nn.Module):
     study whose header contradicts it. The age output is in normalised units; the card holds mean and std.
 
     ``side_head`` adds a linear "is this a right hand?" logit on the same pooled features (fitted afterwards on the
-    frozen backbone by :mod:`models.side`), for images whose header does not state the side.
+    frozen backbone by :mod:`models.train.side`), for images whose header does not state the side.
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", pretrained: bool = True, dropout: float = 0.2,

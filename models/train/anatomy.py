@@ -7,13 +7,13 @@ are written into the model card, and ``config check`` validates routes against t
 
 **Split.** Consecutive image numbers often come from one patient (FracAtlas says so of its ids), so an image
 whose file stem is letters followed by a running number (``IMG0000123``) is split with its block of
-:data:`BLOCK` consecutive numbers; a purely numeric stem is a case id (the RSNA layout, one patient per id) and is
+:data:`models.data.datasets.BLOCK` consecutive numbers; a purely numeric stem is a case id (the RSNA layout, one patient per id) and is
 split by that id exactly as the bone-age model splits it, so a bone-age test hand is an anatomy test hand too.
 
 **Linear probe.** Sorting body regions is what ImageNet features already separate well (the clusters show it), so
 the default trainer keeps EfficientNet-Lite0's ImageNet backbone frozen and fits a multinomial logistic
 regression on its pooled features, with the regularisation chosen on the validation split. The result is an
-ordinary :class:`models.networks.ClassifierNet` checkpoint (backbone + linear head), so inference, Grad-CAM and
+ordinary :class:`models.nets.networks.ClassifierNet` checkpoint (backbone + linear head), so inference, Grad-CAM and
 the card work as for any classifier, and it trains in minutes on a CPU. ``--finetune`` uses the shared training
 loop instead.
 """
@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from models.anatomy_vocabulary import canonical_name, in_vocabulary_order
-from models.checkpoint import ModelCard, code_version, save_checkpoint
-from models.data import BLOCK, split_key, split_of  # noqa: F401 (split_key, BLOCK re-exported)
-from models.preprocess import Geometry
-from models.train import Example
+from models.nets.checkpoint import ModelCard, code_version, save_checkpoint
+from models.data.datasets import split_key, split_of
+from models.data.preprocess import Geometry
+from models.train.loop import Example
 
 LOGGER = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class AnatomyExamples:
 
 def examples_from_clusters(clusters_yaml: Path) -> AnatomyExamples:
     """Images of the clusters a person named, labelled by index into the names used, split by :func:`split_key`."""
-    from models.cluster import read_named_clusters
+    from models.train.cluster import read_named_clusters
 
     entries = read_named_clusters(clusters_yaml)
     classes = in_vocabulary_order({name for _, _, name in entries})
@@ -86,9 +86,9 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
 def train_linear_probe(clusters_yaml: Path, out: Path, geometry: Geometry, card: ModelCard, seed: int = 0,
                        progress: bool = True) -> tuple[Path, dict]:
     """Fit the probe on the train split, choose C on validation, save a ClassifierNet checkpoint with its card."""
-    from models.checkpoint import build_network
-    from models.metrics import topk_accuracy
-    from models.cluster import pooled_features
+    from models.nets.checkpoint import build_network
+    from models.metrics.classification import topk_accuracy
+    from models.train.cluster import pooled_features
 
     data = examples_from_clusters(clusters_yaml)
     model = build_network(card, pretrained=True).to(memory_format=torch.channels_last).eval()

@@ -5,7 +5,7 @@ Every image a model sees, during training or in the daemon, goes through :func:`
 daemon never chooses a size, an aspect policy or a normalisation on its own.
 
 Images enter as float32 arrays in [0, 1], MONOCHROME2 (bone bright). DICOM decoding (VOI LUT, MONOCHROME1
-inversion, compressed transfer syntaxes) lives in :mod:`daemon.decode`; :func:`load_image` accepts both DICOM and
+inversion, compressed transfer syntaxes) lives in :mod:`models.display_image`; :func:`load_image` accepts both DICOM and
 PNG/JPEG files and calls it for DICOM, so the training commands can read either.
 """
 
@@ -71,7 +71,7 @@ def load_image(path: str | Path) -> np.ndarray:
     if path.suffix.lower() in {".dcm", ".dicom", ""}:
         import pydicom
 
-        from daemon.dicom.decode import read_display_image
+        from models.display_image import read_display_image
 
         return read_display_image(pydicom.dcmread(path))
     with Image.open(path) as img:

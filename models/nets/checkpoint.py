@@ -20,8 +20,8 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from models.networks import BoneAgeSexNet, ClassifierNet, FractureNet
-from models.preprocess import Geometry
+from models.nets.networks import BoneAgeSexNet, ClassifierNet, FractureNet
+from models.data.preprocess import Geometry
 
 Task = Literal["boneage", "sex", "abnormality", "anatomy"]
 
@@ -30,7 +30,7 @@ class CheckpointError(Exception):
     """A checkpoint that must not be used, with the reason."""
 
 
-#: The intended-use line of a card, per classifier task (bone age writes its own in :mod:`models.boneage`).
+#: The intended-use line of a card, per classifier task (bone age writes its own in :mod:`models.train.boneage`).
 INTENDED_USE = {
     "sex": "Research use only. Not for clinical use. Sex from pediatric hand radiographs (a PatientSex check).",
     "abnormality": "Research use only. Not for clinical use. Abnormality triage of upper-extremity radiographs.",

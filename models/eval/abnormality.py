@@ -1,6 +1,6 @@
 """``bonebridge evaluate abnormality`` on a FracAtlas-layout folder: detection and whether the heatmap points.
 
-Every image is predicted through :class:`models.inference.Predictor` (the daemon's path) with its heatmap: the
+Every image is predicted through :class:`models.inference.predictor.Predictor` (the daemon's path) with its heatmap: the
 learnt localisation map for a box-supervised model, Grad-CAM otherwise. Reported, overall and per region (hand,
 leg, hip, shoulder; ``mixed`` images count overall only):
 
@@ -25,12 +25,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from models.metrics import binary_metrics
-from models.confidence import mean_interval
-from models.fracatlas import REGIONS, FractureCase, case_split, folder_fingerprint, pointing_hit, read_fracatlas
-from models.checkpoint import ModelCard
-from models.inference import Predictor
-from models.preprocess import load_image
+from models.metrics.classification import binary_metrics
+from models.metrics.bootstrap import mean_interval
+from models.data.fracatlas import REGIONS, FractureCase, case_split, folder_fingerprint, pointing_hit, read_fracatlas
+from models.nets.checkpoint import ModelCard
+from models.inference.predictor import Predictor
+from models.data.preprocess import load_image
 
 LENIENT_GROW = 0.03
 SHEET_TILE = 256
@@ -174,7 +174,7 @@ def evaluate_fracatlas(predictor: Predictor, data: Path, split: str | None, plot
 
     ``split`` None: :func:`default_split` chooses, and the report's ``split_reason`` says why.
     """
-    from models.plots import plot_calibration, plot_roc
+    from models.eval.plots import plot_calibration, plot_roc
 
     if split is None:
         split, split_reason = default_split(read_fracatlas(data), data, predictor.card)

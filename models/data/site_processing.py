@@ -1,12 +1,12 @@
 """The ways sites *process* a radiograph before it reaches us, as transforms of an image in [0, 1], bone bright.
 
-Framing (:mod:`models.framing`) is where the hand sits in the field; processing is how its grey levels look. PACS
+Framing (:mod:`models.data.framing`) is where the hand sits in the field; processing is how its grey levels look. PACS
 exports and other pipelines differ in both, and a model trained on one look gives other answers on another: the
 shipped bone-age model 2.1.0 read 60 hands that another pipeline had segmented onto black and contrast-stretched
 with a bias of +17.5 months (issue 30). The same functions serve two purposes:
 
 - **evaluation**: ``bonebridge evaluate boneage --variants`` reads the test split through
-  ``segmented_equalised`` and ``clahe`` beside the framing variants (:func:`models.framing.make_variant`);
+  ``segmented_equalised`` and ``clahe`` beside the framing variants (:func:`models.data.framing.make_variant`);
 - **training**: :func:`restyle_batch` gives a random share of each training batch one random site style
   (``train boneage --site-style-probability``), drawn afresh every batch from the loop's seeded generator, so a run
   that resumes draws the same styles.
@@ -23,7 +23,7 @@ import torch
 from scipy import ndimage
 from skimage import exposure, filters
 
-from models.preprocess import otsu_threshold
+from models.data.preprocess import otsu_threshold
 
 #: Site styles drawn for training (:func:`restyle`): one per restyled image.
 SITE_STYLES: tuple[str, ...] = (

@@ -26,8 +26,8 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from models.networks import BoneAgeSexNet
-from models.preprocess import Geometry, body_box
+from models.nets.networks import BoneAgeSexNet
+from models.data.preprocess import Geometry, body_box
 
 
 class AgeOutput(nn.Module):
@@ -119,7 +119,7 @@ def boneage_grad_cam(model: BoneAgeSexNet, feature_map: torch.Tensor, male: torc
 def to_original(square: np.ndarray, shape: tuple[int, int], geometry: Geometry, rescale: bool = True) -> np.ndarray:
     """A SxS map on the network input -> HxW on the original image, inverting the stretch or pad of preprocessing.
 
-    Mirrors :func:`models.preprocess.resize_to_square`: with ``pad`` the image occupies a centred ``new_h x new_w``
+    Mirrors :func:`models.data.preprocess.resize_to_square`: with ``pad`` the image occupies a centred ``new_h x new_w``
     window, which is cropped out before resizing; with ``stretch`` the whole square is resized.
     """
     height, width = int(shape[0]), int(shape[1])

@@ -1,0 +1,133 @@
+"""The decision table of ``bonebridge evaluate anatomy --extra ... --examples ...``: the anatomy model as the daemon uses it.
+
+:func:`models.eval.anatomy.head_figures` measures the model's head (accuracy per set and view, calibration, OOD);
+this module adds the **decision table**: for each set and each tagging (none, the correct part, a wrong part), run
+through the daemon's own decision (:func:`daemon.analyse.anatomy_decision.decide_anatomy`) and routing
+(:func:`daemon.analyse.rules.decide_route` on the shipped config, a 10-year-old DX so that every hand could get a
+bone age): the share decided right (same region as the truth), unknown, overruling a correct tag, and sent to a
+model it must not reach (bone age on anything but a hand, any model on a chest). It lives on the daemon's side
+because it reads the daemon's decision, routing and configuration; the models never import the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daemon.analyse.anatomy_decision import ModelWitness, boneage_block, decide_anatomy
+from daemon.analyse.rules import StudyFacts, decide_route
+from daemon.config.cards import model_task
+from models.eval.anatomy import REGION, head_figures, inference_ms, mura_truth
+
+LOGGER = logging.getLogger(__name__)
+
+TAGGINGS = ("none", "correct", "wrong")
+
+
+def wrong_tag(truth: str) -> str:
+    """The wrong tag a test study gets: ``hand`` (the bone-age part) unless the truth is in the hand region."""
+    return "knee" if REGION.get(truth) == "hand" else "hand"
+
+
+def route_study(config, label: str | None, source: str, boneage_routes: set[str], witness, decision) -> tuple[str, list[str]]:
+    """(route name, models that run) for a 10-year-old DX with this anatomy decision, as ``Analyser.decide`` routes."""
+    facts = StudyFacts(anatomy=label, anatomy_source=source, modality="DX", patient_age_years=10.0, patient_sex=None,
+                       calling_ae=None, study_description=None, body_part_examined=None)
+    why = boneage_block(decision, witness)
+    blocked = {name: why for name in boneage_routes} if why else {}
+    status = {route.name: None for route in config.routes}
+    routed = decide_route(config, facts, status, blocked=blocked)
+    if routed.route is None or routed.route.report == "not-processed":
+        return (routed.route.name if routed.route else "none"), []
+    if label is None and witness is not None:
+        return routed.route.name, []  # anatomy unknown: not processed whatever the route would run
+    return routed.route.name, list(routed.route.run)
+
+
+def decision_table(sets: dict[str, list[tuple[str, np.ndarray, float | None]]], classes: list[str],
+                   threshold: float | None, min_probability: float, config) -> dict[str, dict[str, dict[str, float]]]:
+    """Per set and tagging: n, right, unknown, overruled_correct_tag, forbidden_model (shares)."""
+    boneage_routes = {route.name for route in config.routes
+                      if any(m in config.models and model_task(config.models[m].weights) == "boneage" for m in route.run)}
+    tasks = {name: model_task(ref.weights) for name, ref in config.models.items()}
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for set_name, rows in sets.items():
+        table[set_name] = {}
+        for tagging in TAGGINGS:
+            counts = {"right": 0, "unknown": 0, "overruled_correct_tag": 0, "forbidden_model": 0, "bone_age": 0}
+            for truth, probs, ood in rows:
+                order = np.argsort(-probs)[:2]
+                witness = ModelWitness(top=tuple((classes[i], float(probs[i])) for i in order), ood_score=ood,
+                                       ood_threshold=threshold, classes=tuple(classes))
+                tag = None if tagging == "none" else truth if tagging == "correct" else wrong_tag(truth)
+                found = decide_anatomy(tag, f"BodyPartExamined={tag.upper()}" if tag else "no anatomy", witness,
+                                       min_probability)
+                _, run = route_study(config, found.label, found.source, boneage_routes, witness, found)
+                ran = {tasks.get(m) for m in run}
+                counts["right"] += found.label is not None and REGION.get(found.label) == REGION.get(truth)
+                counts["unknown"] += found.label is None
+                counts["overruled_correct_tag"] += tagging == "correct" and found.label != truth
+                counts["bone_age"] += "boneage" in ran
+                counts["forbidden_model"] += ("boneage" in ran and truth != "hand") or (truth == "chest" and bool(ran))
+            n = len(rows)
+            table[set_name][tagging] = {"n": n, **{k: (v / n if n else float("nan")) for k, v in counts.items()}}
+    return table
+
+
+def table_markdown(table: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = ["| set | tagging | n | decided right | unknown | overruled a correct tag | sent to a model it must not reach | bone age run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for set_name, by_tag in table.items():
+        for tagging, row in by_tag.items():
+            lines.append(f"| {set_name} | {tagging} | {row['n']} | {row['right']:.1%} | {row['unknown']:.1%} | "
+                         f"{row['overruled_correct_tag']:.1%} | {row['forbidden_model']:.1%} | {row['bone_age']:.1%} |")
+    return "\n".join(lines)
+
+
+def evaluate_heads(arrays: dict[str, np.ndarray], weights: Path, config, split: str = "test",
+                   min_probability: float | None = None) -> dict[str, Any]:
+    """Every figure of :func:`models.eval.anatomy.head_figures` for one checkpoint's head, and the decision table."""
+    min_probability = config.anatomy.min_probability if min_probability is None else min_probability
+    figures = head_figures(arrays, weights, split)
+    report = figures.report
+    report["decisions"] = decision_table(figures.sets, figures.classes, figures.ood_threshold, min_probability, config)
+    report["decisions_markdown"] = table_markdown(report["decisions"])
+    return report
+
+
+def run(args) -> int:
+    """The CLI: extract (or reuse) features of every set, then report each checkpoint's head on them."""
+    from daemon.config.schema import load_config
+    from models.nets.checkpoint import load_checkpoint
+    from models.train.anatomy_world import WorldImage, extract_features, world_images
+
+    extras = []
+    for item in args.extra or []:
+        folder, _, label = str(item).partition("=")
+        extras.append((Path(folder), label))
+    images = world_images(Path(args.data), extras)
+    for folder in args.examples or []:
+        images += [WorldImage(p, mura_truth(p), "test", "mura") for p in sorted(Path(folder).glob("*.png"))]
+    model, card = load_checkpoint(args.weights)
+    cache = args.features_cache or args.json.with_suffix(".features.npz")
+    arrays = extract_features(model.features, images, card.geometry, Path(cache), progress=not args.no_progress)
+    if getattr(args, "examples", None):
+        arrays["label"] = np.array([lab if src != "mura" else mura_truth(p)
+                                    for lab, src, p in zip(arrays["label"], arrays["source"], arrays["path"])])
+    config = load_config(args.config) if getattr(args, "config", None) else load_config(
+        Path(__file__).resolve().parents[2] / "config" / "bonebridge.yaml")
+    report = {"model": evaluate_heads(arrays, args.weights, config, split=args.split or "test")}
+    for other in getattr(args, "compare_with", None) or []:
+        report[f"compare {Path(other).name}"] = evaluate_heads(arrays, Path(other), config, split=args.split or "test")
+    report["inference_ms_per_image"] = inference_ms(args.weights, [Path(p) for p in arrays["path"][:4]])
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    print(report["model"]["decisions_markdown"])
+    print(f"ECE {report['model']['calibration']['ece_raw_original']:.3f} -> "
+          f"{report['model']['calibration']['ece_calibrated_original']:.3f}; "
+          f"inference {report['inference_ms_per_image']:.1f} ms/image; report: {args.json}")
+    return 0
