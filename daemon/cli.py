@@ -251,7 +251,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from daemon.analyse.decision_table import run
 
-        return run(args)
+        return run(args.weights, args.data, args.json, extra=args.extra or (), examples=args.examples or (),
+                   features_cache=args.features_cache, config_path=args.config, compare_with=args.compare_with or (),
+                   split=args.split, progress=not args.no_progress)
     return models_cli.run_evaluate(args)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -99,35 +99,38 @@ def evaluate_heads(arrays: dict[str, np.ndarray], weights: Path, config, split: 
     return report
 
 
-def run(args) -> int:
-    """The CLI: extract (or reuse) features of every set, then report each checkpoint's head on them."""
+def run(weights: Path, data: Path, report_path: Path, *, extra: Sequence[str] = (), examples: Sequence[Path] = (),
+        features_cache: Path | None = None, config_path: Path | None = None, compare_with: Sequence[Path] = (),
+        split: str | None = None, progress: bool = True) -> int:
+    """``bonebridge evaluate anatomy --extra DIR=PART ... --examples DIR``: extract (or reuse) features of every set,
+    then report each checkpoint's head on them, decision table included; the report is written to ``report_path``."""
     from daemon.config.schema import load_config
     from models.nets.checkpoint import load_checkpoint
     from models.train.anatomy_world import WorldImage, extract_features, world_images
 
     extras = []
-    for item in args.extra or []:
+    for item in extra:
         folder, _, label = str(item).partition("=")
         extras.append((Path(folder), label))
-    images = world_images(Path(args.data), extras)
-    for folder in args.examples or []:
+    images = world_images(Path(data), extras)
+    for folder in examples:
         images += [WorldImage(p, mura_truth(p), "test", "mura") for p in sorted(Path(folder).glob("*.png"))]
-    model, card = load_checkpoint(args.weights)
-    cache = args.features_cache or args.json.with_suffix(".features.npz")
-    arrays = extract_features(model.features, images, card.geometry, Path(cache), progress=not args.no_progress)
-    if getattr(args, "examples", None):
+    model, card = load_checkpoint(weights)
+    cache = features_cache or report_path.with_suffix(".features.npz")
+    arrays = extract_features(model.features, images, card.geometry, Path(cache), progress=progress)
+    if examples:
         arrays["label"] = np.array([lab if src != "mura" else mura_truth(p)
                                     for lab, src, p in zip(arrays["label"], arrays["source"], arrays["path"])])
-    config = load_config(args.config) if getattr(args, "config", None) else load_config(
+    config = load_config(config_path) if config_path else load_config(
         Path(__file__).resolve().parents[2] / "config" / "bonebridge.yaml")
-    report = {"model": evaluate_heads(arrays, args.weights, config, split=args.split or "test")}
-    for other in getattr(args, "compare_with", None) or []:
-        report[f"compare {Path(other).name}"] = evaluate_heads(arrays, Path(other), config, split=args.split or "test")
-    report["inference_ms_per_image"] = inference_ms(args.weights, [Path(p) for p in arrays["path"][:4]])
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    report = {"model": evaluate_heads(arrays, weights, config, split=split or "test")}
+    for other in compare_with:
+        report[f"compare {Path(other).name}"] = evaluate_heads(arrays, Path(other), config, split=split or "test")
+    report["inference_ms_per_image"] = inference_ms(weights, [Path(p) for p in arrays["path"][:4]])
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=2, default=float) + "\n")
     print(report["model"]["decisions_markdown"])
     print(f"ECE {report['model']['calibration']['ece_raw_original']:.3f} -> "
           f"{report['model']['calibration']['ece_calibrated_original']:.3f}; "
-          f"inference {report['inference_ms_per_image']:.1f} ms/image; report: {args.json}")
+          f"inference {report['inference_ms_per_image']:.1f} ms/image; report: {report_path}")
     return 0
