@@ -160,8 +160,10 @@ class SupervisedWorker:
 
     def __init__(self, config_path: Path, broker_url: str, run_dir: Path, share_of_cpus: int = 1,
                  queues: str = "studies") -> None:
-        self.args = [sys.executable, "-m", "daemon.cli", "worker", "--config", str(config_path), "--broker", broker_url,
-                     "--queues", queues]
+        # serve's --log-level reaches its workers (and through them Celery's), so DEBUG means DEBUG everywhere
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        self.args = [sys.executable, "-m", "daemon.cli", "--log-level", level, "worker", "--config", str(config_path),
+                     "--broker", broker_url, "--queues", queues]
         self.env = dict(os.environ)
         if share_of_cpus > 1 and "BONEBRIDGE_TORCH_THREADS" not in self.env:
             # N workers x all cores each would oversubscribe the CPU; OpenMP threads then wait on each other
@@ -328,7 +330,7 @@ def worker(config_path: Path, broker_url: str | None = None, concurrency: int | 
         ready_file.unlink(missing_ok=True)
 
     pool = "threads" if dispatch_only else ("solo" if concurrency == 1 else "prefork")
-    argv = ["worker", "--loglevel", "INFO", "-Q", ",".join(names), "--pool", pool,
+    argv = ["worker", "--loglevel", logging.getLevelName(logging.getLogger().getEffectiveLevel()), "-Q", ",".join(names), "--pool", pool,
             "--concurrency", str(concurrency), "--without-gossip", "--without-mingle", "--hostname",
             f"bonebridge-{'dispatch-' if dispatch_only else ''}{os.getpid()}@%h"]
     app.worker_main(argv)

@@ -108,3 +108,19 @@ def test_a_second_serve_on_the_same_data_directory_prints_one_line(tmp_path: Pat
     assert out.stderr.strip().splitlines() == [
         f"bonebridge serve: another `bonebridge serve` (pid {first.pid}) is using {data_dir}; "
         "stop it first, or give this one another storage.data_dir"]
+
+
+def test_serve_passes_its_log_level_to_the_workers_it_starts(tmp_path: Path) -> None:
+    """`serve --log-level DEBUG` must reach the analysis and dispatch workers (their command line), not stop at serve."""
+    import logging
+
+    from daemon.serve import SupervisedWorker
+
+    root = logging.getLogger()
+    before = root.level
+    try:
+        root.setLevel(logging.DEBUG)
+        args = SupervisedWorker(tmp_path / "c.yaml", "redis://127.0.0.1:1/0", tmp_path, queues="dispatch").args
+    finally:
+        root.setLevel(before)
+    assert args[args.index("--log-level") + 1] == "DEBUG" and args.index("--log-level") < args.index("worker")
