@@ -155,6 +155,9 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
                       help="mask burned-in labels (default: as the model card says)")
     mask.add_argument("--no-mask", dest="mask", action="store_false", help="do not mask burned-in labels")
     p.add_argument("--tta", action="store_true", help="bone age: average the image and two small shifts")
+    p.add_argument("--ensemble", type=Path, action="append", metavar="WEIGHTS",
+                   help="bone age, abnormality: another checkpoint of the same task whose outputs are averaged with "
+                        "--weights', as the daemon's models.<name>.ensemble runs them; repeatable")
     p.add_argument("--precision", choices=["fp32", "bf16"],
                    help="inference precision (default: the card's; bf16 only where the hardware runs it natively)")
     p.add_argument("--variants", action="store_true",

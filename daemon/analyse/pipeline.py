@@ -102,12 +102,12 @@ class Analyser:
     def predictor(self, name: str):
         """The named model's predictor, loaded on first use and kept; ``models.inference.predictor`` verifies the card."""
         if name not in self._predictors:
-            from models.inference.predictor import load_predictor
+            from models.inference.ensemble import load_model
 
             ref = self.config.models[name]
             if ref.weights is None:
                 raise LookupError(f"model {name!r} has no weights configured")
-            self._predictors[name] = load_predictor(Path(ref.weights))
+            self._predictors[name] = load_model(Path(ref.weights), [Path(m) for m in ref.ensemble])
         return self._predictors[name]
 
     def _anatomy(self, sources: list[Dataset], images: list[np.ndarray]) -> AnatomyDecision:
@@ -201,7 +201,9 @@ class Analyser:
             predictor = self.predictor(name)
             card = predictor.card
             preds = predictor.predict(images, sexes, with_heatmaps=True, laterality=sides)
-            provenance.append(ModelProvenance(name=card.name, version=card.version, sha256=card.sha256, task=card.task))
+            # An output ensemble names every member whose outputs the findings average (lead first).
+            provenance += [ModelProvenance(name=c.name, version=c.version, sha256=c.sha256, task=c.task)
+                           for c in getattr(predictor, "cards", [card])]
             findings.update(_study_findings(card, preds))
             if card.task == "abnormality":
                 image_probabilities += [

@@ -52,3 +52,23 @@ def model_unavailable(name: str, weights: Path | None) -> str | None:
     if card.get("trained") is not True:
         return f"model '{name}' is not trained (its card {card_path.name} says trained: {card.get('trained')!r})"
     return None
+
+
+def ensemble_unavailable(name: str, weights: Path | None, members: list[Path]) -> str | None:
+    """Why a model with ensemble members cannot run: its own reason, a member's, or a member of another task.
+
+    A member that cannot load disables the whole model rather than silently running fewer members: the SR would
+    otherwise carry a figure from a different model than the one radiology IT configured and checked.
+    """
+    reason = model_unavailable(name, weights)
+    if reason is not None:
+        return reason
+    task = model_task(weights)
+    for index, member in enumerate(members):
+        reason = model_unavailable(f"{name}.ensemble[{index}]", member)
+        if reason is not None:
+            return reason
+        if model_task(member) != task:
+            return (f"model '{name}' ensemble member {member} is a {model_task(member)} model, "
+                    f"not {task} like {weights}")
+    return None

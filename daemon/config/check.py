@@ -81,6 +81,8 @@ def check_config_text(path: str | Path) -> tuple[bool, str]:
         where = str(ref.weights) if ref.weights is not None else "no weights"
         usable = "ready" if models[name] is None else "not usable"
         lines.append(f"  {name}: {where} ({usable})")
+        for member in ref.ensemble:
+            lines.append(f"    averaged with {member}")
     anatomy_model = config.anatomy.model
     if anatomy_model is None:
         lines.append("anatomy: from DICOM tags only")

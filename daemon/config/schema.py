@@ -39,7 +39,7 @@ from pydantic import (
 )
 
 from daemon.dicom.anatomy_tags import ANATOMY_CLASSES
-from daemon.config.cards import anatomy_model_classes, model_unavailable
+from daemon.config.cards import anatomy_model_classes, ensemble_unavailable
 
 __all__ = [
     "AnatomyConfig",
@@ -419,11 +419,29 @@ class ModelRef(_Strict):
 
     weights: Path | None = None
     task: str | None = None  # defaults to the model's key in ``models``
+    #: An output ensemble: more checkpoints of the same task whose outputs are averaged with those of ``weights``
+    #: (bone age in months, p(male), the fracture probability). ``weights`` stays the model that draws the
+    #: heatmap and reads the side, so the ensemble costs each extra member one forward pass without Grad-CAM.
+    #: Every member is named in the SR's provenance.
+    ensemble: list[Path] = Field(default_factory=list)
 
     @field_validator("weights", mode="before")
     @classmethod
     def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
         return _resolve_path(value, info, allow_builtin=True)
+
+    @field_validator("ensemble", mode="before")
+    @classmethod
+    def _resolve_members(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ValueError("ensemble is a list of weights files, e.g. ['builtin:boneage-sex.pt']")
+        return [_resolve_path(item, info, allow_builtin=True) for item in value]
+
+    def all_weights(self) -> list[Path]:
+        """``weights`` then the ensemble's members: every checkpoint this model runs."""
+        return ([self.weights] if self.weights is not None else []) + list(self.ensemble)
 
 
 class AnatomyConfig(_Strict):
@@ -555,7 +573,7 @@ class Config(_Strict):
 
     def model_status(self) -> dict[str, str | None]:
         """Model name -> None when its weights and trained card are in place, else why not."""
-        return {name: model_unavailable(name, ref.weights) for name, ref in self.models.items()}
+        return {name: ensemble_unavailable(name, ref.weights, ref.ensemble) for name, ref in self.models.items()}
 
     def route_status(self) -> dict[str, str | None]:
         """Route name -> None when it can run, else the reason it cannot (read from disk each call).

@@ -262,6 +262,10 @@ class StatusData:
                                   "metrics": _headline_metrics(metrics if isinstance(metrics, dict) else {}),
                                   "split": str(card.get("metrics_split", "")),
                                   "data": str(card.get("training_data", ""))})
+            # An output ensemble's other members (their outputs are averaged with this model's): name and version.
+            item["ensemble"] = [" ".join(str(member_card.get(k, "")) for k in ("name", "version")).strip()
+                                or str(member)
+                                for member in ref.ensemble for member_card in [card_fields(member)]]
             out.append(item)
         return out
 

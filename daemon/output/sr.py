@@ -116,19 +116,20 @@ __all__ = ["build_sr", "referenced_instances", "sr_uids"]
 LOGGER = logging.getLogger(__name__)
 
 
-def _task_model(result: StudyResult, finding: str) -> ModelProvenance | None:
+def _task_model(result: StudyResult, finding: str) -> list[ModelProvenance]:
+    """The models whose outputs gave ``finding``: one, or every member of an output ensemble (lead first)."""
     wanted = FINDING_TASK.get(finding, ())
-    for model in result.models:
-        if model.task.lower().replace("-", "_") in wanted:
-            return model
-    return None
+    return [model for model in result.models if model.task.lower().replace("-", "_") in wanted]
 
 
-def _algorithm(model: ModelProvenance | None) -> AlgorithmIdentification | None:
-    if model is None:
+def _algorithm(models: ModelProvenance | list[ModelProvenance] | None) -> AlgorithmIdentification | None:
+    """TID 4019 Algorithm Identification; an output ensemble reads "A + B", its versions "1 + 2", each sha256."""
+    models = [models] if isinstance(models, ModelProvenance) else list(models or [])
+    if not models:
         return None
     return AlgorithmIdentification(
-        name=model.name, version=model.version, parameters=[f"sha256={model.sha256}"]
+        name=" + ".join(m.name for m in models), version=" + ".join(m.version for m in models),
+        parameters=[f"sha256={m.sha256}" for m in models],
     )
 
 

@@ -39,7 +39,8 @@ from models.metrics.classification import binary_metrics
 from models.train.classify import anatomy_class_index
 from models.metrics.bootstrap import auroc_interval, mean_interval
 from models.data.datasets import read_class_folders, read_mura, read_rsna_boneage, split_of
-from models.inference.predictor import ImagePrediction, Predictor, load_predictor
+from models.inference.ensemble import EnsemblePredictor, load_model
+from models.inference.predictor import ImagePrediction, Predictor
 from models.eval.plots import plot_bland_altman, plot_calibration, plot_confusion, plot_roc, plot_scatter
 from models.data.preprocess import load_image
 
@@ -350,13 +351,15 @@ def evaluate(task: str, weights: Path, data: Path | None, *, labels: Path | None
              mask: bool | None = None, tta: bool = False, json_out: Path | None = None, plots: Path | None = None,
              batch_size: int = 16, device: str | None = None, progress: bool = True,
              regions: Sequence[Path] | None = None, variants: bool = False, precision: str | None = None,
-             echo: Callable[[str], None] = print) -> dict:
+             ensemble: Sequence[Path] = (), echo: Callable[[str], None] = print) -> dict:
     """Evaluate ``weights`` on a labelled folder; writes the JSON and plots, returns the report.
 
     ``precision`` ("fp32", "bf16") overrides the card's inference precision: reading validation both ways is how a
-    card earns ``inference_precision: bf16``.
+    card earns ``inference_precision: bf16``. ``ensemble`` names further checkpoints averaged with ``weights``
+    exactly as the daemon's ``models.<name>.ensemble`` does (:mod:`models.inference.ensemble`).
     """
-    predictor = load_predictor(weights, device=device, mask_labels=mask, batch_size=batch_size, precision=precision)
+    predictor = load_model(weights, list(ensemble), device=device, mask_labels=mask, batch_size=batch_size,
+                           precision=precision)
     card = predictor.card
     if task == "sex" and card.task not in ("sex", "boneage"):
         raise ValueError(f"{weights} is a {card.task} model; sex needs a sex or bone-age checkpoint")
@@ -456,7 +459,7 @@ def evaluate(task: str, weights: Path, data: Path | None, *, labels: Path | None
         # The headline figures at the top level, where scripts and the issue's acceptance checks read them.
         **({"mae": metrics["mae_months"], "sex_accuracy": metrics["sex_accuracy"],
             "mae_ci95": metrics["mae_months_ci95"]} if task == "boneage" else {}),
-        "model": _model_entry(weights, card),
+        "model": _model_entry(weights, card, predictor),
         "data": source,
         "split": split,
         "preprocessing": {**predictor.geometry.to_dict(), "tta": tta, "bf16": predictor.bf16},
@@ -478,10 +481,15 @@ def evaluate(task: str, weights: Path, data: Path | None, *, labels: Path | None
     return report
 
 
-def _model_entry(weights: Path, card: Any) -> dict[str, str]:
-    """Which checkpoint a report measured."""
-    return {"weights": str(weights), "name": card.name, "version": card.version, "task": card.task,
-            "architecture": card.architecture, "sha256": card.sha256, "code_version": card.code_version}
+def _model_entry(weights: Path, card: Any, predictor: Any = None) -> dict[str, Any]:
+    """Which checkpoint a report measured (and, for an output ensemble, every other member)."""
+    entry: dict[str, Any] = {"weights": str(weights), "name": card.name, "version": card.version, "task": card.task,
+                             "architecture": card.architecture, "sha256": card.sha256,
+                             "code_version": card.code_version}
+    if isinstance(predictor, EnsemblePredictor):
+        entry["ensemble"] = [{"weights": str(m.weights), "name": m.card.name, "version": m.card.version,
+                              "sha256": m.card.sha256} for m in predictor.members[1:]]
+    return entry
 
 
 def _write_report(report: dict, json_out: Path | None) -> bool:
@@ -512,7 +520,7 @@ def _evaluate_fracatlas(predictor: Predictor, weights: Path, data: Path, split: 
     card = predictor.card
     report = {
         "task": "abnormality", "headline": headline,
-        "model": _model_entry(weights, card),
+        "model": _model_entry(weights, card, predictor),
         "preprocessing": predictor.geometry.to_dict(), **body,
     }
     if _write_report(report, json_out):
@@ -530,5 +538,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
         json_out=args.json, plots=args.plots, batch_size=args.batch_size, device=args.device,
         progress=not args.no_progress, regions=getattr(args, "regions", None),
         variants=getattr(args, "variants", False), precision=getattr(args, "precision", None),
+        ensemble=getattr(args, "ensemble", None) or (),
     )
     return 0
