@@ -6,7 +6,10 @@ as a 12-bit MONOCHROME2 DICOM in memory; what it shows does not change the cost.
 ``boneage-sex.pt`` on the same image in the same run, interleaved; the candidate (``--weights``) is read in fp32 and,
 where the CPU runs it natively, in bf16. Ratio = reference / candidate (above 1: the candidate is cheaper).
 
-Run: ``.venv/bin/python bench/bench_boneage.py --weights runs/ba384/boneage-sex.pt [--repeats 7]``.
+``--ensemble B.pt`` makes the candidate an output ensemble (``models.<name>.ensemble``): the lead with its heatmap,
+each further member one forward pass, as the daemon runs it.
+
+Run: ``.venv/bin/python bench/bench_boneage.py --weights runs/ba384/boneage-sex.pt [--ensemble B.pt] [--repeats 7]``.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, required=True, help="the candidate bone-age checkpoint")
     parser.add_argument("--reference", type=Path, default=REPO / "models" / "weights" / "boneage-sex.pt")
+    parser.add_argument("--ensemble", type=Path, action="append", default=[],
+                        help="further members averaged with --weights (an output ensemble); repeatable")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -63,14 +68,15 @@ def main() -> int:
     import torch
 
     from models.display_image import read_display_image
+    from models.inference.ensemble import load_model
     from models.inference.predictor import load_predictor
     from models.nets.precision import bf16_supported
 
     ds = hand_sized_dicom()
     readers = {"reference fp32": load_predictor(args.reference, precision="fp32"),
-               "candidate fp32": load_predictor(args.weights, precision="fp32")}
+               "candidate fp32": load_model(args.weights, args.ensemble, precision="fp32")}
     if bf16_supported(torch.device("cpu")):
-        readers["candidate bf16"] = load_predictor(args.weights, precision="bf16")
+        readers["candidate bf16"] = load_model(args.weights, args.ensemble, precision="bf16")
 
     def read(predictor) -> float:
         began = time.perf_counter()

@@ -199,7 +199,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_compare_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="bone age: two evaluate reports of the same images, paired (candidate - base)")
+    p = sub.add_parser("compare", help="two evaluate reports of the same images (bone age, or fracture AUROC and pointing), "
+                                           "paired (candidate - base)")
     p.add_argument("base", type=Path, help="the report of the model that ships")
     p.add_argument("candidate", type=Path, help="the report of the model that would replace it")
     p.set_defaults(func=run_compare)
@@ -212,6 +213,13 @@ def run_compare(args: argparse.Namespace) -> int:
 
     result = compare_files(args.base, args.candidate)
     print(json.dumps(result, indent=2))
+    if "auroc_difference" in result:
+        for name, key in (("AUROC", "auroc"), ("pointing", "pointing"), ("strict pointing", "pointing_strict")):
+            low, high = result[f"{key}_difference_ci95"]
+            print(f"candidate - base, {name}: {result[f'candidate_{key}']:.3f} - {result[f'base_{key}']:.3f} = "
+                  f"{result[f'{key}_difference']:+.3f} (95 % CI {low:+.3f} to {high:+.3f}, paired, n={result['n']}, "
+                  f"{result['fractured']} fractured, {result['pointing_n']} boxed)")
+        return 0
     low, high = result["mae_difference_ci95"]
     print(f"candidate - base: {result['mae_difference_months']:+.2f} months (95 % CI {low:+.2f} to {high:+.2f}, "
           f"paired, n={result['n']}); better on {result['candidate_better_on']:.0%} of the images")
