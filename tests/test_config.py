@@ -13,11 +13,11 @@ import models
 from daemon.config.schema import (
     Config,
     ConfigError,
-    builtin_weights_dir,
     default_config_path,
     load_config,
 )
 from daemon.config.check import check_config_text
+from daemon.config.values import builtin_weights_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

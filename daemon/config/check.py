@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from daemon.config.cards import anatomy_model_classes
-from daemon.config.schema import ConfigError, Route, load_config
+from daemon.config.issues import ConfigError
+from daemon.config.schema import Route, load_config
 
 __all__ = ["check_config_text", "describe_route"]
 

@@ -1,15 +1,17 @@
-"""BoneBridge configuration: one YAML file, validated before anything starts.
+"""What a valid configuration is: the pydantic models, and :func:`load_config`, the one way a file becomes one.
 
-Radiology IT edits this file by hand, so every mistake must be reported the way a compiler reports
-one: the file, the line, the field and what is wrong, and *all* of them at once rather than one per
-restart. To get line numbers the YAML is composed into nodes first (``yaml.SafeLoader``, never the
-full loader: a config file must not be able to build Python objects), the node tree gives a line for
-every key and list item, and every pydantic error is mapped back to the deepest node its location
-reaches.
+Enters: the YAML file's path (or the file's data, or a config built in Python). Leaves: :class:`Config`, read by
+every stage, or :class:`~daemon.config.issues.ConfigError` listing *every* problem with its file, line and field,
+so radiology IT fixes them all in one edit rather than one per restart.
 
-Checks that span sections (a route naming an unknown model or destination, duplicate route names,
-anatomy labels the sorter cannot produce) run on the plain data, so they are reported together with
-the structural errors instead of only after those are fixed.
+:func:`load_config` ties the steps together, each in its own module: :mod:`~daemon.config.yaml_lines` reads the
+YAML and the line of every key; the models here validate the data (paths resolved by :mod:`~daemon.config.values`
+against the file's folder); :mod:`~daemon.config.messages` words pydantic's errors at the file's own locations;
+:mod:`~daemon.config.cross_checks` relates the sections on the plain data, so those problems come in the same
+report as the structural ones; :mod:`~daemon.config.issues` writes each as ``FILE:LINE: FIELD: message``.
+``load_config`` lives here, beside the models, because ``from daemon.config.schema import load_config`` is the
+contract every caller uses (``docs/interfaces.md``), and a module of its own would import the models that
+re-export it: a circle.
 
 This module stays light to import (no torch): the CLI's ``config check`` and the listener load it.
 Model cards are read as plain JSON by :mod:`daemon.config.cards`.
@@ -17,15 +19,9 @@ Model cards are read as plain JSON by :mod:`daemon.config.cards`.
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
-import types
-import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -38,9 +34,15 @@ from pydantic import (
     model_validator,
 )
 
-from daemon.dicom.anatomy_tags import ANATOMY_CLASSES
-from daemon.config.cards import anatomy_model_classes, ensemble_unavailable
+from daemon.config.cards import ensemble_unavailable
+from daemon.config.cross_checks import cross_check
+from daemon.config.issues import ConfigError, ConfigIssue, format_loc
+from daemon.config.messages import explain
+from daemon.config.values import BUILTIN_PREFIX, as_list, builtin_weights_dir, resolve_path
+from daemon.config.yaml_lines import read_yaml
 
+# ConfigError and ConfigIssue (issues.py), BUILTIN_PREFIX and builtin_weights_dir (values.py) are re-exported:
+# callers import the configuration's names from here.
 __all__ = [
     "AnatomyConfig",
     "AssemblyConfig",
@@ -68,39 +70,6 @@ __all__ = [
     "load_config",
 ]
 
-#: ``weights: "builtin:NAME"`` names a file shipped inside the package (models/weights/NAME).
-BUILTIN_PREFIX = "builtin:"
-
-Loc = tuple[str | int, ...]
-
-
-# --------------------------------------------------------------------------- errors
-
-
-@dataclass(frozen=True)
-class ConfigIssue:
-    """One problem in a config file, located as precisely as the YAML allows."""
-
-    file: str
-    line: int | None
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        where = self.file if self.line is None else f"{self.file}:{self.line}"
-        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
-
-
-class ConfigError(Exception):
-    """Raised by :func:`load_config`; carries every issue found, not just the first."""
-
-    def __init__(self, errors: list[ConfigIssue]) -> None:
-        self.errors = list(errors)
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        return "\n".join(str(issue) for issue in self.errors)
-
 
 # --------------------------------------------------------------------------- paths
 
@@ -110,45 +79,10 @@ def default_config_path() -> Path:
     return Path(__file__).resolve().parent / "defaults" / "bonebridge.yaml"
 
 
-def builtin_weights_dir() -> Path:
-    """The installed ``models/weights`` folder, found without importing ``models`` (which may pull torch)."""
-    spec = importlib.util.find_spec("models")
-    if spec is not None and spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0]).resolve() / "weights"
-    # Source checkout without an install: models/ sits next to daemon/.
-    return Path(__file__).resolve().parent.parent / "models" / "weights"
-
-
 def _resolve_path(value: Any, info: ValidationInfo, *, allow_builtin: bool) -> Any:
-    """Expand ``~``, resolve ``builtin:`` and make relative paths relative to the config file's folder.
-
-    Why here and not at use: the daemon changes working directory under systemd, and a path that meant
-    one thing in ``config check`` must mean the same thing in the running daemon.
-    """
-    if value is None:
-        return None
-    if isinstance(value, str) and allow_builtin and value.startswith(BUILTIN_PREFIX):
-        name = value[len(BUILTIN_PREFIX) :].strip()
-        if not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise ValueError(
-                f"'{value}' must name a single file in the package's models/weights folder, "
-                f"e.g. '{BUILTIN_PREFIX}boneage-sex.pt'"
-            )
-        return builtin_weights_dir() / name
-    if isinstance(value, (str, Path)):
-        path = Path(value).expanduser()
-        base = (info.context or {}).get("base_dir")
-        if base is not None and not path.is_absolute():
-            path = Path(base) / path
-        return path
-    return value  # let pydantic report the wrong type
-
-
-def _as_list(value: Any) -> Any:
-    """Accept ``anatomy: hand`` as shorthand for ``anatomy: [hand]``."""
-    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return [value]
-    return value
+    """:func:`~daemon.config.values.resolve_path` against the config file's folder, which :func:`load_config`
+    passes in the validation context (``base_dir``); a config built in Python without it keeps paths as given."""
+    return resolve_path(value, (info.context or {}).get("base_dir"), allow_builtin=allow_builtin)
 
 
 def _check_ae_title(value: str) -> str:
@@ -275,7 +209,7 @@ class QueueConfig(_Strict):
     @field_validator("send_failures_to", mode="before")
     @classmethod
     def _listify(cls, value: Any) -> Any:
-        return [] if value is None else _as_list(value)
+        return [] if value is None else as_list(value)
 
 
 class _Delivery(_Strict):
@@ -481,7 +415,7 @@ class When(_Strict):
     )
     @classmethod
     def _listify(cls, value: Any) -> Any:
-        return _as_list(value)
+        return as_list(value)
 
     @field_validator(
         "anatomy", "modality", "calling_ae", "study_description", "body_part_examined", "patient_sex"
@@ -507,7 +441,7 @@ class Route(_Strict):
     @field_validator("run", "send_to", mode="before")
     @classmethod
     def _listify(cls, value: Any) -> Any:
-        return [] if value is None else _as_list(value)
+        return [] if value is None else as_list(value)
 
     @field_validator("when", mode="before")
     @classmethod
@@ -566,9 +500,9 @@ class Config(_Strict):
         # load_config runs the same checks on the raw YAML to attach line numbers; here they guard
         # configs built in Python.
         if not (info.context or {}).get("skip_cross_checks"):
-            problems = _cross_check(self.model_dump(mode="python"))
+            problems = cross_check(self.model_dump(mode="python"))
             if problems:
-                raise ValueError("; ".join(f"{_format_loc(loc)}: {msg}" for loc, msg in problems))
+                raise ValueError("; ".join(f"{format_loc(loc)}: {msg}" for loc, msg in problems))
         return self
 
     def model_status(self) -> dict[str, str | None]:
@@ -594,287 +528,15 @@ class Config(_Strict):
         return status
 
 
-# --------------------------------------------------------------------------- cross checks
-
-
-def _cross_check(data: Any, base_dir: Path | None = None) -> list[tuple[Loc, str]]:
-    """Checks that relate sections to each other, run on plain data so they work on broken files too."""
-    if not isinstance(data, dict):
-        return []
-    problems: list[tuple[Loc, str]] = []
-    models = data.get("models") if isinstance(data.get("models"), dict) else {}
-    destinations = data.get("destinations") if isinstance(data.get("destinations"), dict) else {}
-
-    anatomy = data.get("anatomy")
-    anatomy_model = anatomy.get("model", "anatomy") if isinstance(anatomy, dict) else "anatomy"
-    if isinstance(anatomy_model, str) and anatomy_model not in models:
-        where: Loc = ("anatomy", "model") if isinstance(anatomy, dict) and "model" in anatomy else ("anatomy",)
-        problems.append(
-            (where, f"anatomy model '{anatomy_model}' is not in models{_known(models)}; "
-                    "write 'model: null' to sort by DICOM tags only")
-        )
-
-    model_classes = None
-    anatomy_ref = models.get(anatomy_model) if isinstance(anatomy_model, str) else None
-    if isinstance(anatomy_ref, dict) and isinstance(anatomy_ref.get("weights"), (str, Path)):
-        try:
-            weights = _resolve_path(anatomy_ref["weights"], _Context(base_dir), allow_builtin=True)
-        except ValueError:
-            weights = None
-        model_classes = anatomy_model_classes(weights)
-        unknown = [c for c in model_classes or [] if c not in ANATOMY_CLASSES]
-        if unknown:
-            problems.append(((("models", anatomy_model, "weights")),
-                             f"the anatomy model's classes {unknown} are not anatomy names ({', '.join(ANATOMY_CLASSES)})"))
-
-    queue = data.get("queue")
-    failures = _as_list(queue.get("send_failures_to") or []) if isinstance(queue, dict) else []
-    if isinstance(failures, list):
-        for j, dest in enumerate(failures):
-            if isinstance(dest, str) and dest not in destinations:
-                problems.append((("queue", "send_failures_to", j), f"unknown destination '{dest}'{_known(destinations)}"))
-
-    routes = data.get("routes")
-    if not isinstance(routes, list):
-        return problems
-    first_seen: dict[str, int] = {}
-    for i, route in enumerate(routes):
-        if not isinstance(route, dict):
-            continue
-        name = route.get("name")
-        if isinstance(name, str):
-            if name in first_seen:
-                problems.append(
-                    (("routes", i, "name"), f"duplicate route name '{name}' (also routes[{first_seen[name]}])")
-                )
-            else:
-                first_seen[name] = i
-        run = _as_list(route.get("run") or [])
-        if isinstance(run, list):
-            for j, model in enumerate(run):
-                if isinstance(model, str) and model not in models:
-                    problems.append(
-                        (("routes", i, "run", j), f"unknown model '{model}'{_known(models)}")
-                    )
-        send_to = _as_list(route.get("send_to") or [])
-        if isinstance(send_to, list):
-            for j, dest in enumerate(send_to):
-                if isinstance(dest, str) and dest not in destinations:
-                    problems.append(
-                        (("routes", i, "send_to", j), f"unknown destination '{dest}'{_known(destinations)}")
-                    )
-        if route.get("report", "findings") == "findings" and run == []:
-            problems.append(
-                (("routes", i, "run") if "run" in route else ("routes", i),
-                 "report is 'findings' but run names no model; add a model or set 'report: not-processed'")
-            )
-        when = route.get("when")
-        if isinstance(when, dict):
-            labels = _as_list(when.get("anatomy"))
-            if isinstance(labels, list):
-                for j, label in enumerate(labels):
-                    if isinstance(label, str) and label.strip().lower() not in ANATOMY_CLASSES:
-                        problems.append((("routes", i, "when", "anatomy", j), _unknown_anatomy(label, model_classes)))
-    return problems
-
-
-def _unknown_anatomy(label: str, model_classes: list[str] | None) -> str:
-    """Why a route's anatomy name can never match, with what the model and the tags can say instead."""
-    hint = difflib.get_close_matches(label.strip().lower(), ANATOMY_CLASSES, n=1)
-    message = f"anatomy '{label}' is not an anatomy name"
-    if hint:
-        message += f"; did you mean '{hint[0]}'?"
-    if model_classes:
-        message += f" The anatomy model's classes: {', '.join(model_classes)};"
-    return message + f" the DICOM tags give: {', '.join(ANATOMY_CLASSES)}"
-
-
-class _Context:
-    """The slice of pydantic's ValidationInfo that :func:`_resolve_path` reads, for checks on plain data."""
-
-    def __init__(self, base_dir: Path | None) -> None:
-        self.context = {"base_dir": base_dir} if base_dir is not None else {}
-
-
-def _known(names: dict[str, Any]) -> str:
-    return f" (known: {', '.join(names)})" if names else " (none are configured)"
-
-
-# --------------------------------------------------------------------------- YAML with lines
-
-
-class _Located:
-    """Line numbers (1-based) of every key and list item, keyed by location tuple."""
-
-    def __init__(self) -> None:
-        self.lines: dict[Loc, int] = {}
-        self.duplicates: list[tuple[Loc, int, int]] = []  # (loc, line, first line)
-
-    def walk(self, node: yaml.Node, loc: Loc, loader: yaml.SafeLoader) -> None:
-        self.lines.setdefault(loc, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                if not isinstance(key_node, yaml.ScalarNode):
-                    continue
-                key = loader.construct_object(key_node, deep=True)
-                child = (*loc, key if isinstance(key, (str, int)) else str(key))
-                line = key_node.start_mark.line + 1
-                if child in self.lines:
-                    self.duplicates.append((child, line, self.lines[child]))
-                else:
-                    self.lines[child] = line
-                self.walk(value_node, child, loader)
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                self.walk(item, (*loc, index), loader)
-
-    def line_of(self, loc: Loc) -> int | None:
-        """Line of the deepest part of ``loc`` that exists in the file (a missing field -> its parent)."""
-        best = self.lines.get(())
-        for depth in range(1, len(loc) + 1):
-            line = self.lines.get(tuple(loc[:depth]))
-            if line is None:
-                break
-            best = line
-        return best
-
-
-def _format_loc(loc: Loc) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _destination_loc(loc: Loc) -> tuple[Loc, str | None]:
-    """pydantic puts a destination's type (the union's tag) into the location of its errors,
-    ``destinations.pacs.dicom.port``: drop it, so the location is the file's own (and finds its line)."""
-    if len(loc) >= 3 and loc[0] == "destinations" and loc[2] in DESTINATION_TYPES:
-        return (*loc[:2], *loc[3:]), str(loc[2])
-    return loc, None
-
-
-def _allowed_fields(loc: Loc) -> list[str]:
-    """Field names valid at ``loc`` (a model's location), by walking the annotations from Config."""
-    loc, kind = _destination_loc(loc)
-    if kind is not None:  # the destination's own type, then on from there
-        loc = loc[2:]
-        annotation: Any = DESTINATION_TYPES[kind]
-        for part in loc:
-            annotation = _unwrap(annotation)
-            field = annotation.model_fields.get(str(part)) if isinstance(annotation, type) and issubclass(
-                annotation, BaseModel) else None
-            if field is None:
-                return []
-            annotation = field.annotation
-        annotation = _unwrap(annotation)
-        return list(annotation.model_fields) if isinstance(annotation, type) and issubclass(annotation, BaseModel) \
-            else []
-    annotation = Config
-    for part in loc:
-        annotation = _unwrap(annotation)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            field = annotation.model_fields.get(str(part))
-            if field is None:
-                return []
-            annotation = field.annotation
-        else:
-            origin = typing.get_origin(annotation)
-            args = typing.get_args(annotation)
-            if origin is list and args:
-                annotation = args[0]
-            elif origin is dict and len(args) == 2:
-                annotation = args[1]
-            else:
-                return []
-    annotation = _unwrap(annotation)
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return list(annotation.model_fields)
-    return []
-
-
-def _unwrap(annotation: Any) -> Any:
-    """``X | None`` -> ``X``."""
-    if typing.get_origin(annotation) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return annotation
-
-
-def _message(error: dict[str, Any]) -> str:
-    """pydantic's message, reworded where radiology IT would otherwise have to guess."""
-    kind = error.get("type", "")
-    loc: Loc = tuple(error.get("loc", ()))
-    if kind == "extra_forbidden":
-        allowed = _allowed_fields(loc[:-1])
-        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1) if loc else []
-        msg = f"unknown field '{loc[-1]}'" if loc else "unknown field"
-        if hint:
-            msg += f"; did you mean '{hint[0]}'?"
-        elif allowed:
-            msg += f" (allowed: {', '.join(allowed)})"
-        return msg
-    if kind == "missing":
-        return "required field is missing"
-    if kind == "union_tag_invalid" and loc[:1] == ("destinations",):
-        tag = (error.get("ctx") or {}).get("tag", "?")
-        return f"unknown destination type {tag} (known: {', '.join(DESTINATION_TYPES)})"
-    msg = str(error.get("msg", "invalid value"))
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    value = error.get("input")
-    if kind not in ("value_error",) and isinstance(value, (str, int, float, bool)) and value is not None:
-        msg += f" (got {value!r})"
-    if kind == "string_type" and isinstance(value, bool):
-        # YAML 1.1 reads yes/no/on/off as booleans; the user almost always meant the text.
-        msg += "; put the value in quotes"
-    return msg
+# --------------------------------------------------------------------------- loading
 
 
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file; raise :class:`ConfigError` listing every problem with its line."""
     path = Path(path).expanduser()
     file = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([ConfigIssue(file, None, "", f"cannot read config file: {exc}")]) from exc
-
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([ConfigIssue(file, line, "", f"YAML syntax error: {problem}")]) from exc
-    finally:
-        loader.dispose()
-
-    if node is None or data is None:
-        raise ConfigError([ConfigIssue(file, 1, "", "config file is empty")])
-    if not isinstance(data, dict):
-        raise ConfigError(
-            [ConfigIssue(file, node.start_mark.line + 1, "", "config must be a mapping of sections (listener:, routes:, ...)")]
-        )
-
-    located = _Located()
-    relocator = yaml.SafeLoader("")
-    try:
-        located.walk(node, (), relocator)
-    finally:
-        relocator.dispose()
-
-    issues: list[ConfigIssue] = []
-    for loc, line, first in located.duplicates:
-        issues.append(
-            ConfigIssue(file, line, _format_loc(loc), f"duplicate key (first at line {first}); YAML would keep only the last")
-        )
+    data, located = read_yaml(path)  # raises ConfigError when there is no mapping to check
+    issues: list[ConfigIssue] = located.duplicate_issues(file)
 
     config: Config | None = None
     try:
@@ -883,13 +545,11 @@ def load_config(path: str | Path) -> Config:
         )
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
-            loc, _ = _destination_loc(tuple(error.get("loc", ())))
-            if error.get("type") == "union_tag_invalid" and loc[:1] == ("destinations",):
-                loc = (*loc, "type")
-            issues.append(ConfigIssue(file, located.line_of(loc), _format_loc(loc), _message(error)))
+            loc, message = explain(error, Config, DESTINATION_TYPES)
+            issues.append(ConfigIssue(file, located.line_of(loc), format_loc(loc), message))
 
-    for loc, msg in _cross_check(data, path.resolve().parent):
-        issues.append(ConfigIssue(file, located.line_of(loc), _format_loc(loc), msg))
+    for loc, msg in cross_check(data, path.resolve().parent):
+        issues.append(ConfigIssue(file, located.line_of(loc), format_loc(loc), msg))
 
     if issues or config is None:
         issues.sort(key=lambda i: (i.line if i.line is not None else 0))
