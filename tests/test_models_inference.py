@@ -305,3 +305,21 @@ def test_single_pass_boneage_grad_cam_equals_the_librarys(architecture: str) -> 
     library = grad_cam(model, x, "boneage", male, direction)
     assert fast.shape == library.shape == (4, 96, 96)
     np.testing.assert_allclose(fast, library, atol=1e-4)
+
+
+def test_fp16_storage_halves_the_file_and_keeps_the_outputs(tmp_path: Path) -> None:
+    """``weights_storage: fp16`` (issue 30: two bone-age models within the weights budget) loads back to fp32."""
+    torch.manual_seed(0)
+    net = BoneAgeSexNet("tiny_cnn", pretrained=False)
+    card = card_for("boneage", Geometry(size=32), ["female", "male"], target_scaling={"mean": 120.0, "std": 40.0})
+    full = save_checkpoint(net, card, tmp_path / "full.pt")
+    half = save_checkpoint(net, card.model_copy(update={"weights_storage": "fp16"}), tmp_path / "half.pt")
+    stored = torch.load(half, weights_only=True)
+    assert any(v.dtype == torch.float16 for v in stored.values())
+    assert all(v.dtype != torch.float16 for k, v in stored.items() if "running" in k or v.dim() < 2)
+    assert half.stat().st_size < 0.75 * full.stat().st_size
+    image = np.random.default_rng(0).random((40, 40), dtype=np.float32)
+    a = load_predictor(full).predict([image], with_heatmaps=False)[0].outputs
+    b = load_predictor(half).predict([image], with_heatmaps=False)[0].outputs
+    assert b["bone_age_months"] == pytest.approx(a["bone_age_months"], abs=0.05)
+    assert next(load_predictor(half).model.parameters()).dtype == torch.float32

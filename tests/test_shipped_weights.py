@@ -94,3 +94,28 @@ def test_shipped_fracture_model_on_held_out_fracatlas(shared_data: Path) -> None
     rows, _ = predict_cases(predictor, cases, batch_size=16, progress=False)
     metrics = fracture_metrics(rows, float(predictor.card.threshold))
     assert metrics["auroc"] > 0.85 and metrics["pointing_hit_rate"] > 0.4, metrics
+
+
+def test_the_weights_folder_stays_within_its_budget() -> None:
+    """All of models/weights/ at most 60 MB (the repository's rule), and every file is named in its README."""
+    folder = WEIGHTS.parent
+    files = [p for p in folder.iterdir() if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 60_000_000
+    readme = (folder / "README.md").read_text(encoding="utf-8")
+    for path in files:
+        if path.suffix == ".pt":
+            assert f"`{path.name}`" in readme, path.name
+
+
+def test_the_configured_bone_age_model_loads_every_member_as_shipped() -> None:
+    """The shipped configuration's bone-age model (an output ensemble when it names members): every member verifies."""
+    from daemon.config.schema import load_config
+    from models.inference.ensemble import load_model
+
+    ref = load_config(Path(__file__).resolve().parents[1] / "config" / "bonebridge.yaml").models["boneage"]
+    model = load_model(ref.weights, ref.ensemble)
+    cards = getattr(model, "cards", [model.card])
+    assert len(cards) == 1 + len(ref.ensemble)
+    for path, card in zip(ref.all_weights(), cards):
+        assert card.task == "boneage" and card.sha256 == sha256_file(path)
+        assert "not for clinical use" in card.intended_use.lower()

@@ -25,7 +25,7 @@ def builtin_weights_dir() -> Path:
     if spec is not None and spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0]).resolve() / "weights"
     # Source checkout without an install: models/ sits next to daemon/.
-    return Path(__file__).resolve().parent.parent / "models" / "weights"
+    return Path(__file__).resolve().parents[2] / "models" / "weights"  # daemon/config/values.py -> repository root
 
 
 def resolve_path(value: Any, base_dir: Path | None, *, allow_builtin: bool) -> Any:

@@ -74,6 +74,10 @@ class ModelCard(BaseModel):
     #: The precision inference runs in: "bf16" (autocast, where the hardware runs it natively; fp32 elsewhere) only
     #: when validation read through both gave the same figures, recorded in the weights README; else "fp32".
     inference_precision: Literal["fp32", "bf16"] = "fp32"
+    #: How the weights file stores the convolution and linear weights: "fp16" halves a checkpoint's size (the
+    #: weights are widened back to fp32 on loading; normalisation statistics and biases always stay fp32). A
+    #: card says so because the rounding is part of the model that was measured.
+    weights_storage: Literal["fp32", "fp16"] = "fp32"
 
     @property
     def geometry(self) -> Geometry:
@@ -122,10 +126,16 @@ def build_network(card: ModelCard, pretrained: bool = False) -> nn.Module:
 
 
 def save_checkpoint(model: nn.Module, card: ModelCard, path: str | Path) -> Path:
-    """Write weights, then the card with their sha256 (the card is written last: no card, no checkpoint)."""
+    """Write weights, then the card with their sha256 (the card is written last: no card, no checkpoint).
+
+    ``card.weights_storage == "fp16"`` stores every floating tensor of two or more dimensions (convolution and
+    linear weights: nearly all the bytes) in fp16, so two bone-age models fit the repository's weights budget.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if card.weights_storage == "fp16":
+        state = {k: v.half() if v.is_floating_point() and v.dim() >= 2 else v for k, v in state.items()}
     tmp = path.with_suffix(".pt.tmp")
     torch.save(state, tmp)
     tmp.replace(path)
