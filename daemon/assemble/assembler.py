@@ -45,6 +45,7 @@ from typing import Any, Literal
 from daemon.receive.spool import InstanceEvent, SpoolError, describe_spooled, is_valid_uid
 from daemon.store.atomic import write_text_atomic
 from daemon.store.layout import DataDir
+from daemon.store.outcome_record import OutcomeRecord
 
 LOGGER = logging.getLogger(__name__)
 
@@ -429,18 +430,17 @@ class StudyAssembler:
             queued = [(uid, st.generation) for uid, st in self._studies.items() if st.state == "queued"]
         changed = 0
         for study_uid, generation in queued:
-            path = DataDir(self.data_dir).results / study_uid / f"{generation}.json"
+            path = OutcomeRecord.path(self.data_dir, study_uid, generation)
             if not path.exists():
                 continue
             try:
-                record = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                record = OutcomeRecord.read(path)
+            except (OSError, ValueError):  # OutcomeRecordError is a ValueError
                 continue  # being written; next poll
-            if record.get("status") == "failed":
-                self.mark_failed(study_uid, generation, str(record.get("reason", "")))
+            if record.status == "failed":
+                self.mark_failed(study_uid, generation, record.reason or "")
             else:
-                sr = record.get("sr")
-                self.mark_done(study_uid, generation, tuple(sr) if sr else None)
+                self.mark_done(study_uid, generation, tuple(record.sr) if record.sr else None)
             changed += 1
         return changed
 

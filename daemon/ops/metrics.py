@@ -7,7 +7,6 @@ state, outcomes per status, dead-letter entries waiting for `bonebridge retry`.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter as Tally
 from pathlib import Path
@@ -19,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from daemon.assemble.assembler import StudyAssembler
 from daemon.store.layout import DataDir
+from daemon.store.outcome_record import OutcomeRecord
 
 LOGGER = logging.getLogger(__name__)
 
@@ -45,10 +45,10 @@ class StateCollector(Collector):
         outcomes = GaugeMetricFamily("bonebridge_results", "Study outcomes recorded by workers, by status",
                                      labels=["status"])
         statuses: Tally[str] = Tally()
-        for record in (DataDir(self.data_dir).results).glob("*/*.json"):
+        for path in (DataDir(self.data_dir).results).glob("*/*.json"):
             try:
-                statuses[json.loads(record.read_text()).get("status", "unknown")] += 1
-            except (OSError, ValueError):
+                statuses[OutcomeRecord.read(path).status] += 1
+            except (OSError, ValueError):  # gone, or not an outcome record (OutcomeRecordError): not counted
                 continue
         for status, count in statuses.items():
             outcomes.add_metric([status], count)

@@ -37,6 +37,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from daemon.config.cards import card_fields
 from daemon.store.layout import DataDir
+from daemon.store.outcome_record import OutcomeRecord
 
 LOGGER = logging.getLogger(__name__)
 
@@ -110,12 +111,18 @@ class StatusData:
         found.sort(reverse=True)
         return found
 
-    def latest_record(self, study_uid: str) -> dict[str, Any] | None:
+    def latest_record(self, study_uid: str) -> OutcomeRecord | None:
+        """The outcome record of the study's latest generation; None when there is none or it cannot be read."""
         folder = DataDir(self.data_dir).results / study_uid
         if not folder.is_dir():
             return None
         records = sorted(folder.glob("*.json"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1)
-        return _read_json(records[-1]) if records else None
+        if not records:
+            return None
+        try:
+            return OutcomeRecord.read(records[-1])
+        except (OSError, ValueError):  # gone, or not an outcome record (OutcomeRecordError): shown as none
+            return None
 
     def row(self, state_path: Path) -> StudyRow | None:
         state = _read_json(state_path)
@@ -125,14 +132,14 @@ class StatusData:
         row = StudyRow(uid, _when(state.get("first_received_at")), state.get("calling_ae") or "",
                        len(state.get("instances", {})), state.get("state", ""), state.get("accession_number") or "")
         record = self.latest_record(uid)
-        if record:
-            summary = record.get("summary") or {}
-            row.route = record.get("route") or summary.get("route") or ""
+        if record is not None:
+            summary = record.summary or {}
+            row.route = record.route or summary.get("route") or ""
             row.anatomy = summary.get("anatomy") or ""
             row.anatomy_source = summary.get("anatomy_source") or ""
-            row.outcome = record.get("status", "")
-            row.destinations = record.get("destinations") or {}
-            row.reason = record.get("reason") or summary.get("not_processed_reason") or ""
+            row.outcome = record.status
+            row.destinations = record.destinations
+            row.reason = record.reason or summary.get("not_processed_reason") or ""
         if state.get("finished_at") and state.get("last_instance_at"):
             row.seconds_to_result = round(float(state["finished_at"]) - float(state["last_instance_at"]), 1)
         if state.get("failure_reason") and not row.reason:
@@ -175,9 +182,9 @@ class StatusData:
                       "sop_class_uid": rec.get("sop_class_uid", ""), "calling_ae": rec.get("calling_ae", ""),
                       "received": _when(rec.get("received_at"))}
                      for uid, rec in sorted(state.get("instances", {}).items())]
-        record = self.latest_record(state["study_uid"]) or {}
-        summary = record.get("summary") or {}
-        thumbnails = self.heatmaps(state["study_uid"], record.get("generation"))
+        record = self.latest_record(state["study_uid"])
+        summary = (record.summary if record else None) or {}
+        thumbnails = self.heatmaps(state["study_uid"], record.generation if record else None)
         return {"state": state, "instances": instances, "record": record, "summary": summary,
                 "findings": summary.get("findings") or {}, "thumbnails": thumbnails}
 

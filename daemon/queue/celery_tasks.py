@@ -33,15 +33,14 @@ from daemon.dispatch.destinations import DispatchError
 from daemon.dispatch.dispatcher import Dispatcher, retry_countdown
 from daemon.dispatch.dispatch_queue import DispatchQueue
 from daemon.store.atomic import fsync_dir
+from daemon.store.outcome_record import OutcomeRecord
 from daemon.store.outcomes import (
     READY_TO_SEND,
     RETRYING,
     SENT,
-    STATUS_IF_DELIVERED,
     WAITING,
     record_dispatch,
     record_path,
-    undelivered,
     write_record,
 )
 from daemon.store.layout import DataDir
@@ -114,9 +113,9 @@ class WorkerRuntime:
         refs = []
         folder = DataDir(self.data_dir).results / study_uid
         for path in sorted(folder.glob("*.json")) if folder.exists() else []:
-            record = json.loads(path.read_text())
-            if record["generation"] < generation and record.get("sr"):
-                refs.append(tuple(record["sr"]))
+            record = OutcomeRecord.read(path)  # a corrupt one raises (a ValueError): the task retries, as before
+            if record.generation < generation and record.sr:
+                refs.append(tuple(record.sr))
         return refs
 
     def calling_ae(self, study_uid: str) -> str | None:
@@ -126,46 +125,45 @@ class WorkerRuntime:
         except (OSError, ValueError):
             return None
 
-    def process(self, study_uid: str, generation: int) -> dict:
+    def process(self, study_uid: str, generation: int) -> OutcomeRecord:
         """Analyse one study generation and send its results; returns (and stores) the outcome record."""
         record_path = self.record_path(study_uid, generation)
         if record_path.exists():
             LOGGER.info("study %s generation %d already analysed: nothing to do but its deliveries", study_uid,
                         generation)
-            record = json.loads(record_path.read_text())
+            record = OutcomeRecord.read(record_path)
             self.enqueue_deliveries(record)  # a worker lost between the record and the enqueue
             return record
         began = time.time()
         files = sorted((DataDir(self.data_dir).incoming / study_uid).glob("*.dcm"))
         if not files:
-            return self.write_record(record_path, {"status": "failed", "reason": "no instances on disk for this study",
-                                             "study_uid": study_uid, "generation": generation})
+            return self.write_record(record_path, OutcomeRecord(
+                study_uid=study_uid, generation=generation, status="failed",
+                reason="no instances on disk for this study"))
         LOGGER.info("processing study %s generation %d (%d instances)", study_uid, generation, len(files))
         datasets = [pydicom.dcmread(p) for p in files]
         analysis = self.analyser.analyse(datasets, self.calling_ae(study_uid), self.predecessors(study_uid, generation))
         analysed = time.time()
         _fault_injection_pause()
-        record = {
-            "study_uid": study_uid, "generation": generation, "route": analysis.result.route,
-            "summary": analysis.summary(), "status": "sent", "destinations": {},
-        }
+        record = OutcomeRecord(study_uid=study_uid, generation=generation, route=analysis.result.route,
+                               summary=analysis.summary(), status="sent", destinations={})
         if analysis.route is None:
-            record["status"] = "not-processed"
-            record["reason"] = analysis.result.not_processed_reason
+            record.status = "not-processed"
+            record.reason = analysis.result.not_processed_reason
         send_to = list(analysis.route.send_to) if analysis.route else []
         self.stage(record, analysis.outputs, send_to, f"{study_uid}-{generation}")
         finished = time.time()
-        record["seconds"] = round(finished - began, 3)
+        record.seconds = round(finished - began, 3)
         # when each stage ended (epoch seconds): bench/bench_latency.py splits a study's latency with these;
         # finished_at is the end of analysis (results ready to send), dispatched_at the end of delivery
-        record["timing"] = {"started_at": began, "analysed_at": analysed, "finished_at": finished}
-        LOGGER.info("study %s generation %d: %s (route %s) in %.2f s", study_uid, generation, record["status"],
-                    record["route"], record["seconds"])
-        self.write_record(record_path, record)
+        record.timing = {"started_at": began, "analysed_at": analysed, "finished_at": finished}
+        LOGGER.info("study %s generation %d: %s (route %s) in %.2f s", study_uid, generation, record.status,
+                    record.route, record.seconds)
+        record = self.write_record(record_path, record)
         self.enqueue_deliveries(record)
         return record
 
-    def report_failure(self, study_uid: str, generation: int, reason: str, attempts: int) -> dict:
+    def report_failure(self, study_uid: str, generation: int, reason: str, attempts: int) -> OutcomeRecord:
         """A study that failed for good still reaches the PACS: a "not processed" SR that names the failure.
 
         Nothing here may depend on what failed, so no model runs: the headers that can still be read are routed
@@ -177,8 +175,8 @@ class WorkerRuntime:
         from daemon.output.sr import build_sr
         from daemon.output.study_result import StudyResult
 
-        record: dict = {"study_uid": study_uid, "generation": generation, "status": "failed",
-                        "reason": reason, "attempts": attempts, "destinations": {}}
+        record = OutcomeRecord(study_uid=study_uid, generation=generation, status="failed", reason=reason,
+                               attempts=attempts, destinations={})
         headers = []
         for path in sorted((DataDir(self.data_dir).incoming / study_uid).glob("*.dcm")):
             try:
@@ -187,7 +185,7 @@ class WorkerRuntime:
                 LOGGER.warning("study %s: %s unreadable: %s", study_uid, path.name, exc)
         headers = [ds for ds in headers if "StudyInstanceUID" in ds and str(ds.StudyInstanceUID) == study_uid]
         if not headers:
-            record["reason"] += "; no readable instance left to attach a report to"
+            record.reason = f"{reason}; no readable instance left to attach a report to"
             return self.write_record(self.record_path(study_uid, generation), record)
         routing = route_by_tags(self.config, headers[0], self.calling_ae(study_uid))
         decision, anatomy = routing.decision, routing.anatomy
@@ -202,11 +200,11 @@ class WorkerRuntime:
             LOGGER.error("study %s failed for good and no destination is set for its report "
                          "(no route matches its tags; set queue.send_failures_to)", study_uid)
         self.stage(record, [build_sr(headers, result)], send_to, f"{study_uid}-{generation}-failed")
-        self.write_record(self.record_path(study_uid, generation), record)
+        record = self.write_record(self.record_path(study_uid, generation), record)
         self.enqueue_deliveries(record)
         return record
 
-    def give_up(self, study_uid: str, generation: int, reason: str, attempts: int) -> dict:
+    def give_up(self, study_uid: str, generation: int, reason: str, attempts: int) -> OutcomeRecord:
         """The end of a study that failed for good: a not-processed report, else at least a ``failed`` record.
 
         Either way the outcome record exists afterwards, so the assembler marks the study failed (the metric
@@ -216,19 +214,18 @@ class WorkerRuntime:
             return self.report_failure(study_uid, generation, reason, attempts)
         except Exception:  # the report itself failed: the record and the log line still say why
             LOGGER.exception("study %s: the failure report could not be sent either", study_uid)
-            return self.write_record(self.record_path(study_uid, generation), {
-                "study_uid": study_uid, "generation": generation, "status": "failed",
-                "reason": reason, "attempts": attempts, "destinations": {},
-            })
+            return self.write_record(self.record_path(study_uid, generation), OutcomeRecord(
+                study_uid=study_uid, generation=generation, status="failed", reason=reason, attempts=attempts,
+                destinations={}))
 
-    def stage(self, record: dict, outputs: list, send_to: list[str], label: str) -> None:
+    def stage(self, record: OutcomeRecord, outputs: list, send_to: list[str], label: str) -> None:
         """The end of analysis: ``outputs`` in the study generation's outbox (fsynced), the record ready to send.
 
-        Fills ``record["sr"]``, ``record["outputs"]`` and ``record["destinations"]`` (each ``waiting``); a record
+        Fills ``record.sr``, ``record.outputs`` and ``record.destinations`` (each ``waiting``); a record
         with somewhere to send becomes ``ready-to-send`` (a ``failed`` one stays failed) and keeps the status it
         takes once delivered. The caller writes the record, then :meth:`enqueue_deliveries`.
         """
-        outbox = DataDir(self.data_dir).outbox_folder(record["study_uid"], record["generation"])
+        outbox = DataDir(self.data_dir).outbox_folder(record.study_uid, record.generation)
         outbox.mkdir(parents=True, exist_ok=True)
         paths = []
         for ds in outputs:
@@ -241,27 +238,27 @@ class WorkerRuntime:
             fsync_dir(outbox)
         sr = next((ds for ds in outputs if ds.Modality == "SR"), None)
         if sr is not None:
-            record["sr"] = [str(sr.StudyInstanceUID), str(sr.SeriesInstanceUID), str(sr.SOPClassUID), str(sr.SOPInstanceUID)]
-        record["outputs"] = [str(p.relative_to(self.data_dir)) for p in paths]
-        record["label"] = label
-        record["ready_at"] = time.time()
-        record["destinations"] = {dest: WAITING for dest in send_to}
-        if send_to and record.get("status") != "failed":
-            record[STATUS_IF_DELIVERED] = record["status"]  # what it becomes once delivered (or replayed)
-            record["status"] = READY_TO_SEND
+            record.sr = [str(sr.StudyInstanceUID), str(sr.SeriesInstanceUID), str(sr.SOPClassUID), str(sr.SOPInstanceUID)]
+        record.outputs = [str(p.relative_to(self.data_dir)) for p in paths]
+        record.label = label
+        record.ready_at = time.time()
+        record.destinations = {dest: WAITING for dest in send_to}
+        if send_to and record.status != "failed":
+            record.status_if_delivered = record.status  # what it becomes once delivered (or replayed)
+            record.status = READY_TO_SEND
 
-    def enqueue_deliveries(self, record: dict) -> list[str]:
+    def enqueue_deliveries(self, record: OutcomeRecord) -> list[str]:
         """One ``deliver_result`` task per destination still waiting, each with its pending file written first.
 
         Safe to call again (a redelivered analysis task, a restart): a pending file that exists keeps its attempts,
         and a task that finds nothing pending does nothing.
         """
-        study_uid, generation = record["study_uid"], int(record["generation"])
-        files = [self.data_dir / f for f in record.get("outputs", [])]
+        study_uid, generation = record.study_uid, record.generation
+        files = [self.data_dir / f for f in record.outputs]
         queued = []
-        for dest in undelivered(record):
-            self.queue.add(dest, study_uid, generation, files, record.get("label", f"{study_uid}-{generation}"),
-                           float(record.get("ready_at") or time.time()))
+        for dest in record.undelivered():
+            self.queue.add(dest, study_uid, generation, files, record.label or f"{study_uid}-{generation}",
+                           float(record.ready_at or time.time()))
             deliver_result.apply_async((study_uid, generation, dest), queue=DISPATCH_QUEUE)
             queued.append(dest)
         if queued:
@@ -308,7 +305,7 @@ class WorkerRuntime:
             return None
 
     @staticmethod
-    def write_record(path: Path, record: dict) -> dict:
+    def write_record(path: Path, record: OutcomeRecord) -> OutcomeRecord:
         """Write an outcome record atomically: the assembler and ``bonebridge retry`` read it from other processes."""
         return write_record(path, record)
 
@@ -328,13 +325,14 @@ def _fault_injection_pause() -> None:
 def process_study(self, study_uid: str, generation: int) -> dict:
     runtime = WorkerRuntime.get()
     try:
-        return runtime.process(study_uid, generation)
+        return runtime.process(study_uid, generation).to_json()  # a task returns plain JSON, as before
     except Exception as exc:
         queue = runtime.config.queue
         if self.request.retries >= queue.max_retries:
             LOGGER.exception("study %s generation %d failed for good after %d attempts; sending a not-processed "
                              "report", study_uid, generation, self.request.retries + 1)
-            return runtime.give_up(study_uid, generation, f"{type(exc).__name__}: {exc}", self.request.retries + 1)
+            return runtime.give_up(study_uid, generation, f"{type(exc).__name__}: {exc}",
+                                   self.request.retries + 1).to_json()
         countdown = queue.retry_backoff_s * (2 ** self.request.retries)
         LOGGER.warning("study %s generation %d: %s; retry %d of %d in %.1f s", study_uid, generation, exc,
                        self.request.retries + 1, queue.max_retries, countdown)
