@@ -60,8 +60,12 @@ def log_route_status(config: Config) -> None:
             LOGGER.info("route %r enabled", route)
 
 
-class Listener:
-    """The receiving half: spool, assembler, DICOM server, and the poller that enqueues complete studies."""
+class ReceivingSide:
+    """The receiving half: spool, assembler, DICOM server, and the poller that enqueues complete studies.
+
+    Not the DICOM listener itself (that is :class:`daemon.receive.listener.ListenerAE`): this wires it to the spool
+    and the assembler, which is why it lives here beside the worker's half and not in ``daemon/receive``.
+    """
 
     def __init__(self, config: Config, broker_url: str) -> None:
         from daemon.queue.celery_tasks import configure_app, process_study
@@ -239,7 +243,7 @@ def serve(config_path: Path, workers: int = 1, demo: bool = False) -> int:
     log_route_status(config)  # after the refusal, so a refused serve prints its one line only
     stop_orphaned_workers(run_dir)  # so no worker of a dead serve shares the new broker
     (run_dir / "broker.url").write_text(broker_url)
-    listener = Listener(config, broker_url)
+    listener = ReceivingSide(config, broker_url)
     pool = [SupervisedWorker(config_path, broker_url, run_dir, max(1, workers)) for _ in range(max(1, workers))]
     if workers > 1:
         for i, worker in enumerate(pool):
@@ -283,7 +287,7 @@ def listen(config_path: Path) -> int:
         return 2
     log_route_status(config)
     stop = _Stop()
-    listener = Listener(config, config.broker)
+    listener = ReceivingSide(config, config.broker)
     listener.start()
     try:
         while not stop.requested:

@@ -468,3 +468,20 @@ def test_a_study_whose_state_cannot_be_written_is_not_enqueued_and_is_tried_agai
     monkeypatch.setattr(asm, "_write", real_write)  # the disk is back
     assert asm.poll() == [(bad, 1)]
     assert json.loads((asm.studies_dir / f"{bad}.json").read_text())["state"] == "queued"
+
+
+def test_study_state_reads_back_what_it_writes(tmp_path: Path) -> None:
+    """The typed state file (issue 26): write, read, same state; where it lives is the data directory's layout."""
+    from daemon.assemble.assembler import InstanceRecord, StudyState
+
+    state = StudyState("1.2.3", state="queued", generation=2, calling_ae="MODALITY", first_received_at=1.0,
+                       last_instance_at=2.0, instances={"1.2.3.4": InstanceRecord("p.dcm", "1.2.3.5", "1.2.840", "M",
+                                                                                    1.5)},
+                       sr_refs=[("a", "b", "c", "d")], accession_number="ACC")
+    path = StudyState.path(tmp_path, "1.2.3")
+    assert path == tmp_path / "studies" / "1.2.3.json"
+    state.write(path)
+    assert StudyState.read(path) == state
+    path.write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError):
+        StudyState.read(path)

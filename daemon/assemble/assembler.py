@@ -104,6 +104,21 @@ class StudyState:
         data["version"] = _STATE_VERSION
         return data
 
+    @staticmethod
+    def path(data_dir: Path, study_uid: str) -> Path:
+        """Where a study's state lives: ``data_dir/studies/<study_uid>.json`` (:class:`DataDir`)."""
+        return DataDir(data_dir).studies / f"{study_uid}.json"
+
+    @classmethod
+    def read(cls, path: Path) -> StudyState:
+        """A state file read back (``OSError``, ``ValueError`` or ``TypeError`` for one that cannot be)."""
+        return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def write(self, path: Path) -> None:
+        """Write this state atomically (write, fsync, rename, fsync the folder). The assembler itself writes
+        versioned snapshots made under its lock (:meth:`StudyAssembler._write`); this is for tools and tests."""
+        write_text_atomic(Path(path), json.dumps(self.to_json(), sort_keys=True))
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StudyState:
         data = dict(data)
@@ -462,7 +477,7 @@ class StudyAssembler:
     # -- persistence ----------------------------------------------------------------------------
 
     def _state_path(self, study_uid: str) -> Path:
-        return self.studies_dir / f"{study_uid}.json"
+        return StudyState.path(self.data_dir, study_uid)
 
     def _save(self, st: StudyState) -> None:
         """Write ``st`` now, lock held: for the rare paths (restart, a failed enqueue) where waiting is harmless."""
@@ -490,7 +505,7 @@ class StudyAssembler:
             tmp.unlink(missing_ok=True)  # an interrupted write; the previous state is intact
         for path in sorted(self.studies_dir.glob("*.json")):
             try:
-                st = StudyState.from_json(json.loads(path.read_text(encoding="utf-8")))
+                st = StudyState.read(path)
             except (OSError, ValueError, TypeError) as exc:
                 bad = path.with_suffix(".corrupt")
                 LOGGER.error("study state %s unreadable (%s); moved to %s", path, exc, bad.name)
