@@ -158,6 +158,9 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ensemble", type=Path, action="append", metavar="WEIGHTS",
                    help="bone age, abnormality: another checkpoint of the same task whose outputs are averaged with "
                         "--weights', as the daemon's models.<name>.ensemble runs them; repeatable")
+    p.add_argument("--flip", action="store_true",
+                   help="abnormality: also read the mirrored image and average (probability and map), as a card's "
+                        "test_time_flip makes the daemon do")
     p.add_argument("--precision", choices=["fp32", "bf16"],
                    help="inference precision (default: the card's; bf16 only where the hardware runs it natively)")
     p.add_argument("--variants", action="store_true",
@@ -211,7 +214,10 @@ def run_compare(args: argparse.Namespace) -> int:
 
     from models.eval.compare import compare_files
 
-    result = compare_files(args.base, args.candidate)
+    try:
+        result = compare_files(args.base, args.candidate)
+    except (OSError, ValueError, KeyError) as exc:  # a missing, unreadable or mismatched report: say which, briefly
+        raise SystemExit(f"bonebridge compare: {exc}") from None
     print(json.dumps(result, indent=2))
     if "auroc_difference" in result:
         for name, key in (("AUROC", "auroc"), ("pointing", "pointing"), ("strict pointing", "pointing_strict")):

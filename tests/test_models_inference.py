@@ -323,3 +323,21 @@ def test_fp16_storage_halves_the_file_and_keeps_the_outputs(tmp_path: Path) -> N
     b = load_predictor(half).predict([image], with_heatmaps=False)[0].outputs
     assert b["bone_age_months"] == pytest.approx(a["bone_age_months"], abs=0.05)
     assert next(load_predictor(half).model.parameters()).dtype == torch.float32
+
+
+def test_fracture_test_time_flip_averages_the_image_and_its_mirror() -> None:
+    """Issue 29's flip: probability and map are the means of the image's and its mirror's readings."""
+    from models.nets.networks import FractureNet
+
+    torch.manual_seed(0)
+    card = card_for("abnormality", Geometry(size=64), ["normal", "fracture"], threshold=0.5, localisation_head=True)
+    card.architecture = "efficientnet_lite0"
+    plain = Predictor(FractureNet(pretrained=False), card)
+    image = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    mirror = np.ascontiguousarray(image[:, ::-1])
+    a, b = (plain.predict([img], with_heatmaps=True)[0] for img in (image, mirror))
+    plain.test_time_flip = True
+    both = plain.predict([image], with_heatmaps=True)[0]
+    expected = (a.outputs["abnormality_probability"] + b.outputs["abnormality_probability"]) / 2
+    assert both.outputs["abnormality_probability"] == pytest.approx(expected, abs=1e-5)
+    np.testing.assert_allclose(both.heatmap, (a.heatmap + b.heatmap[:, ::-1]) / 2, atol=1e-4)

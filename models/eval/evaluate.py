@@ -351,7 +351,7 @@ def evaluate(task: str, weights: Path, data: Path | None, *, labels: Path | None
              mask: bool | None = None, tta: bool = False, json_out: Path | None = None, plots: Path | None = None,
              batch_size: int = 16, device: str | None = None, progress: bool = True,
              regions: Sequence[Path] | None = None, variants: bool = False, precision: str | None = None,
-             ensemble: Sequence[Path] = (), echo: Callable[[str], None] = print) -> dict:
+             ensemble: Sequence[Path] = (), flip: bool = False, echo: Callable[[str], None] = print) -> dict:
     """Evaluate ``weights`` on a labelled folder; writes the JSON and plots, returns the report.
 
     ``precision`` ("fp32", "bf16") overrides the card's inference precision: reading validation both ways is how a
@@ -360,6 +360,9 @@ def evaluate(task: str, weights: Path, data: Path | None, *, labels: Path | None
     """
     predictor = load_model(weights, list(ensemble), device=device, mask_labels=mask, batch_size=batch_size,
                            precision=precision)
+    if flip:  # issue 29's test-time flip, measured before a card may turn it on
+        for member in getattr(predictor, "members", [predictor]):
+            member.test_time_flip = True
     card = predictor.card
     if task == "sex" and card.task not in ("sex", "boneage"):
         raise ValueError(f"{weights} is a {card.task} model; sex needs a sex or bone-age checkpoint")
@@ -521,7 +524,7 @@ def _evaluate_fracatlas(predictor: Predictor, weights: Path, data: Path, split: 
     report = {
         "task": "abnormality", "headline": headline,
         "model": _model_entry(weights, card, predictor),
-        "preprocessing": predictor.geometry.to_dict(), **body,
+        "preprocessing": {**predictor.geometry.to_dict(), "test_time_flip": predictor.test_time_flip}, **body,
     }
     if _write_report(report, json_out):
         echo(f"wrote {json_out}")
@@ -538,6 +541,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
         json_out=args.json, plots=args.plots, batch_size=args.batch_size, device=args.device,
         progress=not args.no_progress, regions=getattr(args, "regions", None),
         variants=getattr(args, "variants", False), precision=getattr(args, "precision", None),
-        ensemble=getattr(args, "ensemble", None) or (),
+        ensemble=getattr(args, "ensemble", None) or (), flip=getattr(args, "flip", False),
     )
     return 0

@@ -54,6 +54,7 @@ class EnsemblePredictor:
         self.device = lead.device
         self.geometry = lead.geometry
         self.bf16 = lead.bf16
+        self.test_time_flip = lead.test_time_flip
 
     @property
     def cards(self) -> list[ModelCard]:

@@ -125,6 +125,8 @@ class Predictor:
             geometry = dataclasses.replace(geometry, mask_labels=mask_labels)
         self.geometry: Geometry = geometry
         self.batch_size = batch_size
+        #: Fracture: average the reading of the image and of its mirror (the card's choice; evaluation may set it).
+        self.test_time_flip = bool(card.test_time_flip)
         self._lock = threading.Lock()  # Grad-CAM hooks the model: one batch at a time per Predictor
         calibration = card.calibration or {}
         #: Anatomy (issue 25): logits are divided by this before the softmax (1: the card has no calibration).
@@ -243,6 +245,10 @@ class Predictor:
             outs = [self.model.forward_maps(v) for v in self._views(x, tta)]
             image_prob = torch.stack([torch.sigmoid(o[0].float()) for o in outs]).mean(0).cpu()
             map_prob = torch.sigmoid(outs[0][1].float()).cpu()  # the unshifted view: it lies on the image
+            if self.test_time_flip:  # the mirror's reading, its map mirrored back onto the image
+                mirrored_logit, mirrored_map = self.model.forward_maps(x.flip(-1))
+                image_prob = (image_prob + torch.sigmoid(mirrored_logit.float()).cpu()) / 2
+                map_prob = (map_prob + torch.sigmoid(mirrored_map.float()).flip(-1).cpu()) / 2
         peak = map_prob.flatten(1).max(1).values
         prob = image_prob if self.card.score_rule == "image" else (image_prob + peak) / 2
         results = []

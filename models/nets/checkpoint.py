@@ -78,6 +78,9 @@ class ModelCard(BaseModel):
     #: weights are widened back to fp32 on loading; normalisation statistics and biases always stay fp32). A
     #: card says so because the rounding is part of the model that was measured.
     weights_storage: Literal["fp32", "fp16"] = "fp32"
+    #: Fracture models (issue 29): also read the mirrored image; the probability and the learnt map (mirrored back)
+    #: are the means of both readings. Costs a second forward pass; set only where validation showed it pays.
+    test_time_flip: bool = False
 
     @property
     def geometry(self) -> Geometry:
