@@ -311,11 +311,18 @@ class WorkerRuntime:
 
 
 def _fault_injection_pause() -> None:
-    """Crash tests set BONEBRIDGE_FAULT_PAUSE_S to hold a task between analysis and sending, to kill it there."""
+    """Crash tests set BONEBRIDGE_FAULT_PAUSE_S to hold a task between analysis and sending, to kill it there.
+
+    With BONEBRIDGE_FAULT_MARKER the pause happens once: the first task writes the marker (its pid) and waits; a task
+    that finds the marker already there (the worker serve restarted after the test killed the first) goes on, so
+    the test measures the recovery and not a second pause.
+    """
     pause = float(os.environ.get("BONEBRIDGE_FAULT_PAUSE_S", "0") or 0)
     if pause > 0:
         marker = os.environ.get("BONEBRIDGE_FAULT_MARKER")
         if marker:
+            if Path(marker).exists():
+                return
             Path(marker).write_text(str(os.getpid()))
         time.sleep(pause)
 
