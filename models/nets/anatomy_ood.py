@@ -117,6 +117,11 @@ class MahalanobisOOD:
     means: np.ndarray
     whiten: np.ndarray
 
+    def __post_init__(self) -> None:
+        # The whitened class means, once: recomputing them (C x D x K) at every call was most of the anatomy step's
+        # cost on a loaded machine (bench/README.md, "Restructure, issue 26").
+        self._whitened_means = (self.means.astype(np.float32) @ self.whiten.astype(np.float32)).astype(np.float32)
+
     @classmethod
     def fit(cls, features: np.ndarray, labels: np.ndarray, components: int | None = None) -> "MahalanobisOOD":
         from sklearn.covariance import LedoitWolf
@@ -137,7 +142,7 @@ class MahalanobisOOD:
     def score(self, features: np.ndarray) -> np.ndarray:
         """Per row: the squared distance to the nearest class mean (higher = less like the training images)."""
         x = np.asarray(features, dtype=np.float32) @ self.whiten          # N x K
-        m = self.means @ self.whiten                                        # C x K
+        m = self._whitened_means                                            # C x K
         d = (x * x).sum(1)[:, None] - 2 * x @ m.T + (m * m).sum(1)[None, :]
         return np.maximum(d.min(axis=1), 0.0).astype(np.float64)
 
