@@ -17,7 +17,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", type=Path, help="RSNA image folder when not beside labels.csv")
     p.add_argument("--clusters", type=Path, help="anatomy: a clusters YAML written by `bonebridge sort` and named by a person")
     p.add_argument("--finetune", action="store_true",
-                   help="anatomy from --clusters: train the whole network instead of a linear probe on frozen features")
+                   help="anatomy from --clusters: train the whole network instead of a linear probe on frozen features "
+                        "(with --extra: site-style augmentation, then temperature and OOD sidecar on its own features; "
+                        "models/train/anatomy_finetune.py)")
     p.add_argument("--licence", help="anatomy from --clusters: the licence/attribution note of the sorted images, for the card")
     p.add_argument("--extra", action="append", metavar="DIR=PART",
                    help="anatomy from --clusters (issue 25): also train on a folder whose images all show PART "

@@ -40,13 +40,14 @@ def test_contrast_copies_keep_the_image_in_range_and_change_its_look() -> None:
         contrast_copy(image, "sepia", rng)
 
 
-def test_world_probe_trains_calibrates_and_evaluates(tmp_path: Path) -> None:
+def _world(tmp_path: Path) -> tuple[Path, Path, dict[str, list[str]], np.random.Generator]:
+    """Three shape classes on one "site", a knee set of rings from another, and a discarded cluster."""
     rng = np.random.default_rng(3)
     root = tmp_path / "data"
     (root / "site").mkdir(parents=True)
     (root / "knees" / "images").mkdir(parents=True)
     clusters = {"hand": [], "wrist": [], "discard": []}
-    kinds = {"hand": "disk", "wrist": "hbar", "discard": "vbar"}
+    kinds = {"hand": "hand", "wrist": "wrist", "discard": "elbow"}  # shape_image: disk, bar, upright bar
     for i in range(150):
         name = ("hand", "wrist", "discard")[i % 3]
         file = f"IMG{i * 40:07d}.png"  # a block of its own per image: the id-block split spreads them
@@ -60,7 +61,11 @@ def test_world_probe_trains_calibrates_and_evaluates(tmp_path: Path) -> None:
     named = tmp_path / "clusters.yaml"
     named.write_text(yaml.safe_dump(document))
     assert {img.split for img in folder_images(root / "knees" / "images", "knee", "knee")} >= {"train"}
+    return root, named, clusters, rng
 
+
+def test_world_probe_trains_calibrates_and_evaluates(tmp_path: Path) -> None:
+    root, named, clusters, rng = _world(tmp_path)
     weights = tmp_path / "anatomy.pt"
     assert cli.main(["train", "anatomy", "--clusters", str(named), "--extra", f"{root / 'knees' / 'images'}=knee",
                      "--arch", "tiny_cnn", "--size", "32", "--out", str(weights), "--no-progress",
@@ -93,3 +98,28 @@ def test_world_probe_trains_calibrates_and_evaluates(tmp_path: Path) -> None:
     for row in report["decisions"]["site"].values():
         assert 0 <= row["right"] <= 1 and 0 <= row["forbidden_model"] <= 1
     assert "ece_calibrated_original" in report["calibration"] and "all other sets" in report["ood"]["auroc"]
+
+
+def test_world_finetune_trains_the_whole_network_then_calibrates_on_its_own_features(tmp_path: Path) -> None:
+    """``train anatomy --clusters --extra --finetune``: the loop trains every layer, then temperature and OOD sidecar
+    are fitted on the fine-tuned backbone's features, with the 99 % acceptance rule (issue 25)."""
+    root, named, clusters, rng = _world(tmp_path)
+    weights = tmp_path / "anatomy.pt"
+    assert cli.main(["train", "anatomy", "--clusters", str(named), "--extra", f"{root / 'knees' / 'images'}=knee",
+                     "--finetune", "--arch", "tiny_cnn", "--size", "32", "--epochs", "8", "--batch-size", "16",
+                     "--lr", "3e-3", "--patience", "8", "--site-style-probability", "0.5", "--out", str(weights), "--no-progress"]) == 0
+    card = read_card(weights)
+    assert card.trained and card.classes == ["hand", "wrist", "knee"]
+    assert "fine-tuned whole" in card.training["method"] and card.training["epochs_planned"] == 8
+    calibration = card.calibration
+    assert calibration["temperature"] > 0 and "99%" in calibration["ood"]["rule"]
+    assert (tmp_path / "anatomy.ood.npz").exists() and (tmp_path / "anatomy.features.npz").exists()
+    validation = card.metrics["validation"]
+    assert validation["top1_original"] > 0.6  # three shapes: chance is a third
+    assert validation["ood_accepted"] >= 0.95
+
+    from models.data.preprocess import load_image
+    from models.inference.predictor import load_predictor
+
+    probabilities, ood = load_predictor(weights).anatomy_scores([load_image(root / clusters["wrist"][0])])
+    assert probabilities.shape == (1, 3) and ood is not None and np.isfinite(ood).all()

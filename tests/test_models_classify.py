@@ -17,15 +17,13 @@ from PIL import Image
 
 from models import cli
 from models.nets.checkpoint import read_card
+from models.metrics.classification import binary_metrics, topk_accuracy, youden_threshold
 from models.train.classify import (
     ANATOMY_CLASSES,
     anatomy_class_index,
-    binary_metrics,
     mura_examples,
-    topk_accuracy,
     ClassifierSource,
     train_classifier,
-    youden_threshold,
 )
 from models.inference.predictor import load_predictor
 from models.data.preprocess import Geometry, load_image

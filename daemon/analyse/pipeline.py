@@ -203,7 +203,7 @@ class Analyser:
             preds = predictor.predict(images, sexes, with_heatmaps=True, laterality=sides)
             # An output ensemble names every member whose outputs the findings average (lead first).
             provenance += [ModelProvenance(name=c.name, version=c.version, sha256=c.sha256, task=c.task)
-                           for c in getattr(predictor, "cards", [card])]
+                           for c in predictor.cards]
             findings.update(_study_findings(card, preds))
             if card.task == "abnormality":
                 image_probabilities += [

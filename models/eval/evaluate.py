@@ -39,7 +39,7 @@ from models.metrics.classification import binary_metrics
 from models.train.classify import anatomy_class_index
 from models.metrics.bootstrap import auroc_interval, mean_interval
 from models.data.datasets import read_class_folders, read_mura, read_rsna_boneage, split_of
-from models.inference.ensemble import EnsemblePredictor, load_model
+from models.inference.ensemble import EnsemblePredictor, load_model, male_probability
 from models.inference.predictor import ImagePrediction, Predictor
 from models.eval.plots import plot_bland_altman, plot_calibration, plot_confusion, plot_roc, plot_scatter
 from models.data.preprocess import load_image
@@ -214,14 +214,9 @@ def variant_reports(predictor: Predictor, items: list[Item], batch_size: int, pr
     return out
 
 
-def male_probability(pred: ImagePrediction) -> float:
-    p = float(pred.outputs["predicted_sex_probability"])
-    return p if pred.outputs["predicted_sex"] == "M" else 1.0 - p
-
-
 def sex_metrics(items: list[Item], preds: list[ImagePrediction]) -> dict[str, Any]:
     male = np.array([bool(i.male) for i in items])
-    p_male = np.array([male_probability(p) for p in preds])
+    p_male = np.array([male_probability(p.outputs) for p in preds])
     decided = np.array([p.outputs["predicted_sex"] == "M" for p in preds])
     metrics: dict[str, Any] = {"sex_accuracy": float((decided == male).mean()),
                                "sex_accuracy_ci95": mean_interval(decided == male)}
@@ -235,7 +230,7 @@ def sex_metrics(items: list[Item], preds: list[ImagePrediction]) -> dict[str, An
 
 def sex_report(items: list[Item], preds: list[ImagePrediction]) -> tuple[dict, list[dict], str]:
     metrics: dict[str, Any] = {"n": len(items), **sex_metrics(items, preds)}
-    rows = [{"id": i.key, "male": i.male, "male_probability": male_probability(p)} for i, p in zip(items, preds)]
+    rows = [{"id": i.key, "male": i.male, "male_probability": male_probability(p.outputs)} for i, p in zip(items, preds)]
     auroc = metrics.get("sex_auroc", float("nan"))
     return metrics, rows, f"sex AUROC {auroc:.3f} accuracy {metrics['sex_accuracy']:.3f} (n={len(items)})"
 

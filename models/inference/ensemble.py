@@ -50,11 +50,24 @@ class EnsemblePredictor:
         self.card: ModelCard = lead.card
         self.task = lead.task
         self.weights = lead.weights
-        #: Where the lead runs, and its preprocessing (reports state them; each member keeps its own).
-        self.device = lead.device
-        self.geometry = lead.geometry
-        self.bf16 = lead.bf16
-        self.test_time_flip = lead.test_time_flip
+
+    # Where the lead runs and how it reads an image (reports state them; each member keeps its own). Properties, so
+    # a setting changed on the lead after loading (an evaluation's --flip) is what the ensemble reports too.
+    @property
+    def device(self):
+        return self.lead.device
+
+    @property
+    def geometry(self):
+        return self.lead.geometry
+
+    @property
+    def bf16(self) -> bool:
+        return self.lead.bf16
+
+    @property
+    def test_time_flip(self) -> bool:
+        return self.lead.test_time_flip
 
     @property
     def cards(self) -> list[ModelCard]:

@@ -120,6 +120,8 @@ class Predictor:
         self.card = card
         self.weights = weights
         self.task = card.task
+        #: Every card whose model answers (one here; an ensemble lists its members): the SR names each.
+        self.cards: list[ModelCard] = [card]
         geometry = card.geometry
         if mask_labels is not None:  # evaluation may compare with and without label masking
             geometry = dataclasses.replace(geometry, mask_labels=mask_labels)

@@ -189,23 +189,39 @@ class WorldFit:
 
 def fit_world_probe(arrays: dict[str, np.ndarray], classes: list[str], seed: int = 0,
                     accept: float = OOD_ACCEPT) -> WorldFit:
-    """Probe (C on validation top-1), temperature (validation NLL) and OOD model + threshold, from cached features.
+    """Probe (C on validation top-1), then :func:`calibrate_head`, from cached features.
 
     Training rows: the train split's labelled images in every view extracted (original + contrast copy).
     Validation rows: the validation split's labelled images in every view (original + each contrast style).
     """
     from models.train.anatomy import fit_probe
+
+    y_all, train, val = _labelled_rows(arrays, classes)
+    x = arrays["x"]
+    weight, bias, choice = fit_probe(x[train], y_all[train], x[val], y_all[val], seed=seed, grid=WORLD_C_GRID)
+    fit = calibrate_head(arrays, classes, weight, bias, accept)
+    fit.choice = choice
+    return fit
+
+
+def _labelled_rows(arrays: dict[str, np.ndarray], classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(class index or -1 per row, labelled training rows, labelled validation rows)."""
+    index = {name: i for i, name in enumerate(classes)}
+    labelled = np.array([label in index for label in arrays["label"]])
+    y_all = np.array([index.get(label, -1) for label in arrays["label"]])
+    return y_all, labelled & (arrays["split"] == "train"), labelled & (arrays["split"] == "val")
+
+
+def calibrate_head(arrays: dict[str, np.ndarray], classes: list[str], weight: np.ndarray, bias: np.ndarray,
+                   accept: float = OOD_ACCEPT) -> WorldFit:
+    """A linear head's temperature (validation NLL) and the OOD model (training rows) with its threshold (the
+    ``accept`` share of the validation rows), on the cached features of the backbone the head sits on."""
     from models.nets.anatomy_ood import (
         MahalanobisOOD, expected_calibration_error, fit_temperature, softmax, threshold_for_acceptance,
     )
 
-    index = {name: i for i, name in enumerate(classes)}
-    labelled = np.array([label in index for label in arrays["label"]])
-    y_all = np.array([index.get(label, -1) for label in arrays["label"]])
-    train = labelled & (arrays["split"] == "train")
-    val = labelled & (arrays["split"] == "val")
+    y_all, train, val = _labelled_rows(arrays, classes)
     x = arrays["x"]
-    weight, bias, choice = fit_probe(x[train], y_all[train], x[val], y_all[val], seed=seed, grid=WORLD_C_GRID)
     logits = x[val] @ weight.T + bias
     temperature = fit_temperature(logits, y_all[val])
     ood = MahalanobisOOD.fit(x[train], y_all[train])
@@ -220,7 +236,32 @@ def fit_world_probe(arrays: dict[str, np.ndarray], classes: list[str], seed: int
         "ece_after": expected_calibration_error(softmax(logits, temperature), y_all[val]),
         "ood_accepted": float((scores <= threshold).mean()),
     }
-    return WorldFit(weight, bias, choice, temperature, ood, threshold, validation)
+    return WorldFit(weight, bias, {}, temperature, ood, threshold, validation)
+
+
+def write_calibrated(model: torch.nn.Module, card, fit: WorldFit, out: Path, accept: float = OOD_ACCEPT,
+                     extra_metrics: dict | None = None) -> Path:
+    """Save ``model`` with ``fit``'s temperature and OOD sidecar (``<out>.ood.npz``) recorded in its card."""
+    from models.nets.checkpoint import code_version, save_checkpoint
+
+    sidecar = Path(out).with_suffix(".ood.npz")
+    sha = fit.ood.save(sidecar)
+    card = card.model_copy(update={
+        "metrics": {"validation": fit.validation, **(extra_metrics or {})},
+        "metrics_split": f"validation split ({fit.validation['images']} images, each also in 3 contrast styles)",
+        "calibration": {
+            "temperature": fit.temperature,
+            "temperature_fitted_on": "validation split, every view (NLL, scipy bounded search over log T)",
+            "ood": {"method": "min squared Mahalanobis distance of the pooled features to the class means, shared "
+                              "Ledoit-Wolf covariance fitted on the training rows",
+                    "file": sidecar.name, "sha256": sha, "threshold": fit.threshold,
+                    "rule": f"accept {accept:.0%} of the validation images of the training sources (every view); "
+                            "chosen before any test image was read"},
+        },
+        "code_version": code_version(),
+        "trained": True,
+    })
+    return save_checkpoint(model, card, out)
 
 
 def train_world_probe(clusters_yaml: Path, extras: list[tuple[Path, str]], out: Path, geometry: Geometry, card,
@@ -232,7 +273,7 @@ def train_world_probe(clusters_yaml: Path, extras: list[tuple[Path, str]], out: 
     cache, for ``evaluate anatomy`` to read later; they never train anything.
     """
     from models.anatomy_vocabulary import in_vocabulary_order
-    from models.nets.checkpoint import build_network, code_version, save_checkpoint
+    from models.nets.checkpoint import build_network
 
     images = world_images(clusters_yaml, extras) + list(measure_only or [])
     classes = in_vocabulary_order({img.label for img in images if img.label and img.split == "train"})
@@ -243,33 +284,17 @@ def train_world_probe(clusters_yaml: Path, extras: list[tuple[Path, str]], out: 
     linear = model.head[-1]
     linear.weight.data = torch.from_numpy(fit.weight)
     linear.bias.data = torch.from_numpy(fit.bias)
-    out = Path(out)
-    sidecar = out.with_suffix(".ood.npz")
-    sha = fit.ood.save(sidecar)
     sources = sorted({img.source for img in images if img.label})
     counts = {name: int(sum(1 for img in images if img.split == "train" and img.label == name)) for name in classes}
     card = card.model_copy(update={
-        "metrics": {"validation": fit.validation},
-        "metrics_split": f"validation split ({fit.validation['images']} images, each also in 3 contrast styles)",
         "training_data": (f"{', '.join(sources)}: {sum(counts.values())} train images (each once as it is and once in "
                           f"one contrast style: {', '.join(CONTRAST_STYLES)}); train per class {counts}; split by "
                           "id block / case id (FracAtlas, RSNA) and patient (extra sources)"),
         "training": {"method": "linear probe on frozen ImageNet features (multinomial logistic regression), "
                                "contrast-augmented, temperature-scaled, Mahalanobis OOD",
                      "seed": seed, **fit.choice},
-        "calibration": {
-            "temperature": fit.temperature,
-            "temperature_fitted_on": "validation split, every view (NLL, scipy bounded search over log T)",
-            "ood": {"method": "min squared Mahalanobis distance of the pooled features to the class means, shared "
-                              "Ledoit-Wolf covariance fitted on the training rows",
-                    "file": sidecar.name, "sha256": sha, "threshold": fit.threshold,
-                    "rule": f"accept {OOD_ACCEPT:.0%} of the validation images of the training sources (every view); "
-                            "chosen before any test image was read"},
-        },
-        "code_version": code_version(),
-        "trained": True,
     })
-    save_checkpoint(model, card, out)
+    out = write_calibrated(model, card, fit, Path(out))
     LOGGER.info("anatomy world probe: C=%s, T=%.3f, OOD threshold %.1f, validation %s", fit.choice["C"],
                 fit.temperature, fit.threshold, fit.validation)
     return out, fit.validation

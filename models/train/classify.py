@@ -24,16 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from models.anatomy_vocabulary import VOCABULARY, canonical_name, in_vocabulary_order
 from models.nets.checkpoint import INTENDED_USE, ModelCard
-from models.metrics.classification import binary_metrics, topk_accuracy, youden_threshold
 from models.data.datasets import read_class_folders, read_mura, read_rsna_boneage, split_of
 from models.data.preprocess import Augment, Geometry
-from models.train.loop import Example, TaskSpec, TrainConfig, build_cache, predict_cache, train
+from models.train.loop import Example, TrainConfig, build_cache, train
+from models.train.task_specs import binary_spec, multiclass_spec
 
 LOGGER = logging.getLogger(__name__)
 
@@ -73,54 +70,6 @@ def classifier_card(task: str, geometry: Geometry, architecture: str, classes: l
         intended_use=INTENDED_USE[task],
         trained=False,
     )
-
-
-def binary_spec(card: ModelCard, *, tune_threshold: bool, augment: Augment | None = None) -> TaskSpec:
-    """One logit, BCE, monitored by validation AUROC.
-
-    With ``tune_threshold`` each validation sets ``card.threshold`` to that epoch's Youden-optimal threshold. The
-    loop copies the card when it saves an improved epoch, right after evaluating it, so every checkpoint on disk
-    carries the threshold measured for its own weights, also when a run is stopped part-way.
-    """
-
-    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(model(x).squeeze(1).float(), y)
-
-    def evaluate(model: nn.Module, cache: torch.Tensor, y: torch.Tensor, side: torch.Tensor) -> dict[str, float]:
-        device = next(model.parameters()).device
-        logits, _ = predict_cache(model, cache, side, card.geometry, device)
-        prob = torch.sigmoid(logits).numpy()
-        threshold = youden_threshold(y.numpy(), prob) if tune_threshold else (card.threshold or 0.5)
-        if tune_threshold:
-            card.threshold = threshold
-        metrics = binary_metrics(y.numpy(), prob, threshold)
-        metrics.pop("n"), metrics.pop("positives")
-        metrics.setdefault("auroc", float("nan"))
-        return metrics
-
-    return TaskSpec(card=card, loss=loss, evaluate=evaluate, monitor="auroc", lower_is_better=False,
-                    augment=augment or Augment())
-
-
-def multiclass_spec(card: ModelCard, augment: Augment | None = None) -> TaskSpec:
-    """Softmax over ``card.classes``, cross-entropy, monitored by validation top-1 accuracy."""
-
-    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(x).float(), y.long())
-
-    def evaluate(model: nn.Module, cache: torch.Tensor, y: torch.Tensor, side: torch.Tensor) -> dict[str, float]:
-        device = next(model.parameters()).device
-        logits, _ = predict_cache(model, cache, side, card.geometry, device)
-        scores = logits.numpy()
-        labels = y.long().numpy()
-        return {
-            "top1_accuracy": topk_accuracy(labels, scores, 1),
-            "top2_accuracy": topk_accuracy(labels, scores, 2),
-            "val_loss": float(F.cross_entropy(logits, y.long()).item()),
-        }
-
-    return TaskSpec(card=card, loss=loss, evaluate=evaluate, monitor="top1_accuracy", lower_is_better=False,
-                    augment=augment or Augment(hflip=True))
 
 
 # --------------------------------------------------------------------------- examples per task
@@ -251,6 +200,10 @@ def train_classifier(request: ClassifierSource, geometry: Geometry, cfg: TrainCo
 
             extras = [(Path(item.partition("=")[0]), item.partition("=")[2]) for item in request.extra]
             cache = request.features_cache or Path(cfg.out).with_suffix(".features.npz")
+            if request.finetune:
+                from models.train.anatomy_finetune import train_world_finetune
+
+                return train_world_finetune(Path(clusters), extras, cfg, geometry, card, cache)
             return train_world_probe(Path(clusters), extras, cfg.out, geometry, card, cache, seed=cfg.seed,
                                      progress=cfg.progress)
         if clusters and not request.finetune:
