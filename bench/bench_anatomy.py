@@ -5,8 +5,12 @@ study pays anyway and that nobody would call slow: reading and decoding the DICO
 VOI/MONOCHROME1 handling), measured in the same run, interleaved. The input is pydicom-data's real CR of a lower
 leg (1760 x 1760, MONOCHROME1), as a four-image study: the daemon batches a study's images through the model.
 
-Run: ``.venv/bin/python bench/bench_anatomy.py [--repeats 5] [--images 4]``. Prints ms per image for both and the
-ratio (reference / anatomy: above 1 means the anatomy step costs less than decoding).
+What is timed is what the daemon calls: :meth:`Predictor.anatomy_scores` (calibrated probabilities and, where the
+card has one, the out-of-distribution score). ``--candidate W.pt`` times another anatomy checkpoint in the same
+rounds, so a model that would replace the shipped one is compared on the same machine state.
+
+Run: ``.venv/bin/python bench/bench_anatomy.py [--repeats 5] [--images 4] [--candidate W.pt]``. Prints ms per image
+for each and the ratio (reference / anatomy: above 1 means the anatomy step costs less than decoding).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--images", type=int, default=4, help="images per study (batched through the model)")
+    parser.add_argument("--candidate", type=Path, help="another anatomy checkpoint, timed in the same rounds")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -45,27 +50,37 @@ def main() -> int:
         return [read_display_image(pydicom.dcmread(path)) for _ in range(args.images)]
 
     images = decode()
-    predictor.class_probabilities(images)  # warm: first call allocates
+    candidate = load_predictor(args.candidate) if args.candidate else None
+    for model in filter(None, (predictor, candidate)):
+        model.anatomy_scores(images)  # warm: first call allocates
 
-    reference, anatomy = [], []
+    reference, anatomy, other = [], [], []
     for _ in range(args.repeats):
         began = time.perf_counter()
         decode()
         reference.append((time.perf_counter() - began) * 1000 / args.images)
         began = time.perf_counter()
-        predictor.class_probabilities(images)
+        predictor.anatomy_scores(images)
         anatomy.append((time.perf_counter() - began) * 1000 / args.images)
+        if candidate is not None:
+            began = time.perf_counter()
+            candidate.anatomy_scores(images)
+            other.append((time.perf_counter() - began) * 1000 / args.images)
     ref, ours = statistics.median(reference), statistics.median(anatomy)
     ratio = ref / ours
     if args.json:
         print(json.dumps({"name": "anatomy-step", "reference": "decode-dicom", "unit": "ms/image",
                           "higher_is_better": False, "reference_samples": reference, "bonebridge_samples": anatomy,
-                          "ratio": ratio}))
+                          "ratio": ratio, **({"candidate": str(args.candidate), "candidate_samples": other}
+                                             if candidate is not None else {})}))
     else:
         print(f"anatomy-step  reference=decode-dicom  ref {ref:.1f} ms/image [{min(reference):.1f}..{max(reference):.1f}]"
               f"  bonebridge {ours:.1f} ms/image [{min(anatomy):.1f}..{max(anatomy):.1f}]"
               f"  ratio {ratio:.2f} (higher is better)  ({args.images}-image study, {predictor.geometry.size} px,"
               f" torch threads {__import__('torch').get_num_threads()})")
+        if candidate is not None:
+            print(f"  candidate {args.candidate}: {statistics.median(other):.1f} ms/image [{min(other):.1f}.."
+                  f"{max(other):.1f}] (shipped {predictor.card.version}: {ours:.1f})")
     return 0
 
 
