@@ -114,6 +114,9 @@ def test_world_finetune_trains_the_whole_network_then_calibrates_on_its_own_feat
     calibration = card.calibration
     assert calibration["temperature"] > 0 and "99%" in calibration["ood"]["rule"]
     assert (tmp_path / "anatomy.ood.npz").exists() and (tmp_path / "anatomy.features.npz").exists()
+    chosen = card.metrics["training_validation"]  # the epoch was chosen on the mean of the sources' top-1
+    assert set(chosen["top1_by_source"]) == {"site", "knees"}
+    assert chosen["top1_source_mean"] == pytest.approx(sum(chosen["top1_by_source"].values()) / 2)
     validation = card.metrics["validation"]
     assert validation["top1_original"] > 0.6  # three shapes: chance is a third
     assert validation["ood_accepted"] >= 0.95

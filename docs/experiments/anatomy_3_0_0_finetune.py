@@ -6,7 +6,9 @@ The same as ``bonebridge train anatomy --clusters models/weights/anatomy.cluster
 examples, the full-resolution hands, pydicom-data's two CRs) embedded in the same feature pass for
 ``bonebridge evaluate anatomy --features-cache``. Resumable: rerun the same command.
 
-Run: ``nohup .venv/bin/python docs/experiments/anatomy_3_0_0_finetune.py > runs/anatomy30/train.log 2>&1 &``.
+Run: ``nohup .venv/bin/python docs/experiments/anatomy_3_0_0_finetune.py [--out runs/anatomy30b/anatomy.pt] >
+runs/anatomy30b/train.log 2>&1 &``. The first candidate (``runs/anatomy30``) chose its epoch on the pooled validation
+top-1; the code now chooses on the mean of the sources' top-1 (``multiclass_spec(val_sources=...)``).
 """
 
 from __future__ import annotations
@@ -47,14 +49,19 @@ def measure_only() -> list[WorldImage]:
 
 
 def main() -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     geometry = Geometry(size=224, aspect="pad")
     card = classifier_card("anatomy", geometry, "efficientnet_lite0", [], "", LICENCE)
-    cfg = TrainConfig(out=OUT, epochs=8, batch_size=32, lr=1e-3, weight_decay=0.01, ema_decay=0.995, patience=100,
+    cfg = TrainConfig(out=args.out, epochs=8, batch_size=32, lr=1e-3, weight_decay=0.01, ema_decay=0.995, patience=100,
                       site_style_probability=0.5, progress=False)
     extras = [(DATA / "knee-oai-224" / "images", "knee"), (DATA / "chest-kermany" / "images", "chest")]
     path, validation = train_world_finetune(REPO / "models" / "weights" / "anatomy.clusters.yaml", extras, cfg,
-                                            geometry, card, OUT.with_suffix(".features.npz"), measure_only())
+                                            geometry, card, args.out.with_suffix(".features.npz"), measure_only())
     print(f"wrote {path}: {validation}")
     return 0
 

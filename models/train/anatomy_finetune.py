@@ -69,7 +69,9 @@ def train_world_finetune(clusters_yaml: Path, extras: list[tuple[Path, str]], cf
                           f"images ({len(splits['test'])} test held out); train per class {counts}; split by id "
                           "block / case id (FracAtlas, RSNA) and patient (extra sources)"),
     })
-    spec = multiclass_spec(card, Augment(**FINETUNE_AUGMENT))
+    # The epoch is chosen on the mean of the sources' validation top-1, not the pooled one (see multiclass_spec).
+    val_sources = [img.source for img in images if img.label in classes and img.split == "val"]
+    spec = multiclass_spec(card, Augment(**FINETUNE_AUGMENT), val_sources=val_sources)
     LOGGER.info("anatomy fine-tune: %d train, %d val images, classes %s", len(splits["train"]), len(splits["val"]),
                 classes)
     caches = (build_cache(splits["train"], geometry, cfg.progress), build_cache(splits["val"], geometry, cfg.progress))
