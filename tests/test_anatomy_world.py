@@ -126,3 +126,31 @@ def test_world_finetune_trains_the_whole_network_then_calibrates_on_its_own_feat
 
     probabilities, ood = load_predictor(weights).anatomy_scores([load_image(root / clusters["wrist"][0])])
     assert probabilities.shape == (1, 3) and ood is not None and np.isfinite(ood).all()
+
+
+def test_compare_with_a_model_on_another_backbone_reads_it_on_its_own_features(tmp_path: Path) -> None:
+    """`evaluate anatomy --compare-with`: a probe on frozen features and a fine-tuned network do not share features;
+    each head is read on its own backbone's, so the comparison says what evaluating each alone says."""
+    root, named, clusters, rng = _world(tmp_path)
+    knees = f"{root / 'knees' / 'images'}=knee"
+    probe, tuned = tmp_path / "probe" / "anatomy.pt", tmp_path / "tuned" / "anatomy.pt"
+    assert cli.main(["train", "anatomy", "--clusters", str(named), "--extra", knees, "--arch", "tiny_cnn", "--size",
+                     "32", "--out", str(probe), "--no-progress"]) == 0
+    assert cli.main(["train", "anatomy", "--clusters", str(named), "--extra", knees, "--finetune", "--arch",
+                     "tiny_cnn", "--size", "32", "--epochs", "2", "--batch-size", "16", "--out", str(tuned),
+                     "--no-progress"]) == 0
+
+    def evaluate(weights: Path, *compare: Path) -> dict:
+        report = tmp_path / f"{weights.parent.name}-{len(compare)}.json"
+        args = ["evaluate", "anatomy", "--weights", str(weights), "--data", str(named), "--extra", knees,
+                "--features-cache", str(report.with_suffix(".npz")), "--json", str(report), "--no-progress"]
+        for other in compare:
+            args += ["--compare-with", str(other)]
+        assert cli.main(args) == 0
+        return json.loads(report.read_text())
+
+    both = evaluate(tuned, probe)
+    alone = evaluate(probe)["model"]
+    compared = both["compare anatomy.pt"]
+    assert (tmp_path / "tuned-1-anatomy.npz").exists()  # the probe's own feature pass
+    assert compared["top1"] == alone["top1"] and compared["decisions"] == alone["decisions"]

@@ -116,16 +116,29 @@ def run(weights: Path, data: Path, report_path: Path, *, extra: Sequence[str] = 
     for folder in examples:
         images += [WorldImage(p, mura_truth(p), "test", "mura") for p in sorted(Path(folder).glob("*.png"))]
     model, card = load_checkpoint(weights)
-    cache = features_cache or report_path.with_suffix(".features.npz")
-    arrays = extract_features(model.features, images, card.geometry, Path(cache), progress=progress)
-    if examples:
-        arrays["label"] = np.array([lab if src != "mura" else mura_truth(p)
-                                    for lab, src, p in zip(arrays["label"], arrays["source"], arrays["path"])])
+    cache = Path(features_cache or report_path.with_suffix(".features.npz"))
+
+    def features_of(net, geometry, where: Path) -> dict[str, np.ndarray]:
+        arrays = extract_features(net.features, images, geometry, where, progress=progress)
+        if examples:
+            arrays["label"] = np.array([lab if src != "mura" else mura_truth(p)
+                                        for lab, src, p in zip(arrays["label"], arrays["source"], arrays["path"])])
+        return arrays
+
+    arrays = features_of(model, card.geometry, cache)
     config = load_config(config_path) if config_path else load_config(
         Path(__file__).resolve().parents[2] / "config" / "bonebridge.yaml")
     report = {"model": evaluate_heads(arrays, weights, config, split=split or "test")}
     for other in compare_with:
-        report[f"compare {Path(other).name}"] = evaluate_heads(arrays, Path(other), config, split=split or "test")
+        # A head is only meaningful on its own backbone's features: a checkpoint whose backbone differs (a
+        # fine-tuned model against a probe on frozen ImageNet features) gets its own feature pass and cache.
+        other_model, other_card = load_checkpoint(Path(other))
+        same = backbone_fingerprint(other_model) == backbone_fingerprint(model) and \
+            other_card.geometry == card.geometry
+        other_arrays = arrays if same else features_of(
+            other_model, other_card.geometry, cache.with_name(f"{cache.stem}-{Path(other).stem}.npz"))
+        report[f"compare {Path(other).name}"] = evaluate_heads(other_arrays, Path(other), config,
+                                                               split=split or "test")
     report["inference_ms_per_image"] = inference_ms(weights, [Path(p) for p in arrays["path"][:4]])
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=2, default=float) + "\n")
@@ -134,3 +147,14 @@ def run(weights: Path, data: Path, report_path: Path, *, extra: Sequence[str] = 
           f"{report['model']['calibration']['ece_calibrated_original']:.3f}; "
           f"inference {report['inference_ms_per_image']:.1f} ms/image; report: {report_path}")
     return 0
+
+
+def backbone_fingerprint(model) -> str:
+    """sha256 of a network's backbone weights: equal fingerprints mean cached features can be shared."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.features.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
