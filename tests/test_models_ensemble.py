@@ -75,6 +75,24 @@ def test_abnormality_ensemble_is_the_mean_probability(tmp_path: Path) -> None:
     assert len({round(v, 6) for v in expected}) > 1  # the members really differ per image
 
 
+def test_the_leads_card_names_the_threshold_of_its_ensemble_and_keeps_its_own(tmp_path: Path) -> None:
+    """Fracture 2.0.0: the threshold on the mean was chosen for that ensemble; the lead alone keeps its own, and an
+    ensemble with other members than the card names falls back to the lead's own."""
+    from models.nets.checkpoint import read_card, sha256_file
+
+    member = _abnormality_checkpoint(tmp_path / "b.pt", seed=1)
+    other = _abnormality_checkpoint(tmp_path / "c.pt", seed=2)
+    torch.manual_seed(0)
+    card = card_for("abnormality", Geometry(size=32), ["normal", "abnormal"], threshold=0.35)
+    card.ensemble_thresholds = {sha256_file(member): 0.42}
+    lead = save_checkpoint(ClassifierNet("tiny_cnn", 1, pretrained=False), card, tmp_path / "a.pt")
+    assert read_card(lead).ensemble_thresholds == {sha256_file(member): 0.42}
+    assert load_model(lead).card.threshold == pytest.approx(0.35)
+    assert load_model(lead, [member]).card.threshold == pytest.approx(0.42)
+    assert load_model(lead, [other]).card.threshold == pytest.approx(0.35)
+    assert load_model(lead, [member, other]).card.threshold == pytest.approx(0.35)
+
+
 def test_ensembles_of_mixed_or_unaveraged_tasks_are_refused(tmp_path: Path) -> None:
     abnormality = load_model(_abnormality_checkpoint(tmp_path / "a.pt", seed=0))
     with pytest.raises(ValueError, match="not abnormality"):

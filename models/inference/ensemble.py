@@ -46,8 +46,12 @@ class EnsemblePredictor:
                                  f"model, not {lead.task} like {lead.card.name} {lead.card.version}")
         self.members = members
         self.lead = lead
-        #: The lead's card stands for the ensemble where one card is read (threshold, classes, task).
+        #: The lead's card stands for the ensemble where one card is read (threshold, classes, task), with the
+        #: threshold the lead's card names for exactly these further members, where it names one.
         self.card: ModelCard = lead.card
+        chosen = lead.card.ensemble_thresholds.get(ensemble_key(members[1:]))
+        if chosen is not None:
+            self.card = lead.card.model_copy(update={"threshold": float(chosen)})
         self.task = lead.task
         self.weights = lead.weights
 
@@ -88,6 +92,11 @@ class EnsemblePredictor:
             merged = average_boneage(outputs, sexes[i]) if self.task == "boneage" else average_abnormality(outputs)
             out.append(ImagePrediction(merged, first.heatmap))
         return out
+
+
+def ensemble_key(members: Sequence[Predictor]) -> str:
+    """How a lead's card names a set of further members (``ModelCard.ensemble_thresholds``): their sha256s."""
+    return "+".join(member.card.sha256 for member in members)
 
 
 def average_boneage(outputs: Sequence[dict], given_sex: str | None) -> dict:

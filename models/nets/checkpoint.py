@@ -81,6 +81,11 @@ class ModelCard(BaseModel):
     #: Fracture models (issue 29): also read the mirrored image; the probability and the learnt map (mirrored back)
     #: are the means of both readings. Costs a second forward pass; set only where validation showed it pays.
     test_time_flip: bool = False
+    #: The lead of an output ensemble (``models.<name>.ensemble``): the threshold on the members' mean probability,
+    #: chosen on validation for that very ensemble, keyed by the further members' sha256 joined by "+". The
+    #: ``threshold`` above stays this model's own, so the same file run alone keeps its own operating point; an
+    #: ensemble with no entry here uses ``threshold``.
+    ensemble_thresholds: dict[str, float] = Field(default_factory=dict)
 
     @property
     def geometry(self) -> Geometry:
