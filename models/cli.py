@@ -62,6 +62,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="abnormality on FracAtlas: share of id blocks for validation, taken from train (the test split "
                         "does not move); 0.2 doubles the validation images that choose the epoch and threshold")
+    p.add_argument("--map-stride", type=int, choices=[8, 16], default=16,
+                   help="abnormality on FracAtlas: the learnt fracture map's stride (8: a finer map, one more "
+                        "small convolution on the stride-8 features)")
     p.add_argument("--frozen-blocks", type=int, default=3,
                    help="abnormality on FracAtlas: backbone blocks kept frozen after the stem (0: fine-tune all)")
     p.add_argument("--epochs", type=int, default=10)
@@ -109,7 +112,8 @@ def run_train(args: argparse.Namespace) -> int:
 
         source = ClassifierSource(task=args.task, data=args.data, images=args.images, arch=args.arch,
                                   clusters=args.clusters, licence=args.licence, extra=tuple(args.extra or ()),
-                                  features_cache=args.features_cache, finetune=args.finetune)
+                                  features_cache=args.features_cache, finetune=args.finetune,
+                                  map_stride=args.map_stride)
         path, best = train_classifier(source, geometry, cfg)
     print(f"best epoch: {best}")
     print(f"wrote {path}")

@@ -273,3 +273,26 @@ def test_a_backbone_without_two_levels_gets_no_fracture_map() -> None:
 
     with pytest.raises(ValueError, match="EfficientNet-Lite"):
         FractureNet("resnet18", pretrained=False)
+
+
+def test_a_stride_8_map_trains_and_reads_at_twice_the_resolution(fracatlas: Path, tmp_path: Path) -> None:
+    """Issue 29's finer map: ``--map-stride 8`` puts one more convolution on the stride-8 features; the card says
+    so, the checkpoint loads as such, and the heatmap still covers the image."""
+    import torch
+
+    from models.cli import main
+    from models.data.preprocess import load_image
+    from models.inference.predictor import load_predictor
+
+    out = tmp_path / "run" / "fracture.pt"
+    assert main(["train", "abnormality", "--data", str(fracatlas), "--out", str(out), "--size", "64",
+                 "--map-stride", "8", "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "2",
+                 "--no-progress"]) == 0
+    predictor = load_predictor(out)
+    assert predictor.card.map_stride == 8 and predictor.model.refiner is not None
+    with torch.no_grad():
+        _, maps = predictor.model.forward_maps(torch.zeros(1, 3, 64, 64))
+    assert maps.shape == (1, 8, 8)
+    image = load_image(fracatlas / "images" / "IMG0000000.jpg")
+    pred = predictor.predict([image])[0]
+    assert pred.heatmap is not None and pred.heatmap.shape == image.shape

@@ -62,6 +62,8 @@ class ModelCard(BaseModel):
     #: heatmap), and how the image probability is scored: ``image`` (the classifier) or ``image_and_map`` (the mean
     #: of the classifier's probability and the map's maximum), chosen on validation.
     localisation_head: bool = False
+    #: The localisation map's stride in input pixels: 16 (the shipped models) or 8 (a finer map, issue 29).
+    map_stride: Literal[8, 16] = 16
     score_rule: Literal["image", "image_and_map"] = "image"
     #: Bone age only: the network has a fitted side head (right hand from the image, for headers that do not say),
     #: and the probability at or above which an image is read as a right hand and mirrored, chosen on validation.
@@ -128,7 +130,7 @@ def build_network(card: ModelCard, pretrained: bool = False) -> nn.Module:
     if card.task == "boneage":
         return BoneAgeSexNet(card.architecture, pretrained=pretrained, side_head=card.side_head)
     if card.task == "abnormality" and card.localisation_head:
-        return FractureNet(card.architecture, pretrained=pretrained)
+        return FractureNet(card.architecture, pretrained=pretrained, map_stride=card.map_stride)
     outputs = 1 if card.task in ("abnormality", "sex") else len(card.classes)
     return ClassifierNet(card.architecture, outputs, pretrained=pretrained)
 

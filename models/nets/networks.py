@@ -61,23 +61,32 @@ class EfficientNetLiteFeatures(nn.Module):
         #: The last block at stride 16 and its width: the finer level a localisation head reads (Lite0: block 10,
         #: 112 channels; Lite1: block 14, 112).
         self.fine_block, self.fine_channels = _last_block_at_stride(net, 16)
+        #: The same at stride 8 (Lite0: block 4, 40 channels), for a finer map (issue 29).
+        self.finer_block, self.finer_channels = _last_block_at_stride(net, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.levels(x)[1]
 
     def levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(stride-16 feature map, final stride-32 feature map): one pass, both levels."""
+        fine, last, _ = self.three_levels(x)
+        return fine, last
+
+    def three_levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(stride-16, final stride-32, stride-8 feature maps): one pass."""
         net = self.net
         x = net._swish(net._bn0(net._conv_stem(x)))
         count = len(net._blocks)
-        fine = x
+        fine = finer = x
         for idx, block in enumerate(net._blocks):
             rate = net._global_params.drop_connect_rate
             x = block(x, drop_connect_rate=rate * idx / count if rate else None)
+            if idx == self.finer_block:
+                finer = x
             if idx == self.fine_block:
                 fine = x
         x = net._swish(net._bn1(net._conv_head(x)))
-        return fine, self.cam_layer(x)
+        return fine, self.cam_layer(x), finer
 
 
 class EfficientNetLite0Features(EfficientNetLiteFeatures):
@@ -209,8 +218,12 @@ class FractureNet(nn.Module):
 
     takes_side_input = False
 
-    def __init__(self, backbone: str = "efficientnet_lite0", pretrained: bool = True, dropout: float = 0.2) -> None:
+    def __init__(self, backbone: str = "efficientnet_lite0", pretrained: bool = True, dropout: float = 0.2,
+                 map_stride: int = 16) -> None:
         super().__init__()
+        if map_stride not in (8, 16):
+            raise ValueError(f"the fracture map is at stride 16 or 8, not {map_stride}")
+        self.map_stride = map_stride
         if lite_variant(backbone) is None:
             raise ValueError("the fracture localisation head is built on an EfficientNet-Lite's two feature levels "
                              f"(efficientnet_lite0/1/2), not {backbone!r}")
@@ -223,16 +236,27 @@ class FractureNet(nn.Module):
             nn.Conv2d(self.features.fine_channels + 64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
             nn.Conv2d(64, 1, 1),
         )
+        # Stride 8 (issue 29: a finer map for pointing): the stride-16 cell features, upsampled, joined to the
+        # stride-8 ones, one more small convolution. Absent at stride 16, so older checkpoints load unchanged.
+        self.refiner = nn.Sequential(
+            nn.Conv2d(self.features.finer_channels + 64, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 1, 1),
+        ) if map_stride == 8 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pool(self.features(x)))
 
     def forward_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image logits B, localisation logits B x S/16 x S/16)."""
-        fine, last = self.features.levels(x)
+        """(image logits B, localisation logits B x S/stride x S/stride)."""
+        fine, last, finer = self.features.three_levels(x)
         logits = self.head(self.pool(last)).squeeze(1)
         top = nn.functional.interpolate(self.lateral(last), size=fine.shape[-2:], mode="nearest")
-        return logits, self.localiser(torch.cat([fine, top], dim=1))[:, 0]
+        joined = torch.cat([fine, top], dim=1)
+        if self.refiner is None:
+            return logits, self.localiser(joined)[:, 0]
+        cells = self.localiser[:3](joined)  # the 64 stride-16 cell features, before their 1 x 1 logit
+        up = nn.functional.interpolate(cells, size=finer.shape[-2:], mode="nearest")
+        return logits, self.refiner(torch.cat([finer, up], dim=1))[:, 0]
 
 
 class BoneAgeSexNet(nn.Module):

@@ -137,7 +137,7 @@ def validation_metrics(model: torch.nn.Module, cache: FractureCache, geometry: G
 
 
 def fracture_card(geometry: Geometry, splits: dict[str, list[FractureCase]], source: Path,
-                  architecture: str = "efficientnet_lite0") -> ModelCard:
+                  architecture: str = "efficientnet_lite0", map_stride: int = 16) -> ModelCard:
     from models.nets.checkpoint import INTENDED_USE
 
     counts = {name: (len(cases), sum(c.fractured for c in cases)) for name, cases in splits.items()}
@@ -151,7 +151,7 @@ def fracture_card(geometry: Geometry, splits: dict[str, list[FractureCase]], sou
         preprocessing=geometry.to_dict(), classes=list(FRACTURE_CLASSES), threshold=0.5,
         training_data=note, licence_note=FRACATLAS_LICENCE,
         intended_use=INTENDED_USE["abnormality"] + " Trained on FracAtlas regions: hand, leg, hip, shoulder.",
-        trained=False, localisation_head=True,
+        trained=False, localisation_head=True, map_stride=map_stride,
     )
 
 
@@ -188,7 +188,7 @@ def start_from_checkpoint(model: torch.nn.Module, weights: Path, geometry: Geome
 
 
 def train_fracture(cases: list[FractureCase], source: Path, geometry: Geometry, cfg: TrainConfig,
-                   architecture: str = "efficientnet_lite0") -> tuple[Path, dict]:
+                   architecture: str = "efficientnet_lite0", map_stride: int = 16) -> tuple[Path, dict]:
     """``bonebridge train abnormality --data FRACATLAS_DIR``: classifier + box-supervised map, resumable."""
     from models.nets.checkpoint import build_network
 
@@ -200,7 +200,7 @@ def train_fracture(cases: list[FractureCase], source: Path, geometry: Geometry, 
         if labels != {True, False}:
             raise ValueError(f"{source}: the {name} split needs fractured and non-fractured images "
                              f"({len(splits[name])} images, labels {sorted(labels)}); too few id blocks?")
-    card = fracture_card(geometry, splits, source, architecture)
+    card = fracture_card(geometry, splits, source, architecture, map_stride)
     train_cache = build_fracture_cache(splits["train"], geometry, cfg.progress)
     val_cache = build_fracture_cache(splits["val"], geometry, cfg.progress)
     augment = Augment(degrees=15, scale=(0.85, 1.15), hflip=True, generator=generator)

@@ -145,6 +145,7 @@ class ClassifierSource:
     extra: tuple[str, ...] = ()  #: anatomy from clusters: ``DIR=PART`` folders (the world probe)
     features_cache: Path | None = None  #: anatomy with ``extra``: the pooled features' .npz
     finetune: bool = False  #: anatomy from clusters: fine-tune the whole network instead of the linear probe
+    map_stride: int = 16  #: abnormality on FracAtlas: the learnt map's stride (16, or 8 for a finer map)
 
 
 def train_classifier(request: ClassifierSource, geometry: Geometry, cfg: TrainConfig) -> tuple[Path, dict]:
@@ -170,7 +171,7 @@ def train_classifier(request: ClassifierSource, geometry: Geometry, cfg: TrainCo
         if is_fracatlas(data):
             from models.train.abnormality import train_fracture
 
-            return train_fracture(read_fracatlas(data), data, geometry, cfg, architecture)
+            return train_fracture(read_fracatlas(data), data, geometry, cfg, architecture, request.map_stride)
         splits = mura_examples(data)
         source = str(data)
         note = (f"MURA-v1.1 train: {len(splits['train'])} train / {len(splits['val'])} validation images "
