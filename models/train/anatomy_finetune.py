@@ -38,13 +38,17 @@ FINETUNE_OOD_ACCEPT = 0.99
 FINETUNE_AUGMENT = dict(degrees=10.0, hflip=True)
 
 
-def finetune_examples(images: list[WorldImage], classes: list[str]) -> dict[str, list[Example]]:
-    """The labelled images per split, as the loop's examples (target: class index)."""
+def finetune_examples(images: list[WorldImage], classes: list[str]) -> tuple[dict[str, list[Example]], list[str]]:
+    """The labelled images per split, as the loop's examples (target: class index), and the source of each
+    validation example in the same order (the epoch is chosen on the mean of the sources' top-1)."""
     splits: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
+    val_sources: list[str] = []
     for img in images:
         if img.label in classes:
             splits[img.split].append(Example(img.path, float(classes.index(img.label)), group=img.label))
-    return splits
+            if img.split == "val":
+                val_sources.append(img.source)
+    return splits, val_sources
 
 
 def train_world_finetune(clusters_yaml: Path, extras: list[tuple[Path, str]], cfg: TrainConfig, geometry: Geometry,
@@ -60,7 +64,7 @@ def train_world_finetune(clusters_yaml: Path, extras: list[tuple[Path, str]], cf
 
     images = world_images(clusters_yaml, extras)
     classes = in_vocabulary_order({img.label for img in images if img.label and img.split == "train"})
-    splits = finetune_examples(images, classes)
+    splits, val_sources = finetune_examples(images, classes)
     counts = {name: sum(e.group == name for e in splits["train"]) for name in classes}
     sources = sorted({img.source for img in images if img.label})
     card = card.model_copy(update={
@@ -70,7 +74,6 @@ def train_world_finetune(clusters_yaml: Path, extras: list[tuple[Path, str]], cf
                           "block / case id (FracAtlas, RSNA) and patient (extra sources)"),
     })
     # The epoch is chosen on the mean of the sources' validation top-1, not the pooled one (see multiclass_spec).
-    val_sources = [img.source for img in images if img.label in classes and img.split == "val"]
     spec = multiclass_spec(card, Augment(**FINETUNE_AUGMENT), val_sources=val_sources)
     LOGGER.info("anatomy fine-tune: %d train, %d val images, classes %s", len(splits["train"]), len(splits["val"]),
                 classes)
@@ -91,4 +94,3 @@ def train_world_finetune(clusters_yaml: Path, extras: list[tuple[Path, str]], cf
     LOGGER.info("anatomy fine-tune: T=%.3f, OOD threshold %.1f, validation %s", fit.temperature, fit.threshold,
                 fit.validation)
     return Path(out), fit.validation
-

@@ -199,9 +199,7 @@ def fit_world_probe(arrays: dict[str, np.ndarray], classes: list[str], seed: int
     y_all, train, val = _labelled_rows(arrays, classes)
     x = arrays["x"]
     weight, bias, choice = fit_probe(x[train], y_all[train], x[val], y_all[val], seed=seed, grid=WORLD_C_GRID)
-    fit = calibrate_head(arrays, classes, weight, bias, accept)
-    fit.choice = choice
-    return fit
+    return calibrate_head(arrays, classes, weight, bias, accept, choice)
 
 
 def _labelled_rows(arrays: dict[str, np.ndarray], classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -213,7 +211,7 @@ def _labelled_rows(arrays: dict[str, np.ndarray], classes: list[str]) -> tuple[n
 
 
 def calibrate_head(arrays: dict[str, np.ndarray], classes: list[str], weight: np.ndarray, bias: np.ndarray,
-                   accept: float = OOD_ACCEPT) -> WorldFit:
+                   accept: float = OOD_ACCEPT, choice: dict | None = None) -> WorldFit:
     """A linear head's temperature (validation NLL) and the OOD model (training rows) with its threshold (the
     ``accept`` share of the validation rows), on the cached features of the backbone the head sits on."""
     from models.nets.anatomy_ood import (
@@ -236,7 +234,7 @@ def calibrate_head(arrays: dict[str, np.ndarray], classes: list[str], weight: np
         "ece_after": expected_calibration_error(softmax(logits, temperature), y_all[val]),
         "ood_accepted": float((scores <= threshold).mean()),
     }
-    return WorldFit(weight, bias, {}, temperature, ood, threshold, validation)
+    return WorldFit(weight, bias, choice or {}, temperature, ood, threshold, validation)
 
 
 def write_calibrated(model: torch.nn.Module, card, fit: WorldFit, out: Path, accept: float = OOD_ACCEPT,
