@@ -6,8 +6,10 @@ VOI/MONOCHROME1 handling), measured in the same run, interleaved. The input is p
 leg (1760 x 1760, MONOCHROME1), as a four-image study: the daemon batches a study's images through the model.
 
 What is timed is what the daemon calls: :meth:`Predictor.anatomy_scores` (calibrated probabilities and, where the
-card has one, the out-of-distribution score). ``--candidate W.pt`` times another anatomy checkpoint in the same
-rounds, so a model that would replace the shipped one is compared on the same machine state.
+card has one, the out-of-distribution score) of the configured model. Where the configuration is an anatomy cascade
+(``models.anatomy.ensemble``), the first member alone is what a study it accepts costs, and every member in turn is
+what a study it sends on costs: both are timed and printed. ``--candidate W.pt`` times another anatomy checkpoint in
+the same rounds, so a model that would replace the shipped one is compared on the same machine state.
 
 Run: ``.venv/bin/python bench/bench_anatomy.py [--repeats 5] [--images 4] [--candidate W.pt]``. Prints ms per image
 for each and the ratio (reference / anatomy: above 1 means the anatomy step costs less than decoding).
@@ -39,11 +41,14 @@ def main() -> int:
 
     from daemon.config.schema import load_config
     from models.display_image import read_display_image
+    from models.inference.ensemble import load_model
     from models.inference.predictor import load_predictor
 
     config = load_config(REPO / "config" / "bonebridge.yaml")
-    weights = config.models["anatomy"].weights
-    predictor = load_predictor(weights)
+    ref = config.models["anatomy"]
+    configured = load_model(ref.weights, ref.ensemble)
+    members = list(getattr(configured, "members", [configured]))
+    predictor = members[0]
     path = Path(data_store.__file__).parent / "data" / "RG3_UNCR.dcm"
 
     def decode() -> list:
@@ -51,10 +56,10 @@ def main() -> int:
 
     images = decode()
     candidate = load_predictor(args.candidate) if args.candidate else None
-    for model in filter(None, (predictor, candidate)):
+    for model in filter(None, (*members, candidate)):
         model.anatomy_scores(images)  # warm: first call allocates
 
-    reference, anatomy, other = [], [], []
+    reference, anatomy, other, every = [], [], [], []
     for _ in range(args.repeats):
         began = time.perf_counter()
         decode()
@@ -62,6 +67,11 @@ def main() -> int:
         began = time.perf_counter()
         predictor.anatomy_scores(images)
         anatomy.append((time.perf_counter() - began) * 1000 / args.images)
+        if len(members) > 1:
+            began = time.perf_counter()
+            for member in members:
+                member.anatomy_scores(images)
+            every.append((time.perf_counter() - began) * 1000 / args.images)
         if candidate is not None:
             began = time.perf_counter()
             candidate.anatomy_scores(images)
@@ -71,13 +81,18 @@ def main() -> int:
     if args.json:
         print(json.dumps({"name": "anatomy-step", "reference": "decode-dicom", "unit": "ms/image",
                           "higher_is_better": False, "reference_samples": reference, "bonebridge_samples": anatomy,
-                          "ratio": ratio, **({"candidate": str(args.candidate), "candidate_samples": other}
+                          "ratio": ratio, **({"cascade_all_members_samples": every} if every else {}),
+                          **({"candidate": str(args.candidate), "candidate_samples": other}
                                              if candidate is not None else {})}))
     else:
         print(f"anatomy-step  reference=decode-dicom  ref {ref:.1f} ms/image [{min(reference):.1f}..{max(reference):.1f}]"
               f"  bonebridge {ours:.1f} ms/image [{min(anatomy):.1f}..{max(anatomy):.1f}]"
               f"  ratio {ratio:.2f} (higher is better)  ({args.images}-image study, {predictor.geometry.size} px,"
               f" torch threads {__import__('torch').get_num_threads()})")
+        if every:
+            print(f"  anatomy cascade: the first member alone (a study it accepts) {ours:.1f} ms/image; all "
+                  f"{len(members)} members in turn (a study it sends on) {statistics.median(every):.1f} ms/image "
+                  f"[{min(every):.1f}..{max(every):.1f}]")
         if candidate is not None:
             print(f"  candidate {args.candidate}: {statistics.median(other):.1f} ms/image [{min(other):.1f}.."
                   f"{max(other):.1f}] (shipped {predictor.card.version}: {ours:.1f})")

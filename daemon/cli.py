@@ -253,7 +253,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         return run(args.weights, args.data, args.json, extra=args.extra or (), examples=args.examples or (),
                    features_cache=args.features_cache, config_path=args.config, compare_with=args.compare_with or (),
-                   split=args.split, progress=not args.no_progress)
+                   split=args.split, progress=not args.no_progress, ensemble=args.ensemble or ())
     return models_cli.run_evaluate(args)
 
 

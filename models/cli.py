@@ -163,7 +163,9 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", action="store_true", help="bone age: average the image and two small shifts")
     p.add_argument("--ensemble", type=Path, action="append", metavar="WEIGHTS",
                    help="bone age, abnormality: another checkpoint of the same task whose outputs are averaged with "
-                        "--weights', as the daemon's models.<name>.ensemble runs them; repeatable")
+                        "--weights', as the daemon's models.<name>.ensemble runs them; anatomy (with --extra or "
+                        "--examples): a fallback of the cascade, asked where the models before it are out of "
+                        "distribution; repeatable")
     p.add_argument("--flip", action="store_true",
                    help="abnormality: also read the mirrored image and average (probability and map), as a card's "
                         "test_time_flip makes the daemon do")
@@ -201,6 +203,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         # The decision table runs the daemon's anatomy decision and routing; the models never import the daemon.
         raise SystemExit("evaluate anatomy --extra/--examples reads the daemon's decision table: run it as "
                          "`bonebridge evaluate anatomy ...`")
+    if args.task == "anatomy" and args.ensemble:
+        raise SystemExit("evaluate anatomy --ensemble measures a cascade by its decision table: add --extra DIR=PART "
+                         "or --examples DIR")
 
     if args.plots is None:
         args.plots = args.json.parent

@@ -144,3 +144,32 @@ def test_bone_age_never_runs_where_the_model_overruled_a_tag_naming_another_part
     d = decide_anatomy("wrist", "BodyPartExamined=WRIST", wrist_read_as_hand, MIN_P)
     assert d.label == "hand" and d.decided_by == "model"
     assert "DICOM tags say wrist" in boneage_block(d, wrist_read_as_hand)
+
+
+def test_a_fallback_witness_decides_untagged_studies_but_never_overrules_a_tag() -> None:
+    fallback = ModelWitness(top=(("knee", 0.95), ("leg", 0.03)), ood_score=10.0, ood_threshold=100.0,
+                            fallback_because="first 1.1.1 out of distribution (5000 vs threshold 3394)")
+    assert not fallback.may_overrule
+    untagged = decide_anatomy(None, "no anatomy", fallback, 0.5)
+    assert untagged.label == "knee" and untagged.decided_by == "model"
+    assert "out of distribution (5000" in untagged.evidence["model_fallback"]
+    tagged = decide_anatomy("elbow", "BodyPartExamined=ELBOW", fallback, 0.5)
+    assert tagged.label == "elbow" and tagged.decided_by == "tags" and tagged.disagreement
+    assert "a fallback does not overrule tags" in tagged.rule
+    # the same witness as a first model overrules
+    first = ModelWitness(top=fallback.top, ood_score=10.0, ood_threshold=100.0)
+    assert decide_anatomy("elbow", "BodyPartExamined=ELBOW", first, 0.5).label == "knee"
+
+
+def test_cascade_rows_take_the_first_member_in_distribution() -> None:
+    from daemon.analyse.decision_table import cascade_sets
+    from models.eval.anatomy import HeadFigures
+
+    hand, knee = np.array([0.1, 0.9]), np.array([0.8, 0.2])
+    first = HeadFigures({}, {"s": [("hand", hand, 1.0), ("knee", hand, 50.0)]}, ["knee", "hand"], 10.0)
+    second = HeadFigures({}, {"s": [("hand", knee, 1.0), ("knee", knee, 2.0)]}, ["knee", "hand"], 5.0)
+    rows = cascade_sets([first, second])["s"]
+    assert rows[0][1] is hand and rows[0][3] == 10.0 and rows[0][4] is None
+    assert rows[1][1] is knee and rows[1][3] == 5.0 and "member 1 out of distribution (50 vs threshold 10)" in rows[1][4]
+    with pytest.raises(ValueError):
+        cascade_sets([first, HeadFigures({}, {"s": [("knee", knee, 1.0), ("knee", knee, 2.0)]}, ["knee", "hand"], 5.0)])

@@ -35,27 +35,28 @@ CLASSES = ["elbow", "hand", "wrist", "knee"]
 PROBABILITIES = [0.02, 0.80, 0.15, 0.03]
 
 
-def stand_in_anatomy(folder: Path, ood_threshold: float) -> Path:
-    """A tiny anatomy checkpoint whose calibrated output is PROBABILITIES for every image; OOD score always 0."""
+def stand_in_anatomy(folder: Path, ood_threshold: float, probabilities: list[float] = PROBABILITIES,
+                     stem: str = "anatomy", version: str = "0.1.0") -> Path:
+    """A tiny anatomy checkpoint whose calibrated output is ``probabilities`` for every image; OOD score always 0."""
     geometry = Geometry(size=32, aspect="pad")
     model = ClassifierNet("tiny_cnn", len(CLASSES), pretrained=False)
     linear = model.head[-1]
     torch.nn.init.zeros_(linear.weight)
-    linear.bias.data = torch.log(torch.tensor(PROBABILITIES)) * 2.0  # temperature 2 in the card undoes the x2
+    linear.bias.data = torch.log(torch.tensor(probabilities)) * 2.0  # temperature 2 in the card undoes the x2
     width = linear.in_features
-    sidecar = folder / "anatomy.ood.npz"
+    sidecar = folder / f"{stem}.ood.npz"
     sha = MahalanobisOOD(np.zeros((len(CLASSES), width), np.float32), np.zeros((width, 2), np.float32)).save(sidecar)
-    card = ModelCard(task="anatomy", name="stand-in-anatomy", version="0.1.0", architecture="tiny_cnn", input_size=32,
+    card = ModelCard(task="anatomy", name="stand-in-anatomy", version=version, architecture="tiny_cnn", input_size=32,
                      normalisation={"mean": list(geometry.mean), "std": list(geometry.std)},
                      preprocessing=geometry.to_dict(), classes=CLASSES, trained=True,
                      calibration={"temperature": 2.0, "ood": {"file": sidecar.name, "sha256": sha,
                                                                "threshold": ood_threshold}})
-    return save_checkpoint(model, card, folder / "anatomy.pt")
+    return save_checkpoint(model, card, folder / f"{stem}.pt")
 
 
-def config_with(tmp_path: Path, weights: Path) -> Path:
+def config_with(tmp_path: Path, weights: Path, fallbacks: tuple[Path, ...] = ()) -> Path:
     shipped = yaml.safe_load((REPO / "config" / "bonebridge.yaml").read_text())
-    models = {**shipped["models"], "anatomy": {"weights": str(weights)}}
+    models = {**shipped["models"], "anatomy": {"weights": str(weights), "ensemble": [str(f) for f in fallbacks]}}
     return write_config(tmp_path, pacs_port=free_port(), anatomy_model=True, extra={"models": models})
 
 
@@ -110,6 +111,63 @@ def test_untagged_and_out_of_distribution_is_anatomy_unknown_in_both(tmp_path: P
     text, ok = explain_files(config, [untagged], analyser=analyser)
     assert ok and "anatomy: unknown (unknown: no anatomy in the DICOM tags and the model is out of distribution" in text
     assert f"decision: route '{analysis.result.route}'" in text and "not-processed report" in text
+
+
+KNEE = [0.05, 0.03, 0.02, 0.90]  # a fallback that reads every image as a knee
+
+
+def cascade(tmp_path: Path, first_threshold: float) -> tuple[Path, Path, Path]:
+    """(config, first, fallback): the first member reads hand 0.80, in distribution only if the threshold is >= 0."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    first = stand_in_anatomy(tmp_path, ood_threshold=first_threshold)
+    fallback = stand_in_anatomy(tmp_path, ood_threshold=10.0, probabilities=KNEE, stem="anatomy-finetuned",
+                                version="9.0.0")
+    return config_with(tmp_path, first, (fallback,)), first, fallback
+
+
+def test_a_cascade_asks_the_fallback_only_where_the_first_is_out_of_distribution(tmp_path: Path) -> None:
+    from models.inference.anatomy_cascade import AnatomyCascade, study_anatomy
+
+    image = np.full((64, 64), 0.5, np.float32)
+    for threshold, expected in ((10.0, ("0.1.0", 0, "hand")), (-1.0, ("9.0.0", 1, "knee"))):
+        config = load_config(cascade(tmp_path / str(threshold), threshold)[0])
+        predictor = Analyser(config).predictor("anatomy")
+        assert isinstance(predictor, AnatomyCascade)
+        answer = study_anatomy(predictor, [image, image])
+        assert (answer.card.version, answer.position, CLASSES[int(np.argmax(answer.probabilities))]) == expected
+        assert bool(answer.passed_over) == (expected[1] == 1)
+
+
+def test_untagged_study_the_first_does_not_know_is_decided_by_the_fallback_alike_in_explain_and_predict(
+        tmp_path: Path) -> None:
+    config, _, _ = cascade(tmp_path, first_threshold=-1.0)
+    untagged = tmp_path / "untagged.dcm"
+    make_dx(untagged, body_part=None, study_description="", age="040Y")
+    predicted = bonebridge("predict", "--config", str(config), str(untagged))
+    assert predicted.returncode == 0, predicted.stderr
+    summary = json.loads(predicted.stdout)
+    assert summary["anatomy"] == "knee" and summary["route"] == "fracture"
+    evidence = summary["anatomy_evidence"]
+    assert evidence["decided_by"] == "model" and evidence["model_top1"] == "knee 0.90"
+    assert "stand-in-anatomy 0.1.0 out of distribution" in evidence["model_fallback"]
+    explained = bonebridge("route", "explain", "--config", str(config), str(untagged))
+    assert explained.returncode == 0, explained.stderr
+    assert "anatomy cascade: second witness answered: stand-in-anatomy 0.1.0 out of distribution" in explained.stdout
+    assert f"decision: route '{summary['route']}'" in explained.stdout
+
+
+def test_a_fallback_never_overrules_a_tag(tmp_path: Path) -> None:
+    import pydicom
+
+    config = load_config(cascade(tmp_path, first_threshold=-1.0)[0])
+    wrist = tmp_path / "wrist.dcm"
+    make_dx(wrist, body_part="WRIST", age="040Y")
+    result = Analyser(config).analyse([pydicom.dcmread(wrist)]).result
+    # the fallback is sure (knee 0.90), in distribution, and wrist is not among its two best: a first witness would
+    # overrule; a fallback leaves it to the tags, and says so
+    assert result.anatomy == "wrist"
+    assert "a fallback does not overrule tags" in result.anatomy_evidence["rule"]
+    assert "model said knee 0.90" in result.anatomy_source
 
 
 def test_explain_exits_2_on_a_file_it_cannot_read(tmp_path: Path) -> None:

@@ -119,3 +119,19 @@ def test_the_configured_bone_age_model_loads_every_member_as_shipped() -> None:
     for path, card in zip(ref.all_weights(), cards):
         assert card.task == "boneage" and card.sha256 == sha256_file(path)
         assert "not for clinical use" in card.intended_use.lower()
+
+
+def test_the_configured_anatomy_model_loads_every_member_of_its_cascade_as_shipped() -> None:
+    """The shipped anatomy configuration (a cascade when it names fallbacks): every member verifies, with its OOD
+    sidecar, and they share one class list."""
+    from daemon.config.schema import load_config
+    from models.inference.ensemble import load_model
+
+    ref = load_config(Path(__file__).resolve().parents[1] / "config" / "bonebridge.yaml").models["anatomy"]
+    model = load_model(ref.weights, ref.ensemble)
+    members = list(getattr(model, "members", [model]))
+    assert len(members) == 1 + len(ref.ensemble)
+    for path, member in zip(ref.all_weights(), members):
+        assert member.card.task == "anatomy" and member.card.sha256 == sha256_file(path)
+        assert member.ood_threshold is not None
+        assert list(member.card.classes) == list(members[0].card.classes)

@@ -5,7 +5,8 @@ images, plus whether its features lie within the training images' distribution (
 threshold chosen on validation; see ``models/nets/anatomy_ood.py``). The rules, first that applies wins:
 
 1. **tag, model sure and in distribution, tag not among its two best** (and a part the model has a class for: it
-   cannot rule out a finger if it knows no fingers) -> the model overrules the tag (a mislabelled study), flagged;
+   cannot rule out a finger if it knows no fingers; and the model is the *first* witness, not a fallback consulted
+   because the first was out of its depth) -> the model overrules the tag (a mislabelled study), flagged;
 2. **tag** (any other case) -> the tag decides; where the model's first choice is another part the disagreement is
    flagged and said ("elbow (tags); model said knee 0.89"); a tag is never overruled by a model that is unsure, out
    of its depth, or has the tagged part as its second guess;
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ModelWitness", "Decision", "decide_anatomy", "boneage_block", "HAND"]
+__all__ = ["ModelWitness", "Decision", "witness_of", "decide_anatomy", "boneage_block", "HAND"]
 
 HAND = "hand"
 
@@ -36,6 +37,15 @@ class ModelWitness:
     ood_score: float | None = None              # None: the model has no OOD measure
     ood_threshold: float | None = None
     classes: tuple[str, ...] = ()               # every class the model has (empty: not known)
+    #: Why a fallback of an anatomy cascade answered ("bonebridge-anatomy 1.1.1 out of distribution (4120 vs
+    #: threshold 3394)"); None: the first (or only) model did.
+    fallback_because: str | None = None
+
+    @property
+    def may_overrule(self) -> bool:
+        """A fallback never overrules a tag: it was asked only because the first model found the study outside its
+        distribution, so against a tag it is the weaker witness."""
+        return self.fallback_because is None
 
     def knows(self, part: str) -> bool:
         """Whether the model has a class for ``part`` (it cannot rule on a finger if it has no finger class)."""
@@ -58,6 +68,15 @@ class ModelWitness:
         """"knee 0.89" (with "out of distribution" when it is)."""
         name, p = self.best
         return f"{name} {p:.2f}" + ("" if self.in_distribution else " (out of distribution)")
+
+
+def witness_of(probabilities, classes, ood_score: float | None = None, ood_threshold: float | None = None,
+               fallback_because: str | None = None) -> ModelWitness:
+    """The witness for a study from its model's calibrated probabilities over ``classes`` (averaged over the study's
+    images by the caller): the two best classes, the OOD score and threshold, and why a fallback answered."""
+    order = sorted(range(len(classes)), key=lambda i: -float(probabilities[i]))[:2]
+    return ModelWitness(top=tuple((classes[i], float(probabilities[i])) for i in order), ood_score=ood_score,
+                        ood_threshold=ood_threshold, classes=tuple(classes), fallback_because=fallback_because)
 
 
 @dataclass(frozen=True)
@@ -86,6 +105,8 @@ def decide_anatomy(tag_label: str | None, tag_evidence: str, model: ModelWitness
         if model.ood_score is not None and model.ood_threshold is not None:
             word = "in distribution" if model.in_distribution else "out of distribution"
             evidence["model_ood"] = f"{word} ({model.ood_score:.0f} vs threshold {model.ood_threshold:.0f})"
+        if model.fallback_because:
+            evidence["model_fallback"] = f"second witness answered: {model.fallback_because}"
         confident_and_known = model.best[1] >= min_probability and model.in_distribution
     disagreement = None
     if model is not None and tag_label is not None:
@@ -103,7 +124,7 @@ def decide_anatomy(tag_label: str | None, tag_evidence: str, model: ModelWitness
         if model is None:
             return done(tag_label, "tags", "tags decide (no anatomy model)", tags)
         name, p = model.best
-        if confident_and_known and tag_label not in model.names() and model.knows(tag_label):
+        if confident_and_known and tag_label not in model.names() and model.knows(tag_label) and model.may_overrule:
             return done(name, "model",
                         f"model overrules the tags: sure ({p:.2f} >= {min_probability:g}), in distribution, "
                         f"and the tagged {tag_label} is not among its two best",
@@ -116,7 +137,9 @@ def decide_anatomy(tag_label: str | None, tag_evidence: str, model: ModelWitness
         why = ("the tagged part is the model's second choice" if tag_label in model.names()
                else f"the model has no class for {tag_label}" if not model.knows(tag_label)
                else "the model is out of distribution" if not model.in_distribution
-               else f"the model is unsure ({p:.2f} < {min_probability:g})")
+               else f"the model is unsure ({p:.2f} < {min_probability:g})" if not confident_and_known
+               else "the model that answered is a fallback (the first was out of distribution); "
+                    "a fallback does not overrule tags")
         return done(tag_label, "tags", f"tags decide: {why}", f"{tags}; model said {model.said()}")
     if model is None:
         return done(None, "none", "anatomy unknown: no anatomy in the tags and no anatomy model",

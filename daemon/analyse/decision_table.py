@@ -18,10 +18,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from daemon.analyse.anatomy_decision import ModelWitness, boneage_block, decide_anatomy
+from daemon.analyse.anatomy_decision import boneage_block, decide_anatomy, witness_of
 from daemon.analyse.rules import StudyFacts, decide_route
 from daemon.config.cards import model_task
-from models.eval.anatomy import REGION, head_figures, inference_ms, mura_truth
+from models.eval.anatomy import REGION, HeadFigures, head_figures, inference_ms, mura_truth
 
 LOGGER = logging.getLogger(__name__)
 
@@ -48,9 +48,14 @@ def route_study(config, label: str | None, source: str, boneage_routes: set[str]
     return routed.route.name, list(routed.route.run)
 
 
-def decision_table(sets: dict[str, list[tuple[str, np.ndarray, float | None]]], classes: list[str],
+def decision_table(sets: dict[str, list[tuple]], classes: list[str],
                    threshold: float | None, min_probability: float, config) -> dict[str, dict[str, dict[str, float]]]:
-    """Per set and tagging: n, right, unknown, overruled_correct_tag, forbidden_model (shares)."""
+    """Per set and tagging: n, right, unknown, overruled_correct_tag, forbidden_model (shares).
+
+    A row is ``(truth, calibrated probabilities, OOD score)`` of one model (``threshold`` is its OOD threshold), or
+    ``(truth, probabilities, OOD score, OOD threshold, fallback_because)`` of the member of a cascade that answered
+    (:func:`cascade_sets`).
+    """
     boneage_routes = {route.name for route in config.routes
                       if any(m in config.models and model_task(config.models[m].weights) == "boneage" for m in route.run)}
     tasks = {name: model_task(ref.weights) for name, ref in config.models.items()}
@@ -59,10 +64,9 @@ def decision_table(sets: dict[str, list[tuple[str, np.ndarray, float | None]]], 
         table[set_name] = {}
         for tagging in TAGGINGS:
             counts = {"right": 0, "unknown": 0, "overruled_correct_tag": 0, "forbidden_model": 0, "bone_age": 0}
-            for truth, probs, ood in rows:
-                order = np.argsort(-probs)[:2]
-                witness = ModelWitness(top=tuple((classes[i], float(probs[i])) for i in order), ood_score=ood,
-                                       ood_threshold=threshold, classes=tuple(classes))
+            for truth, probs, ood, *answered in rows:
+                own_threshold, fallback_because = answered if answered else (threshold, None)
+                witness = witness_of(probs, classes, ood, own_threshold, fallback_because)
                 tag = None if tagging == "none" else truth if tagging == "correct" else wrong_tag(truth)
                 found = decide_anatomy(tag, f"BodyPartExamined={tag.upper()}" if tag else "no anatomy", witness,
                                        min_probability)
@@ -99,11 +103,60 @@ def evaluate_heads(arrays: dict[str, np.ndarray], weights: Path, config, split: 
     return report
 
 
+def cascade_sets(members: Sequence[HeadFigures]) -> dict[str, list[tuple]]:
+    """The rows an anatomy cascade's decision table reads: per image, the first member in distribution answers (the
+    last answers whatever its score), as :func:`models.inference.anatomy_cascade.study_anatomy` does per study.
+
+    Every member's figures must come from the same images in the same order (each on its own backbone's features).
+    """
+    first = members[0]
+    sets: dict[str, list[tuple]] = {}
+    for set_name, rows in first.sets.items():
+        truths = [row[0] for row in rows]
+        for member in members[1:]:
+            if [row[0] for row in member.sets.get(set_name, [])] != truths:
+                raise ValueError(f"the cascade's members list different images in {set_name}")
+        answered = []
+        for index, truth in enumerate(truths):
+            passed: list[str] = []
+            for position, member in enumerate(members):
+                _, probs, ood = member.sets[set_name][index]
+                inside = ood is None or member.ood_threshold is None or ood <= member.ood_threshold
+                if inside or position == len(members) - 1:
+                    answered.append((truth, probs, ood, member.ood_threshold, "; ".join(passed) or None))
+                    break
+                passed.append(f"member {position + 1} out of distribution ({ood:.0f} vs threshold "
+                              f"{member.ood_threshold:.0f})")
+        sets[set_name] = answered
+    return sets
+
+
+def evaluate_cascade(arrays: Sequence[dict[str, np.ndarray]], weights: Sequence[Path], config, split: str = "test",
+                     min_probability: float | None = None) -> dict[str, Any]:
+    """The decision table of an anatomy cascade (``weights`` in order, each with its own backbone's ``arrays``),
+    with the answering member's class top-1 per set and the share of each set a fallback answered."""
+    min_probability = config.anatomy.min_probability if min_probability is None else min_probability
+    members = [head_figures(a, Path(w), split) for a, w in zip(arrays, weights)]
+    sets = cascade_sets(members)
+    classes = members[0].classes
+    report: dict[str, Any] = {"weights": [str(w) for w in weights], "split": split, "members": [m.report for m in members]}
+    report["top1"] = {name: float(np.mean([classes[int(np.argmax(probs))] == truth for truth, probs, *_ in rows]))
+                      for name, rows in sets.items()}
+    report["fallback_share"] = {name: float(np.mean([bool(row[4]) for row in rows])) for name, rows in sets.items()}
+    report["decisions"] = decision_table(sets, classes, None, min_probability, config)
+    report["decisions_markdown"] = table_markdown(report["decisions"])
+    return report
+
+
 def run(weights: Path, data: Path, report_path: Path, *, extra: Sequence[str] = (), examples: Sequence[Path] = (),
         features_cache: Path | None = None, config_path: Path | None = None, compare_with: Sequence[Path] = (),
-        split: str | None = None, progress: bool = True) -> int:
+        split: str | None = None, progress: bool = True, ensemble: Sequence[Path] = ()) -> int:
     """``bonebridge evaluate anatomy --extra DIR=PART ... --examples DIR``: extract (or reuse) features of every set,
-    then report each checkpoint's head on them, decision table included; the report is written to ``report_path``."""
+    then report each checkpoint's head on them, decision table included; the report is written to ``report_path``.
+
+    With ``ensemble`` (the daemon's ``models.anatomy.ensemble``), the report's ``cascade`` entry is the decision
+    table of ``weights`` followed by those fallbacks, each read on its own backbone's features, and that table is
+    the one printed."""
     from daemon.config.schema import load_config
     from models.nets.checkpoint import load_checkpoint
     from models.train.anatomy_world import WorldImage, extract_features, world_images
@@ -139,10 +192,18 @@ def run(weights: Path, data: Path, report_path: Path, *, extra: Sequence[str] = 
             other_model, other_card.geometry, cache.with_name(f"{cache.stem}-{Path(other).stem}.npz"))
         report[f"compare {Path(other).name}"] = evaluate_heads(other_arrays, Path(other), config,
                                                                split=split or "test")
+    if ensemble:
+        member_arrays = [arrays]
+        for member in ensemble:
+            member_model, member_card = load_checkpoint(Path(member))
+            member_arrays.append(features_of(member_model, member_card.geometry,
+                                             cache.with_name(f"{cache.stem}-{Path(member).stem}.npz")))
+        report["cascade"] = evaluate_cascade(member_arrays, [weights, *map(Path, ensemble)], config,
+                                             split=split or "test")
     report["inference_ms_per_image"] = inference_ms(weights, [Path(p) for p in arrays["path"][:4]])
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=2, default=float) + "\n")
-    print(report["model"]["decisions_markdown"])
+    print(report["cascade" if ensemble else "model"]["decisions_markdown"])
     print(f"ECE {report['model']['calibration']['ece_raw_original']:.3f} -> "
           f"{report['model']['calibration']['ece_calibrated_original']:.3f}; "
           f"inference {report['inference_ms_per_image']:.1f} ms/image; report: {report_path}")

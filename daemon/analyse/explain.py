@@ -142,6 +142,8 @@ def _witness_lines(found) -> list[str]:
             f"({evidence['model_ood']})" if "model_ood" in evidence else "",
         ) if part)
         lines.append(f"  witness, anatomy model: {model}")
+        if "model_fallback" in evidence:  # an anatomy cascade: which member answered, and why not the first
+            lines.append(f"  anatomy cascade: {evidence['model_fallback']}")
     rule = found.decision.rule if found.decision is not None else evidence.get("decided_by", "")
     lines.append(f"  anatomy rule: {rule} (decided by {evidence.get('decided_by', 'none')})")
     return lines

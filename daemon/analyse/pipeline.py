@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from daemon.analyse.anatomy_decision import Decision, ModelWitness, boneage_block, decide_anatomy
+from daemon.analyse.anatomy_decision import Decision, ModelWitness, boneage_block, decide_anatomy, witness_of
 from daemon.dicom.anatomy_tags import anatomy_from_tags
 from daemon.config.cards import model_task
 from daemon.config.schema import Config, Route
@@ -116,6 +116,8 @@ class Analyser:
         The rules are :func:`daemon.analyse.anatomy_decision.decide_anatomy`'s: the model's calibrated probabilities
         (averaged over the study's images) and its out-of-distribution score (the images' mean) against the tags;
         a tag is overruled only by a sure, in-distribution model that does not have it among its two best guesses.
+        With an anatomy cascade (``models.anatomy.ensemble``), the first member in distribution answers, and a
+        fallback's answer never overrules a tag (:mod:`models.inference.anatomy_cascade`).
         """
         tag_label, tag_evidence = None, ""
         for ds in sources:
@@ -126,15 +128,12 @@ class Analyser:
         model_name = self.config.anatomy.model
         if model_name and images and self._model_status.get(model_name, "not configured") is None:
             try:
-                predictor = self.predictor(model_name)
-                probabilities, ood = predictor.anatomy_scores(images)
-                mean = probabilities.mean(axis=0)
-                order = np.argsort(-mean)[:2]
-                witness = ModelWitness(
-                    top=tuple((predictor.card.classes[i], float(mean[i])) for i in order),
-                    ood_score=float(np.mean(ood)) if ood is not None and len(ood) else None,
-                    ood_threshold=predictor.ood_threshold, classes=tuple(predictor.card.classes))
-                card = predictor.card
+                from models.inference.anatomy_cascade import study_anatomy
+
+                answer = study_anatomy(self.predictor(model_name), images)
+                witness = witness_of(answer.probabilities, answer.card.classes, answer.ood_score,
+                                     answer.ood_threshold, "; ".join(answer.passed_over) or None)
+                card = answer.card
                 provenance = ModelProvenance(name=card.name, version=card.version, sha256=card.sha256, task=card.task)
             except Exception as exc:  # a broken model must not lose the study: the tags still decide
                 LOGGER.exception("anatomy model failed: %s; falling back to DICOM tags", exc)

@@ -26,7 +26,8 @@ from models.inference.predictor import (SEX_MISMATCH_CONFIDENCE, ImagePrediction
                                         normalise_sex)
 from models.nets.checkpoint import ModelCard
 
-#: Tasks whose outputs have a meaningful mean; an anatomy or generic classifier ensemble is refused.
+#: Tasks whose outputs have a meaningful mean; a generic classifier ensemble is refused, and anatomy members form a
+#: cascade instead (:mod:`models.inference.anatomy_cascade`).
 ENSEMBLE_TASKS = ("boneage", "abnormality")
 
 
@@ -126,12 +127,19 @@ def male_probability(outputs: dict) -> float:
     return p if outputs["predicted_sex"] == "M" else 1.0 - p
 
 
-def load_model(weights: str | Path, ensemble: Sequence[str | Path] = (), **kwargs) -> Predictor | EnsemblePredictor:
-    """One :class:`Predictor`, or an :class:`EnsemblePredictor` when ``ensemble`` names further checkpoints.
+def load_model(weights: str | Path, ensemble: Sequence[str | Path] = (), **kwargs):
+    """One :class:`Predictor`, or, when ``ensemble`` names further checkpoints, an :class:`EnsemblePredictor`
+    (bone age, abnormality: outputs averaged) or an anatomy cascade
+    (:class:`~models.inference.anatomy_cascade.AnatomyCascade`: the first member in distribution answers).
 
     Every member goes through :func:`load_predictor` and so through the card and sha256 checks.
     """
     lead = load_predictor(weights, **kwargs)
     if not ensemble:
         return lead
-    return EnsemblePredictor([lead] + [load_predictor(member, **kwargs) for member in ensemble])
+    members = [lead] + [load_predictor(member, **kwargs) for member in ensemble]
+    if lead.task == "anatomy":
+        from models.inference.anatomy_cascade import AnatomyCascade
+
+        return AnatomyCascade(members)
+    return EnsemblePredictor(members)
