@@ -6,6 +6,7 @@ anatomy`` with its decision table. Tiny network, no shared data (the real run's 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from PIL import Image
 
 from daemon import cli
 from models.train.anatomy_world import contrast_copy, folder_images, patient_key, training_style, views_of
-from models.nets.checkpoint import read_card
+from models.nets.checkpoint import card_path, read_card
 from tests.test_models_classify import shape_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -140,17 +141,41 @@ def test_compare_with_a_model_on_another_backbone_reads_it_on_its_own_features(t
                      "tiny_cnn", "--size", "32", "--epochs", "2", "--batch-size", "16", "--out", str(tuned),
                      "--no-progress"]) == 0
 
-    def evaluate(weights: Path, *compare: Path) -> dict:
-        report = tmp_path / f"{weights.parent.name}-{len(compare)}.json"
+    def evaluate(weights: Path, *compare: Path, flag: str = "--compare-with") -> dict:
+        report = tmp_path / f"{weights.parent.name}-{len(compare)}{flag}.json"
         args = ["evaluate", "anatomy", "--weights", str(weights), "--data", str(named), "--extra", knees,
                 "--features-cache", str(report.with_suffix(".npz")), "--json", str(report), "--no-progress"]
         for other in compare:
-            args += ["--compare-with", str(other)]
+            args += [flag, str(other)]
         assert cli.main(args) == 0
         return json.loads(report.read_text())
 
     both = evaluate(tuned, probe)
     alone = evaluate(probe)["model"]
     compared = both["compare anatomy.pt"]
-    assert (tmp_path / "tuned-1-anatomy.npz").exists()  # the probe's own feature pass
+    assert (tmp_path / "tuned-1--compare-with-anatomy.npz").exists()  # the probe's own feature pass
     assert compared["top1"] == alone["top1"] and compared["decisions"] == alone["decisions"]
+
+    # `--ensemble`: the cascade's decision table, the probe first; the fine-tuned network answers exactly the test
+    # images the probe's OOD threshold does not accept
+    cascade = evaluate(probe, tuned, flag="--ensemble")["cascade"]
+    assert cascade["members"][0]["top1"] == alone["top1"]
+    for source in ("site", "knees"):
+        accepted = alone["ood"]["accepted"][f"{source} (original)"]
+        assert cascade["fallback_share"][source] == pytest.approx(1 - accepted)
+        for row in cascade["decisions"][source].values():
+            assert 0 <= row["right"] <= 1 and row["right"] + row["unknown"] <= 1 + 1e-9
+    # a first member that accepts nothing: every image goes to the fallback, whose untagged decisions are then the
+    # fine-tuned network's own
+    strict = tmp_path / "strict" / "anatomy.pt"
+    strict.parent.mkdir()
+    for name in ("anatomy.pt", "anatomy.ood.npz"):
+        shutil.copyfile(probe.parent / name, strict.parent / name)
+    card = json.loads(card_path(probe).read_text())
+    card["calibration"]["ood"]["threshold"] = -1.0
+    card_path(strict).write_text(json.dumps(card))
+    everything = evaluate(strict, tuned, flag="--ensemble")["cascade"]
+    tuned_alone = evaluate(tuned)["model"]
+    for source in ("site", "knees"):
+        assert everything["fallback_share"][source] == 1.0
+        assert everything["decisions"][source]["none"] == tuned_alone["decisions"][source]["none"]

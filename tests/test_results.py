@@ -429,6 +429,12 @@ def test_sr_keeps_both_anatomy_witnesses_and_flags_disagreement(sources: list[Da
     assert sr_values(_read_sr(build_sr(sources, agreeing)))["Anatomy model disagrees with DICOM tags"] == "No"
     silent = sr_values(_read_sr(build_sr(sources, findings)))  # no evidence recorded: no such items
     assert "Anatomy decided by" not in silent
+    assert "Anatomy model fallback" not in values  # the first model answered
+
+    because = "second witness answered: bonebridge-anatomy 1.1.1 out of distribution (5000 vs threshold 3394)"
+    fallback = sr_values(_read_sr(build_sr(sources, replace(findings, anatomy_evidence={**evidence,
+                                                                                          "model_fallback": because}))))
+    assert fallback["Anatomy model fallback"] == because
 
 
 def test_fracture_sr_codes_the_finding_and_each_image(tmp_path: Path, sources: list[Dataset],

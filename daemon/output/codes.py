@@ -9,7 +9,8 @@ Coding choices, and why:
   joint 70258002, foot 56459004, hip 29836001, pelvis 816092008, femur 71341001, chest 816094009, spine
   421060004, skull 89546000, abdomen 818981001); "other" has no code and appears only as text. The anatomy
   model's top two, the tags' answer and which decided are TEXT items (99BB ANATOMY-MODEL-1/-2, ANATOMY-TAGS,
-  ANATOMY-DECIDED-BY); their disagreement is a CODE item (99BB ANATOMY-DISAGREE, SCT Yes/No).
+  ANATOMY-DECIDED-BY); their disagreement is a CODE item (99BB ANATOMY-DISAGREE, SCT Yes/No). Where an anatomy
+  cascade's fallback answered, why is a TEXT item (99BB ANATOMY-FALLBACK).
 * A fracture model's decision is also coded as the finding SNOMED CT 125605004 "Fracture of bone" with the
   value Present (52101004) or Absent (272519000): the disorder concept SNOMED CT files every fracture under
   (the site is the group's finding site), so a query for fractures finds it; "Abnormal" alone does not say what.
@@ -56,6 +57,8 @@ CODE_ANATOMY_MODEL_TOP2 = local_code("ANATOMY-MODEL-2", "Anatomy model second ch
 CODE_ANATOMY_TAGS = local_code("ANATOMY-TAGS", "Anatomy from DICOM tags")
 CODE_ANATOMY_DECIDED_BY = local_code("ANATOMY-DECIDED-BY", "Anatomy decided by")
 CODE_ANATOMY_DISAGREEMENT = local_code("ANATOMY-DISAGREE", "Anatomy model disagrees with DICOM tags")
+#: An anatomy cascade's fallback answered: which model was out of distribution, so that the second one spoke.
+CODE_ANATOMY_FALLBACK = local_code("ANATOMY-FALLBACK", "Anatomy model fallback")
 CODE_ROUTE = local_code("ROUTE", "BoneBridge route")
 CODE_MODEL = local_code("MODEL", "Model name")
 CODE_MODEL_VERSION = local_code("MODEL-VERSION", "Model version")

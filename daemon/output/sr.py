@@ -74,6 +74,7 @@ from daemon.output.codes import (
     CODE_ABNORMALITY_THRESHOLD,
     CODE_ANATOMY,
     CODE_ANATOMY_DECIDED_BY,
+    CODE_ANATOMY_FALLBACK,
     CODE_ANATOMY_DISAGREEMENT,
     CODE_ANATOMY_MODEL_TOP1,
     CODE_ANATOMY_MODEL_TOP2,
@@ -234,7 +235,8 @@ def _context_items(result: StudyResult) -> list[Dataset]:
     items.append(_text(CODE_ANATOMY_SOURCE, result.anatomy_source or "unknown"))
     evidence = result.anatomy_evidence
     for key, code in (("model_top1", CODE_ANATOMY_MODEL_TOP1), ("model_top2", CODE_ANATOMY_MODEL_TOP2),
-                      ("tags", CODE_ANATOMY_TAGS), ("decided_by", CODE_ANATOMY_DECIDED_BY)):
+                      ("tags", CODE_ANATOMY_TAGS), ("decided_by", CODE_ANATOMY_DECIDED_BY),
+                      ("model_fallback", CODE_ANATOMY_FALLBACK)):
         if evidence.get(key):
             items.append(_text(code, evidence[key]))
     if evidence.get("disagreement") in YES_NO_CODES:
