@@ -175,3 +175,36 @@ def test_explain_exits_2_on_a_file_it_cannot_read(tmp_path: Path) -> None:
     (tmp_path / "junk.dcm").write_bytes(b"not dicom at all")
     out = bonebridge("route", "explain", "--config", str(config), str(tmp_path / "junk.dcm"))
     assert out.returncode == 2 and "cannot read as DICOM" in out.stdout
+
+
+@pytest.mark.parametrize("part, age", [("ELBOW", "045Y"), ("WRIST", "010Y")])
+def test_shipped_anatomy_on_the_issues_mura_cases_decides_alike_in_predict_explain_and_the_daemon(
+        shared_data: Path, tmp_path: Path, part: str, age: str) -> None:
+    """Issue 25's cases, with the shipped cascade: the MURA elbow tagged ELBOW (once "knee 0.89", decided, finding
+    site Knee) and the wrist tagged WRIST of a 10-year-old (once a bone age of 196.8 months on an adult wrist).
+    ``predict``, ``route explain`` and the daemon's analysis must decide alike, and neither case may go wrong."""
+    import pydicom
+    from PIL import Image
+
+    png = shared_data / "examples" / "mura" / f"{part}.png"
+    if not png.exists():
+        pytest.skip(f"{png} not in the shared data")
+    pixels = np.asarray(Image.open(png).convert("L"), dtype=np.float32) / 255.0
+    study = tmp_path / f"{part.lower()}.dcm"
+    make_dx(study, body_part=part, age=age, pixels=pixels)
+    config = write_config(tmp_path, pacs_port=free_port(), anatomy_model=True)  # the shipped models and routes
+
+    analysis = Analyser(load_config(config)).analyse([pydicom.dcmread(study)])
+    predicted = bonebridge("predict", "--config", str(config), str(study))
+    assert predicted.returncode == 0, predicted.stderr
+    summary = json.loads(predicted.stdout)
+    explained = bonebridge("route", "explain", "--config", str(config), str(study))
+    assert explained.returncode == 0, explained.stderr
+
+    assert summary["anatomy"] == analysis.result.anatomy and summary["route"] == analysis.result.route
+    assert f"decision: route '{analysis.result.route}'" in explained.stdout
+    assert f"anatomy: {analysis.result.anatomy} (" in explained.stdout
+    if part == "ELBOW":
+        assert analysis.result.anatomy == "elbow"  # the tag stands: the model is unsure or out of its depth
+    else:
+        assert "bone_age_months" not in summary["findings"] and analysis.result.route != "pediatric-hand"
