@@ -208,3 +208,19 @@ def test_shipped_anatomy_on_the_issues_mura_cases_decides_alike_in_predict_expla
         assert analysis.result.anatomy == "elbow"  # the tag stands: the model is unsure or out of its depth
     else:
         assert "bone_age_months" not in summary["findings"] and analysis.result.route != "pediatric-hand"
+
+
+def test_a_cascade_preprocesses_a_study_once_for_members_of_one_geometry(tmp_path: Path, monkeypatch) -> None:
+    from models.inference import predictor as predictor_module
+    from models.inference.anatomy_cascade import study_anatomy
+
+    config = load_config(cascade(tmp_path, first_threshold=-1.0)[0])
+    cascade_model = Analyser(config).predictor("anatomy")
+    calls = []
+    real = predictor_module.to_model_input
+    monkeypatch.setattr(predictor_module, "to_model_input", lambda *a, **k: calls.append(1) or real(*a, **k))
+    image = np.full((64, 64), 0.5, np.float32)
+    answer = study_anatomy(cascade_model, [image, image, image])
+    assert answer.position == 1 and len(calls) == 1  # both members read, one preprocessing (one batch of three)
+    alone = cascade_model.members[1].anatomy_scores([image, image, image])[0].mean(axis=0)
+    np.testing.assert_allclose(answer.probabilities, alone, rtol=1e-6)

@@ -90,8 +90,12 @@ def study_anatomy(predictor, images: Sequence[np.ndarray]) -> StudyAnatomy:
     """
     members = list(getattr(predictor, "members", None) or [predictor])
     passed: list[str] = []
+    inputs: dict[tuple, list] = {}  # members of one geometry and batch size share the preprocessed batches
     for position, member in enumerate(members):
-        probabilities, ood = member.anatomy_scores(images)
+        key = (member.geometry, member.batch_size)
+        if key not in inputs:
+            inputs[key] = member.model_inputs(images)
+        probabilities, ood = member.anatomy_scores(images, inputs[key])
         score = float(np.mean(ood)) if ood is not None and len(ood) else None
         answer = StudyAnatomy(member.card, probabilities.mean(axis=0), score, member.ood_threshold, position,
                               tuple(passed))

@@ -180,19 +180,30 @@ class Predictor:
         """
         return self.anatomy_scores(images)[0]
 
-    def anatomy_scores(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    def model_inputs(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """The images as this model's input batches (its card's geometry), on the CPU.
+
+        An anatomy cascade hands them to each member of the same geometry (:meth:`anatomy_scores`' ``inputs``), so
+        a study sent on to a fallback is not decoded into a network input twice.
+        """
+        return [to_model_input(list(images[start:start + self.batch_size]), self.geometry)
+                for start in range(0, len(images), self.batch_size)]
+
+    def anatomy_scores(self, images: Sequence[np.ndarray],
+                       inputs: Sequence[torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(calibrated softmax over ``card.classes`` per image (N x C), OOD score per image or None).
 
         The probabilities are temperature-scaled with the card's ``calibration.temperature``; the OOD score is the
         squared Mahalanobis distance of the pooled features to the nearest class mean (higher: less like the
         training images), compared with :attr:`ood_threshold` by the caller. One backbone pass gives both.
+        ``inputs``: the images already made into batches of this model's geometry (:meth:`model_inputs`).
         """
         if self.task != "anatomy":
             raise ValueError(f"class probabilities are for multi-class models, not {self.task!r}")
         rows, scores = [], []
+        batches = self.model_inputs(images) if inputs is None else inputs
         with self._lock, torch.no_grad():
-            for start in range(0, len(images), self.batch_size):
-                x = to_model_input(list(images[start:start + self.batch_size]), self.geometry)
+            for x in batches:
                 x = x.to(self.device).contiguous(memory_format=torch.channels_last)
                 pooled = self.model.pool(self.model.features(x)).flatten(1).float()
                 logits = self.model.head(pooled).float() / self.temperature
