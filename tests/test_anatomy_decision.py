@@ -173,3 +173,21 @@ def test_cascade_rows_take_the_first_member_in_distribution() -> None:
     assert rows[1][1] is knee and rows[1][3] == 5.0 and "member 1 out of distribution (50 vs threshold 10)" in rows[1][4]
     with pytest.raises(ValueError):
         cascade_sets([first, HeadFigures({}, {"s": [("knee", knee, 1.0), ("knee", knee, 2.0)]}, ["knee", "hand"], 5.0)])
+
+
+def test_a_fallback_overrules_a_tag_only_toward_a_part_that_runs_no_model() -> None:
+    fallback = ModelWitness(top=(("chest", 0.97), ("shoulder", 0.02)), ood_score=10.0, ood_threshold=100.0,
+                            fallback_because="first out of distribution")
+    nowhere = {"chest"}
+    found = decide_anatomy("hand", "BodyPartExamined=HAND", fallback, 0.5, runs_no_model=lambda p: p in nowhere)
+    assert found.label == "chest" and found.decided_by == "model" and found.disagreement
+    assert "a fallback, toward chest, on which no route runs a model" in found.rule
+    # the same reading toward a part a route runs a model on: the tag stands
+    knee = ModelWitness(top=(("knee", 0.97), ("leg", 0.02)), ood_score=10.0, ood_threshold=100.0,
+                        fallback_because="first out of distribution")
+    kept = decide_anatomy("hand", "BodyPartExamined=HAND", knee, 0.5, runs_no_model=lambda p: p in nowhere)
+    assert kept.label == "hand" and "toward a part a route runs a model on" in kept.rule
+    # unsure or out of distribution: never
+    unsure = ModelWitness(top=(("chest", 0.45), ("hand", 0.40)), ood_score=10.0, ood_threshold=100.0,
+                          fallback_because="first out of distribution")
+    assert decide_anatomy("elbow", "BodyPartExamined=ELBOW", unsure, 0.5, runs_no_model=lambda p: True).label == "elbow"

@@ -36,19 +36,19 @@ PROBABILITIES = [0.02, 0.80, 0.15, 0.03]
 
 
 def stand_in_anatomy(folder: Path, ood_threshold: float, probabilities: list[float] = PROBABILITIES,
-                     stem: str = "anatomy", version: str = "0.1.0") -> Path:
+                     stem: str = "anatomy", version: str = "0.1.0", classes: list[str] = CLASSES) -> Path:
     """A tiny anatomy checkpoint whose calibrated output is ``probabilities`` for every image; OOD score always 0."""
     geometry = Geometry(size=32, aspect="pad")
-    model = ClassifierNet("tiny_cnn", len(CLASSES), pretrained=False)
+    model = ClassifierNet("tiny_cnn", len(classes), pretrained=False)
     linear = model.head[-1]
     torch.nn.init.zeros_(linear.weight)
     linear.bias.data = torch.log(torch.tensor(probabilities)) * 2.0  # temperature 2 in the card undoes the x2
     width = linear.in_features
     sidecar = folder / f"{stem}.ood.npz"
-    sha = MahalanobisOOD(np.zeros((len(CLASSES), width), np.float32), np.zeros((width, 2), np.float32)).save(sidecar)
+    sha = MahalanobisOOD(np.zeros((len(classes), width), np.float32), np.zeros((width, 2), np.float32)).save(sidecar)
     card = ModelCard(task="anatomy", name="stand-in-anatomy", version=version, architecture="tiny_cnn", input_size=32,
                      normalisation={"mean": list(geometry.mean), "std": list(geometry.std)},
-                     preprocessing=geometry.to_dict(), classes=CLASSES, trained=True,
+                     preprocessing=geometry.to_dict(), classes=classes, trained=True,
                      calibration={"temperature": 2.0, "ood": {"file": sidecar.name, "sha256": sha,
                                                                "threshold": ood_threshold}})
     return save_checkpoint(model, card, folder / f"{stem}.pt")
@@ -224,3 +224,23 @@ def test_a_cascade_preprocesses_a_study_once_for_members_of_one_geometry(tmp_pat
     assert answer.position == 1 and len(calls) == 1  # both members read, one preprocessing (one batch of three)
     alone = cascade_model.members[1].anatomy_scores([image, image, image])[0].mean(axis=0)
     np.testing.assert_allclose(answer.probabilities, alone, rtol=1e-6)
+
+
+def test_a_fallback_overrules_a_hand_tag_on_a_chest_because_no_route_runs_a_model_on_a_chest(tmp_path: Path) -> None:
+    """A chest tagged HAND that the first model does not know and the fallback reads as a chest: overruled, flagged,
+    and no model runs (1.2.0 sent every such study to the fracture model)."""
+    import pydicom
+
+    classes = ["chest", "hand", "wrist", "knee"]
+    first = stand_in_anatomy(tmp_path, ood_threshold=-1.0, probabilities=[0.05, 0.80, 0.10, 0.05], classes=classes)
+    fallback = stand_in_anatomy(tmp_path, ood_threshold=10.0, probabilities=[0.94, 0.01, 0.02, 0.03],
+                                stem="anatomy-finetuned", version="9.0.0", classes=classes)
+    config = load_config(config_with(tmp_path, first, (fallback,)))
+    study = tmp_path / "chest-tagged-hand.dcm"
+    make_dx(study, body_part="HAND", age="040Y")
+    analysis = Analyser(config).analyse([pydicom.dcmread(study)])
+    result = analysis.result
+    assert result.anatomy == "chest" and result.anatomy_evidence["decided_by"] == "model"
+    assert result.anatomy_evidence["disagreement"] == "yes"
+    assert "toward chest, on which no route runs a model" in result.anatomy_evidence["rule"]
+    assert not [m for m in result.models if m.task != "anatomy"]  # neither fracture nor bone age ran

@@ -6,7 +6,8 @@ threshold chosen on validation; see ``models/nets/anatomy_ood.py``). The rules, 
 
 1. **tag, model sure and in distribution, tag not among its two best** (and a part the model has a class for: it
    cannot rule out a finger if it knows no fingers; and the model is the *first* witness, not a fallback consulted
-   because the first was out of its depth) -> the model overrules the tag (a mislabelled study), flagged;
+   because the first was out of its depth, unless the fallback's choice is a part no route runs a model on, where
+   overruling can only stop an analysis) -> the model overrules the tag (a mislabelled study), flagged;
 2. **tag** (any other case) -> the tag decides; where the model's first choice is another part the disagreement is
    flagged and said ("elbow (tags); model said knee 0.89"); a tag is never overruled by a model that is unsure, out
    of its depth, or has the tagged part as its second guess;
@@ -23,6 +24,7 @@ adult wrist tagged WRIST that the model reads as a hand).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 __all__ = ["ModelWitness", "Decision", "witness_of", "decide_anatomy", "boneage_block", "HAND"]
 
@@ -43,8 +45,9 @@ class ModelWitness:
 
     @property
     def may_overrule(self) -> bool:
-        """A fallback never overrules a tag: it was asked only because the first model found the study outside its
-        distribution, so against a tag it is the weaker witness."""
+        """Whether this witness may overrule a tag toward any part. A fallback may not: it was asked only because the
+        first model found the study outside its distribution, so against a tag it is the weaker witness (it may
+        still overrule toward a part no route runs a model on, see :func:`decide_anatomy`)."""
         return self.fallback_because is None
 
     def knows(self, part: str) -> bool:
@@ -92,10 +95,13 @@ class Decision:
 
 
 def decide_anatomy(tag_label: str | None, tag_evidence: str, model: ModelWitness | None,
-                   min_probability: float, model_name: str = "anatomy model") -> Decision:
+                   min_probability: float, model_name: str = "anatomy model",
+                   runs_no_model: Callable[[str], bool] | None = None) -> Decision:
     """Apply the rules above; ``tag_evidence`` is what the tag reader matched (``BodyPartExamined=ELBOW``).
 
-    ``model_name`` ("model bonebridge-anatomy 2.0.0") starts the source when the model decided.
+    ``model_name`` ("model bonebridge-anatomy 2.0.0") starts the source when the model decided. ``runs_no_model``
+    says whether a part would take this study to a route that runs no model (the caller knows the routes); a
+    fallback may overrule a tag only toward such a part.
     """
     evidence: dict[str, str] = {"tags": f"{tag_label} ({tag_evidence})" if tag_label else f"none ({tag_evidence})"}
     confident_and_known = False
@@ -124,10 +130,13 @@ def decide_anatomy(tag_label: str | None, tag_evidence: str, model: ModelWitness
         if model is None:
             return done(tag_label, "tags", "tags decide (no anatomy model)", tags)
         name, p = model.best
-        if confident_and_known and tag_label not in model.names() and model.knows(tag_label) and model.may_overrule:
+        harmless = not model.may_overrule and runs_no_model is not None and runs_no_model(name)
+        if confident_and_known and tag_label not in model.names() and model.knows(tag_label) and \
+                (model.may_overrule or harmless):
             return done(name, "model",
                         f"model overrules the tags: sure ({p:.2f} >= {min_probability:g}), in distribution, "
-                        f"and the tagged {tag_label} is not among its two best",
+                        f"and the tagged {tag_label} is not among its two best"
+                        + (f" (a fallback, toward {name}, on which no route runs a model)" if harmless else ""),
                         f"{model_name}, overruling the DICOM tags' {tag_label}", p)
         if not disagreement:
             if confident_and_known:
@@ -139,7 +148,7 @@ def decide_anatomy(tag_label: str | None, tag_evidence: str, model: ModelWitness
                else "the model is out of distribution" if not model.in_distribution
                else f"the model is unsure ({p:.2f} < {min_probability:g})" if not confident_and_known
                else "the model that answered is a fallback (the first was out of distribution); "
-                    "a fallback does not overrule tags")
+                    "a fallback does not overrule tags toward a part a route runs a model on")
         return done(tag_label, "tags", f"tags decide: {why}", f"{tags}; model said {model.said()}")
     if model is None:
         return done(None, "none", "anatomy unknown: no anatomy in the tags and no anatomy model",

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from daemon.analyse.anatomy_decision import boneage_block, decide_anatomy, witness_of
-from daemon.analyse.rules import StudyFacts, decide_route
+from daemon.analyse.rules import StudyFacts, decide_route, runs_a_model
 from daemon.config.cards import model_task
 from models.eval.anatomy import REGION, HeadFigures, head_figures, inference_ms, mura_truth
 
@@ -59,6 +59,13 @@ def decision_table(sets: dict[str, list[tuple]], classes: list[str],
     boneage_routes = {route.name for route in config.routes
                       if any(m in config.models and model_task(config.models[m].weights) == "boneage" for m in route.run)}
     tasks = {name: model_task(ref.weights) for name, ref in config.models.items()}
+    status = config.route_status()
+
+    def no_model(part: str) -> bool:  # for the same 10-year-old DX as route_study
+        return not runs_a_model(config, StudyFacts(anatomy=part, anatomy_source="anatomy model", modality="DX",
+                                                   patient_age_years=10.0, patient_sex=None, calling_ae=None,
+                                                   study_description=None, body_part_examined=None), status)
+
     table: dict[str, dict[str, dict[str, float]]] = {}
     for set_name, rows in sets.items():
         table[set_name] = {}
@@ -69,7 +76,7 @@ def decision_table(sets: dict[str, list[tuple]], classes: list[str],
                 witness = witness_of(probs, classes, ood, own_threshold, fallback_because)
                 tag = None if tagging == "none" else truth if tagging == "correct" else wrong_tag(truth)
                 found = decide_anatomy(tag, f"BodyPartExamined={tag.upper()}" if tag else "no anatomy", witness,
-                                       min_probability)
+                                       min_probability, runs_no_model=no_model)
                 _, run = route_study(config, found.label, found.source, boneage_routes, witness, found)
                 ran = {tasks.get(m) for m in run}
                 counts["right"] += found.label is not None and REGION.get(found.label) == REGION.get(truth)

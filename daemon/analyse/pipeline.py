@@ -28,7 +28,7 @@ from daemon.output.own_output import is_own_output
 from daemon.output.sc import build_heatmap_sc
 from daemon.output.sr import build_sr
 from daemon.output.study_result import ImageProbability, MapPeak, ModelProvenance, StudyResult
-from daemon.analyse.rules import RouteDecision, StudyFacts, decide_route, facts_from_dataset
+from daemon.analyse.rules import RouteDecision, StudyFacts, decide_route, facts_from_dataset, runs_a_model
 
 LOGGER = logging.getLogger(__name__)
 
@@ -110,14 +110,14 @@ class Analyser:
             self._predictors[name] = load_model(Path(ref.weights), [Path(m) for m in ref.ensemble])
         return self._predictors[name]
 
-    def _anatomy(self, sources: list[Dataset], images: list[np.ndarray]) -> AnatomyDecision:
+    def _anatomy(self, sources: list[Dataset], images: list[np.ndarray], calling_ae: str | None = None) -> AnatomyDecision:
         """The study's anatomy from the image model and the DICOM tags, with both witnesses kept for the SR.
 
         The rules are :func:`daemon.analyse.anatomy_decision.decide_anatomy`'s: the model's calibrated probabilities
         (averaged over the study's images) and its out-of-distribution score (the images' mean) against the tags;
         a tag is overruled only by a sure, in-distribution model that does not have it among its two best guesses.
         With an anatomy cascade (``models.anatomy.ensemble``), the first member in distribution answers, and a
-        fallback's answer never overrules a tag (:mod:`models.inference.anatomy_cascade`).
+        fallback's answer overrules a tag only toward a part no route runs a model on for this study.
         """
         tag_label, tag_evidence = None, ""
         for ds in sources:
@@ -137,15 +137,20 @@ class Analyser:
                 provenance = ModelProvenance(name=card.name, version=card.version, sha256=card.sha256, task=card.task)
             except Exception as exc:  # a broken model must not lose the study: the tags still decide
                 LOGGER.exception("anatomy model failed: %s; falling back to DICOM tags", exc)
+        def runs_no_model(part: str) -> bool:
+            facts = facts_from_dataset(sources[0], calling_ae, part, "anatomy model")
+            return not runs_a_model(self.config, facts, self._route_status)
+
         found = decide_anatomy(tag_label, tag_evidence, witness, self.config.anatomy.min_probability,
-                               f"model {provenance.name} {provenance.version}" if provenance else "anatomy model")
+                               f"model {provenance.name} {provenance.version}" if provenance else "anatomy model",
+                               runs_no_model=runs_no_model)
         return AnatomyDecision(found.label, found.source, found.probability, found.evidence, provenance,
                                witness=witness, decision=found)
 
     def decide(self, sources: list[Dataset], images: list[np.ndarray],
                calling_ae: str | None = None) -> tuple[AnatomyDecision, StudyFacts, RouteDecision]:
         """Anatomy, routing facts and route of a study: what ``analyse`` and ``route explain`` both run."""
-        found = self._anatomy(sources, images)
+        found = self._anatomy(sources, images, calling_ae)
         facts = facts_from_dataset(sources[0], calling_ae, found.label, found.source)
         blocked = {}
         if found.decision is not None:

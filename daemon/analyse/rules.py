@@ -226,6 +226,14 @@ def decide_route(
     return RouteDecision(route=None, disabled_reason=None, verdicts=verdicts)
 
 
+def runs_a_model(config: Config, facts: StudyFacts, route_status: Mapping[str, str | None] | None = None) -> bool:
+    """Whether a study with these facts would reach a route that runs a model (not a not-processed report, not a
+    route without models, not no route at all). The anatomy decision asks it of a fallback's choice: an overrule
+    toward a part that runs no model can only stop an analysis."""
+    routed = decide_route(config, facts, route_status)
+    return routed.route is not None and routed.route.report != "not-processed" and bool(routed.route.run)
+
+
 @dataclass(frozen=True)
 class TagRouting:
     """A route decided on the DICOM tags alone (no model): what the tags say the anatomy is, and the decision."""

@@ -358,7 +358,8 @@ class ModelRef(_Strict):
     #: heatmap and reads the side, so the ensemble costs each extra member one forward pass without Grad-CAM.
     #: Every member is named in the SR's provenance. For **anatomy** the members form a cascade instead: the first
     #: checkpoint (``weights``, then the list in order) whose OOD score finds the study in its distribution answers,
-    #: and a fallback's answer never overrules a tag (``models/inference/anatomy_cascade.py``).
+    #: and a fallback overrules a tag only toward a part no route runs a model on
+    #: (``models/inference/anatomy_cascade.py``).
     ensemble: list[Path] = Field(default_factory=list)
 
     @field_validator("weights", mode="before")

@@ -12,7 +12,8 @@ the next model only where it is out of its depth keeps its reading there and add
 member runs only for such studies, so a study the first model knows costs one network.
 
 The daemon's decision treats a fallback's answer as a weaker witness against a tag: it decides untagged studies and
-flags a disagreement, but never overrules a tag (:mod:`daemon.analyse.anatomy_decision`).
+flags a disagreement, but overrules a tag only toward a part no route runs a model on, where the overrule can only
+stop an analysis (:mod:`daemon.analyse.anatomy_decision`).
 """
 
 from __future__ import annotations
