@@ -41,6 +41,7 @@ def main() -> int:
 
     from daemon.config.schema import load_config
     from models.display_image import read_display_image
+    from models.inference.anatomy_cascade import member_answers
     from models.inference.ensemble import load_model
     from models.inference.predictor import load_predictor
 
@@ -68,10 +69,8 @@ def main() -> int:
         predictor.anatomy_scores(images)
         anatomy.append((time.perf_counter() - began) * 1000 / args.images)
         if len(members) > 1:
-            began = time.perf_counter()  # as study_anatomy runs a study the first sends on: one preprocessing
-            shared = members[0].model_inputs(images)
-            for member in members:
-                member.anatomy_scores(images, shared if member.geometry == members[0].geometry else None)
+            began = time.perf_counter()  # every member, as the daemon runs a study the first sends on
+            list(member_answers(configured, images))
             every.append((time.perf_counter() - began) * 1000 / args.images)
         if candidate is not None:
             began = time.perf_counter()

@@ -22,6 +22,7 @@ from daemon.analyse.anatomy_decision import boneage_block, decide_anatomy, witne
 from daemon.analyse.rules import StudyFacts, decide_route, runs_a_model
 from daemon.config.cards import model_task
 from models.eval.anatomy import REGION, HeadFigures, head_figures, inference_ms, mura_truth
+from models.inference.anatomy_cascade import in_distribution
 
 LOGGER = logging.getLogger(__name__)
 
@@ -128,8 +129,7 @@ def cascade_sets(members: Sequence[HeadFigures]) -> dict[str, list[tuple]]:
             passed: list[str] = []
             for position, member in enumerate(members):
                 _, probs, ood = member.sets[set_name][index]
-                inside = ood is None or member.ood_threshold is None or ood <= member.ood_threshold
-                if inside or position == len(members) - 1:
+                if in_distribution(ood, member.ood_threshold) or position == len(members) - 1:
                     answered.append((truth, probs, ood, member.ood_threshold, "; ".join(passed) or None))
                     break
                 passed.append(f"member {position + 1} out of distribution ({ood:.0f} vs threshold "

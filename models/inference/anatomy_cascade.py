@@ -19,14 +19,14 @@ stop an analysis (:mod:`daemon.analyse.anatomy_decision`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from models.inference.predictor import Predictor
 from models.nets.checkpoint import ModelCard
 
-__all__ = ["AnatomyCascade", "StudyAnatomy", "study_anatomy"]
+__all__ = ["AnatomyCascade", "StudyAnatomy", "in_distribution", "member_answers", "study_anatomy"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class StudyAnatomy:
 
     @property
     def in_distribution(self) -> bool:
-        return self.ood_score is None or self.ood_threshold is None or self.ood_score <= self.ood_threshold
+        return in_distribution(self.ood_score, self.ood_threshold)
 
 
 class AnatomyCascade:
@@ -64,34 +64,28 @@ class AnatomyCascade:
         self.lead = lead
         self.card: ModelCard = lead.card
         self.task = "anatomy"
-        self.weights = lead.weights
-
-    @property
-    def geometry(self):
-        return self.lead.geometry
-
-    @property
-    def device(self):
-        return self.lead.device
 
     @property
     def cards(self) -> list[ModelCard]:
         return [member.card for member in self.members]
 
-    def study(self, images: Sequence[np.ndarray]) -> StudyAnatomy:
-        return study_anatomy(self, images)
+
+def in_distribution(score: float | None, threshold: float | None) -> bool:
+    """The one OOD rule of a member's answer, and of a cached row in the decision table: no score or no threshold
+    counts as inside."""
+    return score is None or threshold is None or score <= threshold
 
 
-def study_anatomy(predictor, images: Sequence[np.ndarray]) -> StudyAnatomy:
-    """The study's anatomy from one anatomy :class:`Predictor` or an :class:`AnatomyCascade`.
+def member_answers(predictor, images: Sequence[np.ndarray]) -> Iterator[StudyAnatomy]:
+    """Each member's answer for the study in turn, lazily: a consumer that stops at the first in distribution runs
+    no further network. Members of one geometry and batch size share the study's preprocessed batches.
 
-    Each member in turn: calibrated probabilities and OOD scores of every image, averaged (one odd view cannot
-    outvote the rest). The first member in distribution answers; the last answers whatever its score says (the
-    decision then lets the tags decide, or calls the anatomy unknown).
+    Each answer: calibrated probabilities and OOD scores of every image, averaged (one odd view cannot outvote the
+    rest), with why the earlier members out of distribution were passed over.
     """
     members = list(getattr(predictor, "members", None) or [predictor])
     passed: list[str] = []
-    inputs: dict[tuple, list] = {}  # members of one geometry and batch size share the preprocessed batches
+    inputs: dict[tuple, list] = {}
     for position, member in enumerate(members):
         key = (member.geometry, member.batch_size)
         if key not in inputs:
@@ -100,8 +94,17 @@ def study_anatomy(predictor, images: Sequence[np.ndarray]) -> StudyAnatomy:
         score = float(np.mean(ood)) if ood is not None and len(ood) else None
         answer = StudyAnatomy(member.card, probabilities.mean(axis=0), score, member.ood_threshold, position,
                               tuple(passed))
-        if answer.in_distribution or position == len(members) - 1:
+        yield answer
+        if not answer.in_distribution:
+            passed.append(f"{member.card.name} {member.card.version} out of distribution "
+                          f"({score:.0f} vs threshold {answer.ood_threshold:.0f})")
+
+
+def study_anatomy(predictor, images: Sequence[np.ndarray]) -> StudyAnatomy:
+    """The study's anatomy from one anatomy :class:`Predictor` or an :class:`AnatomyCascade`: the first member in
+    distribution answers; the last answers whatever its score says (the decision then lets the tags decide, or calls
+    the anatomy unknown)."""
+    for answer in member_answers(predictor, images):
+        if answer.in_distribution:
             return answer
-        passed.append(f"{member.card.name} {member.card.version} out of distribution "
-                      f"({score:.0f} vs threshold {answer.ood_threshold:.0f})")
-    raise AssertionError("unreachable: the last member always answers")
+    return answer
