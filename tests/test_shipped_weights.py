@@ -47,7 +47,15 @@ def test_shipped_model_on_held_out_rsna_images(shared_data: Path) -> None:
     assert (predicted_male == np.array([e.male > 0.5 for e in test])).mean() > 0.75
 
 
-FRACTURE = WEIGHTS.parent / "fracture.pt"
+def configured_fracture_lead() -> Path:
+    """The fracture model the shipped configuration runs (the lead of its ensemble: its map and card)."""
+    from daemon.config.schema import load_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / "config" / "bonebridge.yaml")
+    return Path(config.models["abnormality"].weights)
+
+
+FRACTURE = configured_fracture_lead()
 
 
 def test_shipped_fracture_card_says_what_it_was_trained_and_measured_on() -> None:

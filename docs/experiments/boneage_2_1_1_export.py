@@ -27,7 +27,8 @@ def main() -> int:
     args = parser.parse_args()
     model, card = load_checkpoint(args.weights)
     if card.version != "2.1.0" or card.weights_storage != "fp32":
-        raise SystemExit(f"{args.weights}: expected 2.1.0 stored in fp32, found {card.version} in {card.weights_storage}")
+        raise SystemExit(f"{args.weights}: expected 2.1.0 stored in fp32, "
+                         f"found {card.version} in {card.weights_storage}")
     card = card.model_copy(update={"version": "2.1.1", "weights_storage": "fp16"})
     path = save_checkpoint(model, card, args.out)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), card {card.name} {card.version}")
