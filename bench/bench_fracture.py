@@ -3,7 +3,8 @@
 The issue's budget is 150 ms of this CPU per 512 px image with its heatmap. The reference is the heatmap the
 model replaces: Grad-CAM (pytorch-grad-cam, a backward pass) on the very same network and input, measured in the
 same run, interleaved. The input is FracAtlas-like: a 512 x 420 grayscale radiograph (pydicom-data's real CR of a
-lower leg, resized), as a one-image study; the shipped ``fracture.pt`` is used unless ``--weights`` names another.
+lower leg, resized), as a one-image study; the configured fracture model (``config/bonebridge.yaml``'s
+``models.abnormality``, its ensemble included) is used unless ``--weights`` names another.
 ``--ensemble B.pt`` makes the model an output ensemble (``models.<name>.ensemble``) exactly as the daemon runs it:
 the lead with its map, each further member one forward pass without a map; Grad-CAM stays the lead's.
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(REPO))
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--weights", type=Path, default=REPO / "models" / "weights" / "fracture.pt")
+    parser.add_argument("--weights", type=Path, help="default: the configured fracture model and its ensemble")
     parser.add_argument("--ensemble", type=Path, action="append", default=[],
                         help="further members averaged with --weights (an output ensemble); repeatable")
     parser.add_argument("--precision", choices=["cards", "fp32", "bf16"], default="cards",
@@ -47,6 +48,11 @@ def main() -> int:
     from models.inference.ensemble import load_model
     from models.data.preprocess import to_model_input
 
+    if args.weights is None:
+        from daemon.config.schema import load_config
+
+        ref = load_config(REPO / "config" / "bonebridge.yaml").models["abnormality"]
+        args.weights, args.ensemble = Path(ref.weights), [Path(w) for w in ref.ensemble] + args.ensemble
     forced = {} if args.precision == "cards" else {"precision": args.precision}
     predictor = load_model(args.weights, args.ensemble, **forced)
     lead = getattr(predictor, "lead", predictor)
