@@ -191,3 +191,32 @@ def test_a_fallback_overrules_a_tag_only_toward_a_part_that_runs_no_model() -> N
     unsure = ModelWitness(top=(("chest", 0.45), ("hand", 0.40)), ood_score=10.0, ood_threshold=100.0,
                           fallback_because="first out of distribution")
     assert decide_anatomy("elbow", "BodyPartExamined=ELBOW", unsure, 0.5, runs_no_model=lambda p: True).label == "elbow"
+
+
+def test_ood_figures_count_only_the_sources_the_card_says_the_model_trained_on(tmp_path) -> None:
+    """A cascade's first member trained on FracAtlas and RSNA: knees in the cache's training rows (another member
+    trained on them) are out of distribution for it, and its report measures them so; a card naming no sources
+    keeps the old reading (every source with training rows counts as known)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from models.eval.anatomy import head_figures
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "weights"
+    for name in ("anatomy.pt", "anatomy.card.json", "anatomy.ood.npz"):
+        shutil.copy(shipped / name, tmp_path / name)
+    card = json.loads((tmp_path / "anatomy.card.json").read_text())
+    assert card["training_sources"] == ["fracatlas", "rsna"]
+    rng = np.random.default_rng(0)
+    rows = [("fracatlas", "train", "hand")] * 20 + [("fracatlas", "test", "hand")] * 10 + \
+        [("knee-oai-224", "train", "knee")] * 20 + [("knee-oai-224", "test", "knee")] * 10
+    arrays = {"x": rng.normal(size=(len(rows), 1280)).astype(np.float32),
+              "source": np.array([r[0] for r in rows]), "split": np.array([r[1] for r in rows]),
+              "label": np.array([r[2] for r in rows]), "view": np.array(["original"] * len(rows))}
+    named = head_figures(arrays, tmp_path / "anatomy.pt").report["ood"]
+    assert "knee-oai-224" in named["auroc"] and "knee-oai-224" in named["accepted"]
+    card["training_sources"] = []
+    (tmp_path / "anatomy.card.json").write_text(json.dumps(card))
+    unnamed = head_figures(arrays, tmp_path / "anatomy.pt").report["ood"]
+    assert "knee-oai-224" not in unnamed["auroc"] and "knee-oai-224 (original)" in unnamed["accepted"]

@@ -8,6 +8,8 @@ Accuracy alone hides what matters for routing, so this reports, from one cached 
   table;
 - out of distribution: AUROC of the OOD score, test images of the training sources against images of other sources
   and of parts without a class (the clusters a person discarded), and the share of each set the threshold accepts.
+  The training sources are the ones the card names (``training_sources``); a card that names none counts every
+  source with training rows in the cache.
 
 The **decision table** (each set run through the daemon's own anatomy decision and routing) is the daemon's:
 :mod:`daemon.analyse.decision_table` adds it to :func:`head_figures`' report, and runs the command.
@@ -62,7 +64,10 @@ def head_figures(arrays: dict[str, np.ndarray], weights: Path, split: str = "tes
     """Every figure of the module docstring for one checkpoint's head on cached features."""
     from models.nets.anatomy_ood import auroc, expected_calibration_error, reliability, softmax
 
+    from models.nets.checkpoint import read_card
+
     w, b, classes, temperature, ood, threshold = head_of(weights)
+    trained_on = read_card(weights).training_sources
     x = arrays["x"]
     logits = x @ w.T + b
     probs = softmax(logits, temperature)
@@ -102,8 +107,8 @@ def head_figures(arrays: dict[str, np.ndarray], weights: Path, split: str = "tes
                  for i, c in enumerate(classes) if (y[original] == i).any()}
     report["per_class_recall_original"] = per_class
     if ood is not None:
-        training_sources = {s for s in set(source) if not s.endswith("-discarded") and s in
-                            set(source[arrays["split"] == "train"])}
+        training_sources = set(trained_on) or {s for s in set(source) if not s.endswith("-discarded") and s in
+                                               set(source[arrays["split"] == "train"])}
         inside = in_split & np.isin(source, list(training_sources)) & (view == "original")
         others = {s for s in set(source) if s not in training_sources}
         ood_report = {"in_distribution_accepted": float((scores[inside] <= threshold).mean()), "auroc": {},

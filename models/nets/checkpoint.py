@@ -73,6 +73,11 @@ class ModelCard(BaseModel):
     #: out-of-distribution model's sidecar (``file`` beside the weights, its ``sha256``), ``threshold`` and the rule
     #: that chose it. Empty: raw softmax, no OOD measure.
     calibration: dict[str, Any] = Field(default_factory=dict)
+    #: Anatomy only: the sources the model was trained on, as a cached feature pass names them (``fracatlas``,
+    #: ``rsna``, ``knee-oai-224``...). An evaluation counts only these as in distribution in its OOD figures; a
+    #: model trained on two sources must not be credited with knowing a third that others were trained on. Empty:
+    #: every source with training rows in the evaluation's cache (cards written before this field).
+    training_sources: list[str] = Field(default_factory=list)
     #: The precision inference runs in: "bf16" (autocast, where the hardware runs it natively; fp32 elsewhere) only
     #: when validation read through both gave the same figures, recorded in the weights README; else "fp32".
     inference_precision: Literal["fp32", "bf16"] = "fp32"

@@ -68,6 +68,7 @@ def train_world_finetune(clusters_yaml: Path, extras: list[tuple[Path, str]], cf
     counts = {name: sum(e.group == name for e in splits["train"]) for name in classes}
     sources = sorted({img.source for img in images if img.label})
     card = card.model_copy(update={
+        "training_sources": sources,
         "classes": classes,
         "training_data": (f"{', '.join(sources)}: {len(splits['train'])} train / {len(splits['val'])} validation "
                           f"images ({len(splits['test'])} test held out); train per class {counts}; split by id "

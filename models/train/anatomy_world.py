@@ -285,6 +285,7 @@ def train_world_probe(clusters_yaml: Path, extras: list[tuple[Path, str]], out: 
     sources = sorted({img.source for img in images if img.label})
     counts = {name: int(sum(1 for img in images if img.split == "train" and img.label == name)) for name in classes}
     card = card.model_copy(update={
+        "training_sources": sources,
         "training_data": (f"{', '.join(sources)}: {sum(counts.values())} train images (each once as it is and once in "
                           f"one contrast style: {', '.join(CONTRAST_STYLES)}); train per class {counts}; split by "
                           "id block / case id (FracAtlas, RSNA) and patient (extra sources)"),
