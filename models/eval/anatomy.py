@@ -63,7 +63,6 @@ class HeadFigures:
 def head_figures(arrays: dict[str, np.ndarray], weights: Path, split: str = "test") -> HeadFigures:
     """Every figure of the module docstring for one checkpoint's head on cached features."""
     from models.nets.anatomy_ood import auroc, expected_calibration_error, reliability, softmax
-
     from models.nets.checkpoint import read_card
 
     w, b, classes, temperature, ood, threshold = head_of(weights)
