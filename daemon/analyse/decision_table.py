@@ -34,14 +34,24 @@ def wrong_tag(truth: str) -> str:
     return "knee" if REGION.get(truth) == "hand" else "hand"
 
 
-def route_study(config, label: str | None, source: str, boneage_routes: set[str], witness, decision) -> tuple[str, list[str]]:
-    """(route name, models that run) for a 10-year-old DX with this anatomy decision, as ``Analyser.decide`` routes."""
-    facts = StudyFacts(anatomy=label, anatomy_source=source, modality="DX", patient_age_years=10.0, patient_sex=None,
-                       calling_ae=None, study_description=None, body_part_examined=None)
+def table_study(label: str | None, source: str) -> StudyFacts:
+    """The study every row of the table is routed as: a 10-year-old's DX with this anatomy, no other header facts."""
+    return StudyFacts(anatomy=label, anatomy_source=source, modality="DX", patient_age_years=10.0, patient_sex=None,
+                      calling_ae=None, study_description=None, body_part_examined=None)
+
+
+def every_route_enabled(config) -> dict[str, str | None]:
+    """The routes' status the table routes under: all enabled, so a row reads the rules, not today's switches."""
+    return {route.name: None for route in config.routes}
+
+
+def route_study(config, label: str | None, source: str, boneage_routes: set[str], witness,
+                decision) -> tuple[str, list[str]]:
+    """(route name, models that run) for :func:`table_study` with this anatomy decision, as ``Analyser.decide``
+    routes."""
     why = boneage_block(decision, witness)
     blocked = {name: why for name in boneage_routes} if why else {}
-    status = {route.name: None for route in config.routes}
-    routed = decide_route(config, facts, status, blocked=blocked)
+    routed = decide_route(config, table_study(label, source), every_route_enabled(config), blocked=blocked)
     if routed.route is None or routed.route.report == "not-processed":
         return (routed.route.name if routed.route else "none"), []
     if label is None and witness is not None:
@@ -60,12 +70,10 @@ def decision_table(sets: dict[str, list[tuple]], classes: list[str],
     boneage_routes = {route.name for route in config.routes
                       if any(m in config.models and model_task(config.models[m].weights) == "boneage" for m in route.run)}
     tasks = {name: model_task(ref.weights) for name, ref in config.models.items()}
-    status = config.route_status()
+    status = every_route_enabled(config)
 
-    def no_model(part: str) -> bool:  # for the same 10-year-old DX as route_study
-        return not runs_a_model(config, StudyFacts(anatomy=part, anatomy_source="anatomy model", modality="DX",
-                                                   patient_age_years=10.0, patient_sex=None, calling_ae=None,
-                                                   study_description=None, body_part_examined=None), status)
+    def no_model(part: str) -> bool:  # the same study and routes as route_study
+        return not runs_a_model(config, table_study(part, "anatomy model"), status)
 
     table: dict[str, dict[str, dict[str, float]]] = {}
     for set_name, rows in sets.items():

@@ -137,6 +137,7 @@ class Analyser:
                 provenance = ModelProvenance(name=card.name, version=card.version, sha256=card.sha256, task=card.task)
             except Exception as exc:  # a broken model must not lose the study: the tags still decide
                 LOGGER.exception("anatomy model failed: %s; falling back to DICOM tags", exc)
+
         def runs_no_model(part: str) -> bool:
             facts = facts_from_dataset(sources[0], calling_ae, part, "anatomy model")
             return not runs_a_model(self.config, facts, self._route_status)
