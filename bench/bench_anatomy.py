@@ -10,9 +10,12 @@ card has one, the out-of-distribution score) of the configured model. Where the 
 (``models.anatomy.ensemble``), the first member alone is what a study it accepts costs, and every member in turn is
 what a study it sends on costs: both are timed and printed. ``--candidate W.pt`` times another anatomy checkpoint in
 the same rounds, so a model that would replace the shipped one is compared on the same machine state.
+``--torch-reference`` times the first member once more with its features computed by PyTorch eager instead of ONNX
+Runtime (the default for anatomy models since 1.2.3, :mod:`models.inference.onnx_features`), in the same rounds.
 
-Run: ``.venv/bin/python bench/bench_anatomy.py [--repeats 5] [--images 4] [--candidate W.pt]``. Prints ms per image
-for each and the ratio (reference / anatomy: above 1 means the anatomy step costs less than decoding).
+Run: ``.venv/bin/python bench/bench_anatomy.py [--repeats 5] [--images 4] [--candidate W.pt] [--torch-reference]``.
+Prints ms per image for each and the ratio (reference / anatomy: above 1 means the anatomy step costs less than
+decoding).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--images", type=int, default=4, help="images per study (batched through the model)")
     parser.add_argument("--candidate", type=Path, help="another anatomy checkpoint, timed in the same rounds")
+    parser.add_argument("--torch-reference", action="store_true",
+                        help="time the first member with PyTorch eager features too, in the same rounds")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -56,7 +61,12 @@ def main() -> int:
         return [read_display_image(pydicom.dcmread(path)) for _ in range(args.images)]
 
     images = decode()
+    if args.candidate and args.torch_reference:
+        parser.error("--candidate and --torch-reference each take the candidate's place: give one")
     candidate = load_predictor(args.candidate) if args.candidate else None
+    if args.torch_reference:
+        candidate = load_predictor(predictor.weights, runtime="torch")
+        args.candidate = f"{predictor.weights.name} in PyTorch eager"
     for model in filter(None, (*members, candidate)):
         model.anatomy_scores(images)  # warm: first call allocates
 
@@ -88,7 +98,7 @@ def main() -> int:
         print(f"anatomy-step  reference=decode-dicom  ref {ref:.1f} ms/image [{min(reference):.1f}..{max(reference):.1f}]"
               f"  bonebridge {ours:.1f} ms/image [{min(anatomy):.1f}..{max(anatomy):.1f}]"
               f"  ratio {ratio:.2f} (higher is better)  ({args.images}-image study, {predictor.geometry.size} px,"
-              f" torch threads {__import__('torch').get_num_threads()})")
+              f" torch threads {__import__('torch').get_num_threads()}, features by {predictor.runtime})")
         if every:
             print(f"  anatomy cascade: the first member alone (a study it accepts) {ours:.1f} ms/image; all "
                   f"{len(members)} members in turn (a study it sends on) {statistics.median(every):.1f} ms/image "

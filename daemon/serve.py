@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import pydicom
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from daemon.assemble.assembler import StudyAssembler, StudyState
 from daemon.queue.broker import EmbeddedRedis
@@ -334,6 +334,13 @@ def worker(config_path: Path, broker_url: str | None = None, concurrency: int | 
         ready_file.unlink(missing_ok=True)
 
     pool = "threads" if dispatch_only else ("solo" if concurrency == 1 else "prefork")
+    if pool == "prefork":
+        @worker_process_init.connect(weak=False)
+        def _prepare_in_child(**_: object) -> None:
+            """A forked child has the parent's models but not their ONNX Runtime thread pools: build its own
+            sessions before its first study (``models.inference.onnx_features``)."""
+            runtime.analyser.warm_up()
+
     argv = ["worker", "--loglevel", logging.getLevelName(logging.getLogger().getEffectiveLevel()), "-Q", ",".join(names), "--pool", pool,
             "--concurrency", str(concurrency), "--without-gossip", "--without-mingle", "--hostname",
             f"bonebridge-{'dispatch-' if dispatch_only else ''}{os.getpid()}@%h"]

@@ -95,7 +95,9 @@ class Analyser:
         loaded = []
         for name, reason in self._model_status.items():
             if reason is None:
-                self.predictor(name)
+                prepare = getattr(self.predictor(name), "prepare", None)  # an anatomy model's ONNX Runtime session
+                if prepare is not None:
+                    prepare()
                 loaded.append(name)
         return loaded
 

@@ -69,6 +69,11 @@ class AnatomyCascade:
     def cards(self) -> list[ModelCard]:
         return [member.card for member in self.members]
 
+    def prepare(self) -> None:
+        """Every member's :meth:`Predictor.prepare`: a study sent on must not wait for a fallback's session."""
+        for member in self.members:
+            member.prepare()
+
 
 def in_distribution(score: float | None, threshold: float | None) -> bool:
     """The one OOD rule of a member's answer, and of a cached row in the decision table: no score or no threshold

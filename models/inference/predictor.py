@@ -25,6 +25,7 @@ from torch import nn
 from models.nets.cam import boneage_grad_cam, grad_cam, to_image
 from models.nets.checkpoint import ModelCard, load_checkpoint
 from models.nets.networks import fold_for_inference
+from models.inference.onnx_features import RUNTIMES, OnnxPooledFeatures, onnx_runtime_available
 from models.nets.precision import bf16_supported
 from models.data.preprocess import Geometry, to_model_input
 
@@ -108,7 +109,8 @@ class Predictor:
     """One model, loaded once, with the preprocessing its card prescribes."""
 
     def __init__(self, model: nn.Module, card: ModelCard, weights: Path | None = None, device: str | None = None,
-                 mask_labels: bool | None = None, batch_size: int = 16, precision: str | None = None) -> None:
+                 mask_labels: bool | None = None, batch_size: int = 16, precision: str | None = None,
+                 runtime: str | None = None) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         #: bf16 autocast for the forward passes, as the card says (or ``precision`` overrides, for evaluation), and
         #: only where the hardware runs it natively; Grad-CAM's small backward through the heads stays in fp32.
@@ -142,6 +144,34 @@ class Predictor:
             base = Path(weights).parent if weights is not None else Path(".")
             self.ood = MahalanobisOOD.load(base / ood["file"], ood.get("sha256"))
             self.ood_threshold = float(ood["threshold"])
+        #: Anatomy: what computes the pooled features (``onnxruntime`` or ``torch``; see :meth:`pooled_features`).
+        self.runtime = self._choose_runtime(runtime)
+        self._onnx = OnnxPooledFeatures(self.model, card.geometry.size) if self.runtime == "onnxruntime" else None
+
+    def _choose_runtime(self, asked: str | None) -> str:
+        """ONNX Runtime for an fp32 anatomy model on the CPU where it is installed (issue 25: the same features,
+        about three times sooner); PyTorch for everything else, and wherever ``asked`` says ``torch``."""
+        if asked not in (None, *RUNTIMES):
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {asked!r}")
+        eligible = self.task == "anatomy" and self.device.type == "cpu" and not self.bf16
+        if asked == "onnxruntime" and not (eligible and onnx_runtime_available()):
+            raise ValueError("ONNX Runtime computes only an fp32 anatomy model's features on the CPU, with the "
+                             "onnx and onnxruntime packages installed")
+        if asked is None:
+            return "onnxruntime" if eligible and onnx_runtime_available() else "torch"
+        return asked
+
+    def prepare(self) -> None:
+        """Build what the first prediction would otherwise wait for (the ONNX Runtime session, where used)."""
+        if self._onnx is not None:
+            self._onnx.prepare()
+
+    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled features (N x D, float32) of a normalised batch, by :attr:`runtime`."""
+        if self._onnx is not None:
+            return self._onnx(x)
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        return self.model.pool(self.model.features(x)).flatten(1).float()
 
     def predict(self, images: Sequence[np.ndarray], patient_sex: Sequence[str | None] | None = None,
                 with_heatmaps: bool = True, tta: bool = False,
@@ -204,8 +234,7 @@ class Predictor:
         batches = self.model_inputs(images) if inputs is None else inputs
         with self._lock, torch.no_grad():
             for x in batches:
-                x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-                pooled = self.model.pool(self.model.features(x)).flatten(1).float()
+                pooled = self.pooled_features(x)
                 logits = self.model.head(pooled).float() / self.temperature
                 rows.append(torch.softmax(logits, dim=1).cpu().numpy())
                 if self.ood is not None:
@@ -373,17 +402,18 @@ def map_peak_location(heatmap: np.ndarray) -> dict[str, float]:
 
 
 def load_predictor(weights: str | Path, device: str | None = None, mask_labels: bool | None = None,
-                   batch_size: int = 16, precision: str | None = None) -> Predictor:
+                   batch_size: int = 16, precision: str | None = None, runtime: str | None = None) -> Predictor:
     """A :class:`Predictor` for a verified checkpoint (raises ``CheckpointError`` for one that must not be used).
 
-    ``precision`` ("fp32" or "bf16") overrides the card's ``inference_precision``, for evaluation.
+    ``precision`` ("fp32" or "bf16") overrides the card's ``inference_precision``, for evaluation; ``runtime``
+    ("onnxruntime" or "torch") what computes an anatomy model's features (default: ONNX Runtime where it can).
     """
     configure_threads()
     model, card = load_checkpoint(Path(weights))
     LOGGER.info("loaded %s %s (%s, %s, sha256 %s)", card.name, card.version, card.task, card.architecture,
                 card.sha256[:12])
     return Predictor(model, card, Path(weights), device=device, mask_labels=mask_labels, batch_size=batch_size,
-                     precision=precision)
+                     precision=precision, runtime=runtime)
 
 
 def study_abnormality(preds: Sequence[ImagePrediction], threshold: float | None = 0.5,
