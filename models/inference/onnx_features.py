@@ -1,9 +1,10 @@
-"""An anatomy network's pooled features computed by ONNX Runtime: PyTorch's numbers, about three times sooner.
+"""An anatomy network's pooled features computed by ONNX Runtime: PyTorch's numbers, in less time.
 
 Why (issue 25, ``models/weights/README.md`` "Anatomy 1.2.3"): anatomy runs first on every study, so its cost lands
 on every study's latency, and the network is most of it. After a fresh DICOM decode has pushed the caches out,
 PyTorch eager took 19 ms an image for the first member's EfficientNet-Lite0 at 224 px on this 2-core CPU, and ONNX
-Runtime 6.6 ms for the same network, with pooled features equal to fp32 rounding (at most 8e-6 apart). Only the
+Runtime 6.6 ms for the same network (random input), with pooled features equal to fp32 rounding (at most 8e-6
+apart); the whole anatomy step as the daemon calls it, 16.9 against 34.5 ms (``bench/bench_anatomy.py``). Only the
 backbone and its pooling run here; the head, the temperature, the out-of-distribution score and the decision stay
 where they are, so nothing that the cards and thresholds were fitted on moves.
 
