@@ -296,3 +296,35 @@ def test_a_stride_8_map_trains_and_reads_at_twice_the_resolution(fracatlas: Path
     image = load_image(fracatlas / "images" / "IMG0000000.jpg")
     pred = predictor.predict([image])[0]
     assert pred.heatmap is not None and pred.heatmap.shape == image.shape
+
+
+def test_a_stride_16_run_starts_a_stride_8_one_with_a_fresh_refiner(fracatlas: Path, tmp_path: Path) -> None:
+    """Issue 29: ``--init-weights`` from a stride-16 run with ``--map-stride 8`` loads every weight the two share and
+    starts only the refiner fresh (the finer map read in a few epochs, not a whole run); the card says so. The other
+    way round would drop a trained refiner, and is refused."""
+    import torch
+
+    from models.cli import main
+    from models.nets.networks import FractureNet
+    from models.train.abnormality import _load_growing_the_map
+
+    coarse, finer = FractureNet(pretrained=False), FractureNet(pretrained=False, map_stride=8)
+    with torch.no_grad():
+        for param in coarse.parameters():
+            param.add_(1.0)
+    assert _load_growing_the_map(finer, coarse)
+    shared = coarse.state_dict()
+    assert all(torch.equal(value, shared[key]) for key, value in finer.state_dict().items() if key in shared)
+    with pytest.raises(RuntimeError, match="refiner"):
+        _load_growing_the_map(FractureNet(pretrained=False), finer)
+
+    base = tmp_path / "run" / "fracture.pt"
+    common = ["--data", str(fracatlas), "--size", "64", "--epochs", "1", "--batch-size", "8",
+              "--max-steps-per-epoch", "1", "--no-progress"]
+    assert main(["train", "abnormality", "--out", str(base), *common]) == 0
+    grown = tmp_path / "grown" / "fracture.pt"
+    assert main(["train", "abnormality", "--out", str(grown), "--map-stride", "8", "--init-weights", str(base),
+                 *common]) == 0
+    card = json.loads(grown.with_suffix(".card.json").read_text())
+    assert card["map_stride"] == 8
+    assert card["training"]["initialised_from"].endswith("grown to stride 8 (a fresh refiner)")

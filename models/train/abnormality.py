@@ -180,11 +180,28 @@ def start_from_checkpoint(model: torch.nn.Module, weights: Path, geometry: Geome
     if source_card.task != "abnormality" or replace(source_card.geometry, size=geometry.size) != geometry:
         raise ValueError(f"{weights}: a {source_card.task} checkpoint with geometry {source_card.geometry}, "
                          f"not an abnormality one with {geometry} (only the size may differ)")
-    model.load_state_dict(source.state_dict())
+    grown = _load_growing_the_map(model, source)
     resized = (f", trained at {source_card.geometry.size} px, fine-tuned at {geometry.size} px"
                if source_card.geometry.size != geometry.size else "")
+    refined = ", its stride-16 map grown to stride 8 (a fresh refiner)" if grown else ""
     return (f"{Path(weights).name} (sha256 {source_card.sha256[:12]}), epochs "
-            f"{source_card.training.get('epochs_run')}{resized}")
+            f"{source_card.training.get('epochs_run')}{resized}{refined}")
+
+
+def _load_growing_the_map(model: torch.nn.Module, source: torch.nn.Module) -> bool:
+    """Load ``source``'s weights; True where a stride-16 checkpoint started a stride-8 model.
+
+    A stride-8 :class:`~models.nets.networks.FractureNet` is the stride-16 one plus a refiner (issue 29), so a trained
+    stride-16 run can start it: every weight it has is loaded and only the refiner starts fresh. That reads the finer
+    map in a few epochs instead of a whole run from ImageNet. Any other mismatch is refused, as before.
+    """
+    weights = source.state_dict()
+    missing = set(model.state_dict()) - set(weights)
+    if missing and all(key.startswith("refiner.") for key in missing) and not set(weights) - set(model.state_dict()):
+        model.load_state_dict(weights, strict=False)
+        return True
+    model.load_state_dict(weights)
+    return False
 
 
 def train_fracture(cases: list[FractureCase], source: Path, geometry: Geometry, cfg: TrainConfig,
