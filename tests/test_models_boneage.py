@@ -414,3 +414,22 @@ def test_bf16_inference_reads_like_fp32_and_keeps_its_heatmap(boneage_model: tup
     for x, y in zip(a, b):
         assert abs(x.outputs["bone_age_months"] - y.outputs["bone_age_months"]) < 3.0
         assert y.heatmap is not None and y.heatmap.shape == x.heatmap.shape and np.isfinite(y.heatmap).all()
+
+
+def test_a_card_asking_for_bf16_says_so_where_the_cpu_cannot(boneage_model: tuple[Path, dict],
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A host without native bf16 (AVX2 only) runs a bf16 card in fp32 and logs it once at load, so an operator
+    comparing speeds across hosts knows which precision ran; a host with it logs nothing of the kind."""
+    import logging
+
+    import models.inference.predictor as predictor_module
+
+    path, _ = boneage_model
+    for native, expected in ((False, True), (True, False)):
+        monkeypatch.setattr(predictor_module, "bf16_supported", lambda device, native=native: native)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=predictor_module.LOGGER.name):
+            predictor = load_predictor(path, precision="bf16")
+        assert predictor.bf16 is native
+        assert any("runs in fp32: its card asks for bf16" in r.getMessage() for r in caplog.records) is expected

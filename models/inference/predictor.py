@@ -114,7 +114,11 @@ class Predictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         #: bf16 autocast for the forward passes, as the card says (or ``precision`` overrides, for evaluation), and
         #: only where the hardware runs it natively; Grad-CAM's small backward through the heads stays in fp32.
-        self.bf16 = (precision or card.inference_precision) == "bf16" and bf16_supported(self.device)
+        asked_bf16 = (precision or card.inference_precision) == "bf16"
+        self.bf16 = asked_bf16 and bf16_supported(self.device)
+        if asked_bf16 and not self.bf16:  # an operator comparing speeds across hosts needs to know which ran
+            LOGGER.info("%s %s runs in fp32: its card asks for bf16, which %s does not run natively (no AVX-512 "
+                        "BF16 or AMX)", card.name, card.version, self.device)
         size = card.geometry.size
         model = fold_for_inference(model, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)))
         # channels-last as in training: oneDNN's (depthwise) convolutions run faster on CPU too.
