@@ -202,7 +202,8 @@ def crop_box(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
 
 def resize_to_square(image: np.ndarray, size: int, aspect: str) -> torch.Tensor:
     """Resize HxW to ``size`` x ``size`` per the aspect policy; returns a 1x1xSxS tensor."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    # A decoded DICOM's pixel array may be read-only; a writable copy then, so torch never shares read-only memory.
+    tensor = torch.from_numpy(np.require(image, dtype=np.float32, requirements=["C", "W"]))[None, None]
     height, width = tensor.shape[-2:]
     if aspect == "stretch":
         return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
