@@ -223,7 +223,7 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
 def run_compare(args: argparse.Namespace) -> int:
     import json
 
-    from models.eval.compare import compare_files
+    from models.eval.compare import abnormality_lines, compare_files
 
     try:
         result = compare_files(args.base, args.candidate)
@@ -231,11 +231,7 @@ def run_compare(args: argparse.Namespace) -> int:
         raise SystemExit(f"bonebridge compare: {exc}") from None
     print(json.dumps(result, indent=2))
     if "auroc_difference" in result:
-        for name, key in (("AUROC", "auroc"), ("pointing", "pointing"), ("strict pointing", "pointing_strict")):
-            low, high = result[f"{key}_difference_ci95"]
-            print(f"candidate - base, {name}: {result[f'candidate_{key}']:.3f} - {result[f'base_{key}']:.3f} = "
-                  f"{result[f'{key}_difference']:+.3f} (95 % CI {low:+.3f} to {high:+.3f}, paired, n={result['n']}, "
-                  f"{result['fractured']} fractured, {result['pointing_n']} boxed)")
+        print("\n".join(abnormality_lines(result)))
         return 0
     low, high = result["mae_difference_ci95"]
     print(f"candidate - base: {result['mae_difference_months']:+.2f} months (95 % CI {low:+.2f} to {high:+.2f}, "

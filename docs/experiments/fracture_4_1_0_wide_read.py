@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from models.data.fracatlas import case_split, read_fracatlas  # noqa: E402
 from models.eval.abnormality import fracture_metrics, predict_cases  # noqa: E402
-from models.eval.compare import compare_abnormality  # noqa: E402
+from models.eval.compare import abnormality_lines, compare_abnormality  # noqa: E402
 from models.inference.predictor import load_predictor  # noqa: E402
 
 #: The validation share both models left out (``train abnormality --val-fraction 0.2``).
@@ -59,11 +59,7 @@ def main() -> int:
         (args.out / f"wide_{name}.json").write_text(json.dumps(reports[name], indent=1))
     result = compare_abnormality(reports["base"], reports["candidate"])
     (args.out / "wide_compare.json").write_text(json.dumps(result, indent=1))
-    for label, key in (("AUROC", "auroc"), ("pointing", "pointing"), ("strict pointing", "pointing_strict")):
-        low, high = result[f"{key}_difference_ci95"]
-        print(f"{args.candidate.name} - {args.base.name}, {label}: {result[f'candidate_{key}']:.3f} - "
-              f"{result[f'base_{key}']:.3f} = {result[f'{key}_difference']:+.3f} (95 % CI {low:+.3f} to {high:+.3f}, "
-              f"paired, n={result['n']}, {result['fractured']} fractured, {result['pointing_n']} boxed)")
+    print("\n".join(abnormality_lines(result, f"{args.candidate.name} - {args.base.name}")))
     return 0
 
 

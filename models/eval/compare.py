@@ -93,6 +93,17 @@ def compare_abnormality(base: dict[str, Any], candidate: dict[str, Any],
     return out
 
 
+def abnormality_lines(result: dict[str, Any], label: str = "candidate - base") -> list[str]:
+    """One line per figure (AUROC, pointing, strict pointing) of :func:`compare_abnormality`'s result."""
+    lines = []
+    for name, key in (("AUROC", "auroc"), ("pointing", "pointing"), ("strict pointing", "pointing_strict")):
+        low, high = result[f"{key}_difference_ci95"]
+        lines.append(f"{label}, {name}: {result[f'candidate_{key}']:.3f} - {result[f'base_{key}']:.3f} = "
+                     f"{result[f'{key}_difference']:+.3f} (95 % CI {low:+.3f} to {high:+.3f}, paired, n={result['n']}, "
+                     f"{result['fractured']} fractured, {result['pointing_n']} boxed)")
+    return lines
+
+
 def compare_files(base: Path, candidate: Path) -> dict[str, Any]:
     """Two reports of one task (bone age or abnormality) read from disk and compared pair by pair."""
     first, second = json.loads(Path(base).read_text()), json.loads(Path(candidate).read_text())

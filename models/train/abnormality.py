@@ -196,12 +196,10 @@ def _load_growing_the_map(model: torch.nn.Module, source: torch.nn.Module) -> bo
     map in a few epochs instead of a whole run from ImageNet. Any other mismatch is refused, as before.
     """
     weights = source.state_dict()
-    missing = set(model.state_dict()) - set(weights)
-    if missing and all(key.startswith("refiner.") for key in missing) and not set(weights) - set(model.state_dict()):
-        model.load_state_dict(weights, strict=False)
-        return True
-    model.load_state_dict(weights)
-    return False
+    missing, unexpected = set(model.state_dict()) - set(weights), set(weights) - set(model.state_dict())
+    grows = bool(missing) and not unexpected and all(key.startswith("refiner.") for key in missing)
+    model.load_state_dict(weights, strict=not grows)
+    return grows
 
 
 def train_fracture(cases: list[FractureCase], source: Path, geometry: Geometry, cfg: TrainConfig,
